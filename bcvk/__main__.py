@@ -1,0 +1,67 @@
+"""Entry point and the single error boundary.
+
+Expected failures (``BcvkError``) become one ``error:`` line plus a ``hint:``
+line and a non-zero exit; a traceback only appears with ``--debug`` or for
+real bugs.  SIGTERM and SIGHUP take the same clean-up path as Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+import click
+
+from bcvk.errors import BcvkError
+from bcvk.log import DEBUG, logger
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def report(exc: BcvkError) -> None:
+    fields: dict[str, object] = {"hint": exc.hint} if exc.hint else {}
+    logger.error("%s", exc.message, extra={"fields": fields}, exc_info=DEBUG.get())
+    if exc.hint:
+        logger.info("hint: %s", exc.hint, extra={"fields": {"kind": "hint"}})
+
+
+def main(argv: list[str] | None = None, prog_name: str | None = None) -> int:
+    from bcvk import log
+    from bcvk.cli import root
+
+    # Until options are parsed, errors still need a handler.
+    log.setup()
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    try:
+        root.main(args=argv, prog_name=prog_name or "bcvk", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        logger.error("aborted")
+        return 130
+    except BcvkError as exc:
+        report(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # `bcvk … | head` closing the pipe is not an error worth a traceback.
+        sys.stderr.close()
+        return 141
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,206 @@
+"""`bcvk images`: find bootc images and judge whether they can boot."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from bcvk import imagetree, podman, run
+from bcvk.errors import BcvkError, NotFoundError
+from bcvk.imagetree import TreeFacts
+
+# podman/OCI architecture names for `platform.machine()` values.
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x"}
+
+
+def host_arch() -> str:
+    machine = platform.machine()
+    return _ARCH.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    name: str
+    repository: str
+    tag: str
+    id: str
+    digest: str
+    created: str
+    size: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "repository": self.repository,
+            "tag": self.tag,
+            "id": self.id,
+            "digest": self.digest,
+            "created": self.created,
+            "size": self.size,
+        }
+
+
+def summaries_from_podman(entries: list[dict[str, Any]]) -> list[ImageSummary]:
+    """One row per name (an image with two tags is listed twice, as podman does)."""
+    rows: list[ImageSummary] = []
+    for entry in entries:
+        names = entry.get("Names") or ["<none>:<none>"]
+        for name in names:
+            repo, tag = podman.split_reference(name)
+            rows.append(
+                ImageSummary(
+                    name=name,
+                    repository=repo,
+                    tag=tag,
+                    id=str(entry.get("Id", "")),
+                    digest=str(entry.get("Digest", "")),
+                    created=str(entry.get("CreatedAt") or entry.get("Created", "")),
+                    size=int(entry.get("Size", 0)),
+                )
+            )
+    rows.sort(key=lambda r: (r.repository, r.tag))
+    return rows
+
+
+def list_bootc() -> list[ImageSummary]:
+    return summaries_from_podman(podman.list_images())
+
+
+@dataclass(frozen=True)
+class Report:
+    image: str
+    info: podman.ImageInfo
+    facts: TreeFacts
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bootable(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, object]:
+        f = self.facts
+        kernel: dict[str, object] | None = None
+        if len(f.kernels) == 1:
+            k = f.kernels[0]
+            kernel = {
+                "version": k.version,
+                "kind": k.kind,
+                "path": k.path,
+                "initramfs": k.initramfs,
+            }
+        return {
+            "image": self.image,
+            "bootable": self.bootable,
+            "problems": list(self.problems),
+            "warnings": list(self.warnings),
+            "bootc_label": self.info.is_bootc,
+            "architecture": self.info.architecture,
+            "os": {
+                "id": f.os_release.get("ID"),
+                "version_id": f.os_release.get("VERSION_ID"),
+                "pretty_name": f.os_release.get("PRETTY_NAME"),
+            },
+            "kernel": kernel,
+            "kernels": [k.__dict__ for k in f.kernels],
+            "init": f.init,
+            "systemd_version": f.systemd_version,
+            "sshd_installed": f.sshd_installed,
+            "sshd_enabled": f.sshd_enabled,
+            "has_bootc": f.has_bootc,
+            "has_cloud_init": f.has_cloud_init,
+            "selinux_policy": f.selinux,
+            "default_target": f.default_target,
+            "initramfs_generator": f.initramfs_generator,
+            "initramfs_can_mount": dict(f.initramfs),
+            "size": self.info.size,
+            "digest": self.info.digest,
+            "id": self.info.id,
+        }
+
+
+def judge(info: podman.ImageInfo, facts: TreeFacts, arch: str) -> tuple[list[str], list[str]]:
+    """Problems (prevent booting) and warnings for an image; a pure function."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    if not facts.kernels:
+        problems.append(
+            "no kernel found under /usr/lib/modules/<version>/ (vmlinuz) "
+            "or /boot/EFI/Linux (UKI); this looks like an application container, "
+            "not a bootc image"
+        )
+    elif len(facts.kernels) > 1:
+        found = ", ".join(f"{k.version} ({k.kind})" for k in facts.kernels)
+        problems.append(f"found {len(facts.kernels)} kernels, need exactly one: {found}")
+    elif facts.kernels[0].kind == "vmlinuz" and not facts.kernels[0].initramfs:
+        problems.append(
+            f"kernel {facts.kernels[0].version} has no initramfs.img beside its vmlinuz"
+        )
+    if info.architecture and info.architecture != arch:
+        problems.append(
+            f"image architecture is {info.architecture} but this host is {arch}; "
+            "cross-architecture emulation is not supported"
+        )
+    if facts.init is None:
+        problems.append("no init system: /sbin/init is missing")
+    if not info.is_bootc:
+        warnings.append(f"image has no {podman.BOOTC_LABEL}=1 label")
+    if facts.init == "systemd" and facts.systemd_version is not None:
+        if facts.systemd_version < 242:
+            warnings.append(
+                f"systemd {facts.systemd_version} is older than 242: "
+                "systemd.volatile=overlay (ephemeral writable root) is unsupported"
+            )
+    elif facts.init is not None:
+        warnings.append(f"init is {facts.init}, not systemd: SSH key credentials will not apply")
+    if not facts.sshd_installed:
+        warnings.append("sshd is not installed: `ssh` into VMs of this image will not work")
+    elif not facts.sshd_enabled:
+        warnings.append("sshd is installed but not enabled at boot")
+    caps = facts.initramfs
+    if caps:
+        if not caps.get("virtiofs"):
+            warnings.append("initramfs cannot mount virtiofs: ephemeral VMs need --rootfs block")
+        if not (caps.get("virtio_blk") and caps.get("ext4")):
+            warnings.append("initramfs lacks virtio_blk or ext4: --rootfs block will not boot")
+        if not caps.get("systemd"):
+            warnings.append("initramfs has no systemd: systemd.volatile=overlay will not work")
+    elif facts.kernels and facts.kernels[0].kind == "vmlinuz":
+        warnings.append("initramfs format not understood; its contents were not checked")
+    return problems, warnings
+
+
+def probe_tree(ref: str) -> TreeFacts:
+    """Mount the image, read its facts, and always unmount."""
+    with podman.mounted(ref) as root:
+        if not podman.rootless():
+            return imagetree.probe(root)
+        # A rootless mount exists only inside podman's user namespace.
+        argv = podman.unshare_argv([sys.executable, "-m", "bcvk.imagetree", str(root)])
+        out = run.output(argv)
+        return TreeFacts.from_json(json.loads(out))
+
+
+def inspect(ref: str) -> Report:
+    info = podman.inspect_image(ref)
+    if info is None:
+        raise NotFoundError(
+            f"image {ref} is not in local storage",
+            hint="list local bootc images with `bcvk images list`, or `podman pull` it",
+        )
+    facts = probe_tree(ref)
+    problems, warnings = judge(info, facts, host_arch())
+    return Report(ref, info, facts, problems, warnings)
+
+
+def require_bootable(ref: str) -> Report:
+    report = inspect(ref)
+    if not report.bootable:
+        hint = "run `bcvk images inspect` for details"
+        if not report.facts.kernels:
+            hint = "a bootc image needs a kernel in /usr/lib/modules; see images/README.md"
+        raise BcvkError(f"image {ref} cannot boot: {report.problems[0]}", hint=hint)
+    return report

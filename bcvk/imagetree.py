@@ -1,0 +1,226 @@
+"""Facts about an image's root filesystem, read from a mounted tree.
+
+Everything here only reads files below ``root``; absolute symlinks inside the
+tree are resolved relative to ``root`` so the host's files are never consulted.
+When rootless, ``python -m bcvk.imagetree ROOT`` runs inside ``podman unshare``
+and prints the facts as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from bcvk import initramfs
+
+_MAX_LINKS = 40
+
+
+def resolve(root: Path, path: str) -> Path | None:
+    """Resolve PATH (absolute, inside the image) following symlinks within ROOT."""
+    parts = list(PurePosixPath(path).parts[1:])
+    current = PurePosixPath("/")
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        candidate = current / name
+        host = root / str(candidate).lstrip("/")
+        if host.is_symlink():
+            hops += 1
+            if hops > _MAX_LINKS:
+                return None
+            target = os.readlink(host)
+            if target.startswith("/"):
+                current = PurePosixPath("/")
+            parts = list(PurePosixPath(target).parts[1 if target.startswith("/") else 0 :]) + parts
+            continue
+        if not host.exists():
+            return None
+        current = candidate
+    return root / str(current).lstrip("/")
+
+
+def read_text(root: Path, path: str) -> str | None:
+    target = resolve(root, path)
+    if target is None or not target.is_file():
+        return None
+    try:
+        return target.read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        result[key.strip()] = value
+    return result
+
+
+@dataclass(frozen=True)
+class Kernel:
+    version: str
+    kind: str  # "vmlinuz" or "uki"
+    path: str  # inside the image
+    initramfs: str | None = None
+
+
+def find_kernels(root: Path) -> list[Kernel]:
+    """UKIs first, then ``/usr/lib/modules/<kver>/vmlinuz`` (+ ``initramfs.img``)."""
+    kernels: list[Kernel] = []
+    seen: set[str] = set()
+    for pattern_dir in ("boot/EFI/Linux", "usr/lib/modules/*"):
+        for uki in sorted(root.glob(f"{pattern_dir}/*.efi")):
+            rel = "/" + str(uki.relative_to(root))
+            version = uki.parent.name if pattern_dir.startswith("usr") else uki.stem
+            kernels.append(Kernel(version=version, kind="uki", path=rel))
+            seen.add(version)
+    modules = resolve(root, "/usr/lib/modules")
+    if modules is not None and modules.is_dir():
+        for kdir in sorted(modules.iterdir()):
+            if kdir.name in seen or not (kdir / "vmlinuz").is_file():
+                continue
+            rel = f"/usr/lib/modules/{kdir.name}"
+            initrd = f"{rel}/initramfs.img" if (kdir / "initramfs.img").is_file() else None
+            kernels.append(Kernel(kdir.name, "vmlinuz", f"{rel}/vmlinuz", initrd))
+    return kernels
+
+
+def systemd_version(root: Path) -> int | None:
+    """The version of systemd in the image, from its shared library's name."""
+    for libdir in ("usr/lib/systemd", "usr/lib64/systemd", "usr/lib/x86_64-linux-gnu/systemd"):
+        for lib in (root / libdir).glob("libsystemd-shared-*.so"):
+            match = re.match(r"libsystemd-shared-(\d+)", lib.name)
+            if match:
+                return int(match.group(1))
+    return None
+
+
+def init_system(root: Path) -> str | None:
+    init = resolve(root, "/sbin/init")
+    if init is None:
+        init = resolve(root, "/usr/sbin/init")
+    if init is None:
+        return None
+    return "systemd" if "systemd" in init.name else init.name
+
+
+_WANTS_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+_SSH_UNITS = ("ssh.service", "sshd.service", "ssh.socket", "sshd.socket")
+
+
+def unit_enabled(root: Path, units: tuple[str, ...]) -> bool:
+    for base in _WANTS_DIRS:
+        for wants in (root / base).glob("*.wants"):
+            if any((wants / unit).is_symlink() or (wants / unit).exists() for unit in units):
+                return True
+    presets = []
+    for base in ("etc/systemd/system-preset", "usr/lib/systemd/system-preset"):
+        presets += sorted((root / base).glob("*.preset"))
+    for preset in presets:
+        for line in preset.read_text(errors="replace").splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "enable" and words[1] in units:
+                return True
+    return False
+
+
+def default_target(root: Path) -> str | None:
+    for base in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"):
+        target = resolve(root, f"{base}/default.target")
+        if target is not None:
+            return target.name
+    return None
+
+
+def initramfs_generator(root: Path) -> str:
+    if resolve(root, "/usr/bin/dracut") or resolve(root, "/usr/sbin/dracut"):
+        return "dracut"
+    if resolve(root, "/usr/sbin/mkinitramfs"):
+        return "initramfs-tools"
+    if resolve(root, "/usr/bin/mkinitcpio"):
+        return "mkinitcpio"
+    return "other"
+
+
+def has_selinux_policy(root: Path) -> bool:
+    return any(root.glob("etc/selinux/*/contexts/files/file_contexts"))
+
+
+@dataclass(frozen=True)
+class TreeFacts:
+    os_release: dict[str, str]
+    kernels: list[Kernel]
+    init: str | None
+    systemd_version: int | None
+    sshd_installed: bool
+    sshd_enabled: bool
+    has_bootc: bool
+    has_cloud_init: bool
+    default_target: str | None
+    initramfs_generator: str
+    initramfs: dict[str, bool] = field(default_factory=dict)
+    selinux: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> TreeFacts:
+        raw = dict(data)
+        kernels = raw.pop("kernels")
+        assert isinstance(kernels, list)
+        return cls(kernels=[Kernel(**k) for k in kernels], **raw)  # type: ignore[arg-type]
+
+
+def probe(root: Path) -> TreeFacts:
+    text = read_text(root, "/etc/os-release") or read_text(root, "/usr/lib/os-release") or ""
+    kernels = find_kernels(root)
+    caps: dict[str, bool] = {}
+    if len(kernels) == 1 and kernels[0].initramfs:
+        kver = kernels[0].version
+        builtin = read_text(root, f"/usr/lib/modules/{kver}/modules.builtin") or ""
+        image = resolve(root, kernels[0].initramfs)
+        if image is not None:
+            caps = initramfs.capabilities(image, builtin)
+    sshd = resolve(root, "/usr/sbin/sshd") is not None
+    return TreeFacts(
+        os_release=parse_os_release(text),
+        kernels=kernels,
+        init=init_system(root),
+        systemd_version=systemd_version(root),
+        sshd_installed=sshd,
+        sshd_enabled=sshd and unit_enabled(root, _SSH_UNITS),
+        has_bootc=resolve(root, "/usr/bin/bootc") is not None,
+        has_cloud_init=resolve(root, "/usr/bin/cloud-init") is not None,
+        default_target=default_target(root),
+        initramfs_generator=initramfs_generator(root),
+        initramfs=caps,
+        selinux=has_selinux_policy(root),
+    )
+
+
+def main(argv: list[str]) -> int:
+    print(json.dumps(probe(Path(argv[0])).to_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

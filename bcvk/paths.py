@@ -1,0 +1,49 @@
+"""Where bcvk keeps runtime state and caches for the invoking user."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from bcvk.errors import BcvkError
+
+
+def runtime_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/bcvk``, else ``/run/user/$UID/bcvk``, else a private temp dir.
+
+    Hosts without logind (containers, CI, `su` sessions) have no
+    XDG_RUNTIME_DIR, so the last fallback matters in practice.
+    """
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and Path(xdg).is_dir():
+        return Path(xdg) / "bcvk"
+    run_user = Path(f"/run/user/{os.getuid()}")
+    if run_user.is_dir() and os.access(run_user, os.W_OK):
+        return run_user / "bcvk"
+    return Path(tempfile.gettempdir()) / f"bcvk-{os.getuid()}"
+
+
+def cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "bcvk"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create PATH as a 0700 directory owned by us, refusing one that is not.
+
+    A shared temp dir lets anyone pre-create our fallback runtime dir, so an
+    existing one must be ours and private before we put keys in it.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise BcvkError(
+            f"{path} is not a directory owned by uid {os.getuid()}",
+            hint="remove it or set XDG_RUNTIME_DIR to a private directory",
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        path.chmod(0o700)
+    return path

@@ -1,0 +1,171 @@
+"""The one place that starts child processes.
+
+Every command is an argv list (never a shell string), logged at debug level in
+copy-pasteable form, and a failure becomes a ``CommandError`` carrying argv,
+exit status and the tail of stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from bcvk.errors import CommandError, ToolMissingError
+from bcvk.log import logger
+
+Argv = Sequence[str | os.PathLike[str]]
+
+# Debian / Fedora package providing each host tool, for hints and `doctor`.
+PACKAGES: dict[str, tuple[str, str]] = {
+    "podman": ("podman", "podman"),
+    "qemu-system-x86_64": ("qemu-system-x86", "qemu-system-x86-core"),
+    "qemu-img": ("qemu-utils", "qemu-img"),
+    "virtiofsd": ("virtiofsd (Debian 13+; `make virtiofsd` on 12)", "virtiofsd"),
+    "ssh": ("openssh-client", "openssh-clients"),
+    "ssh-keygen": ("openssh-client", "openssh-clients"),
+    "mkfs.ext4": ("e2fsprogs", "e2fsprogs"),
+    "mkfs.xfs": ("xfsprogs", "xfsprogs"),
+    "mkfs.btrfs": ("btrfs-progs", "btrfs-progs"),
+    "mkfs.vfat": ("dosfstools", "dosfstools"),
+    "mcopy": ("mtools", "mtools"),
+    "sfdisk": ("fdisk", "util-linux"),
+    "newuidmap": ("uidmap", "shadow-utils"),
+    "swtpm": ("swtpm", "swtpm"),
+    "xorriso": ("xorriso", "xorriso"),
+    "virsh": ("libvirt-clients", "libvirt-client"),
+}
+
+
+def package_hint(tool: str) -> str:
+    debian, fedora = PACKAGES.get(tool, (tool, tool))
+    return f"install it: apt-get install {debian} (Debian/Ubuntu) or dnf install {fedora} (Fedora)"
+
+
+def find_binary(name: str, *fallbacks: str | Path) -> Path | None:
+    """Find NAME on PATH, else the first existing executable fallback path."""
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    for candidate in fallbacks:
+        path = Path(candidate)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def require(name: str, *fallbacks: str | Path, why: str = "") -> Path:
+    path = find_binary(name, *fallbacks)
+    if path is None:
+        reason = f" (needed {why})" if why else ""
+        raise ToolMissingError(f"{name} not found{reason}", hint=package_hint(name))
+    return path
+
+
+def _set_pdeathsig() -> None:
+    # The child dies with bcvk even on SIGKILL of bcvk; Linux-only prctl.
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def preexec_pdeathsig() -> Callable[[], None]:
+    return _set_pdeathsig
+
+
+def format_argv(argv: Argv) -> str:
+    return shlex.join(os.fspath(a) for a in argv)
+
+
+def run(
+    argv: Argv,
+    *,
+    check: bool = True,
+    capture: bool = True,
+    input: str | bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    stdout: int | IO[Any] | None = None,
+    stdin: int | IO[Any] | None = None,
+    text: bool = True,
+    hint: str | None = None,
+) -> subprocess.CompletedProcess[Any]:
+    """Run a command to completion.
+
+    With ``capture`` stdout and stderr are collected; without it the child's
+    stdout goes to *our stderr* so that data on our stdout stays clean, unless
+    the caller passes ``stdout`` explicitly.
+    """
+    args = [os.fspath(a) for a in argv]
+    logger.debug("+ %s", shlex.join(args))
+    full_env = None
+    if env is not None:
+        full_env = {**os.environ, **env}
+    if stdin is None and input is None:
+        stdin = subprocess.DEVNULL
+    try:
+        proc = subprocess.run(
+            args,
+            input=input,
+            stdin=stdin,
+            stdout=subprocess.PIPE if capture else (stdout if stdout is not None else 2),
+            stderr=subprocess.PIPE if capture else None,
+            env=full_env,
+            cwd=cwd,
+            timeout=timeout,
+            text=text,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise ToolMissingError(f"{args[0]} not found", hint=package_hint(args[0])) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(args, -signal.SIGKILL, f"timed out after {timeout}s", hint) from exc
+    if check and proc.returncode != 0:
+        err = proc.stderr if capture else ""
+        if isinstance(err, bytes):
+            err = err.decode(errors="replace")
+        raise CommandError(args, proc.returncode, err or "", hint)
+    return proc
+
+
+def output(argv: Argv, **kwargs: Any) -> str:
+    """Run and return stdout as text (stripped of the trailing newline)."""
+    result: str = run(argv, **kwargs).stdout
+    return result.rstrip("\n")
+
+
+def spawn(
+    argv: Argv,
+    *,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+    stdin: int | IO[Any] | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+    die_with_parent: bool = True,
+    new_session: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running child (a daemon such as QEMU or virtiofsd)."""
+    args = [os.fspath(a) for a in argv]
+    logger.debug("+ %s &", shlex.join(args))
+    full_env = {**os.environ, **env} if env is not None else None
+    try:
+        return subprocess.Popen(
+            args,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=full_env,
+            pass_fds=tuple(pass_fds),
+            preexec_fn=_set_pdeathsig if die_with_parent else None,
+            start_new_session=new_session,
+        )
+    except FileNotFoundError as exc:
+        raise ToolMissingError(f"{args[0]} not found", hint=package_hint(args[0])) from exc

@@ -1,0 +1,75 @@
+"""Locate virtiofsd and build its command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bcvk import run
+from bcvk.errors import ToolMissingError
+
+# Where `make virtiofsd` (scripts/fetch-virtiofsd.sh) installs a private copy
+# on hosts whose distribution does not package it (Debian 12).
+PROJECT_PREFIX = Path("/opt/bcvk/virtiofsd")
+
+SEARCH_PATHS = (
+    Path("/usr/libexec/virtiofsd"),
+    Path("/usr/lib/virtiofsd"),
+    Path("/usr/lib/qemu/virtiofsd"),
+    PROJECT_PREFIX / "bin" / "virtiofsd",
+)
+
+HINT = (
+    "install virtiofsd (Fedora, Ubuntu 24.04+, Debian 13+ package it), "
+    "run `make virtiofsd` on Debian 12, or pass --virtiofsd PATH"
+)
+
+
+def find(explicit: str | None = None) -> Path | None:
+    """Search order: --virtiofsd, $BCVK_VIRTIOFSD, $VIRTIOFSD_BIN, PATH, SEARCH_PATHS."""
+    for candidate in (
+        explicit,
+        os.environ.get("BCVK_VIRTIOFSD"),
+        os.environ.get("VIRTIOFSD_BIN"),
+    ):
+        if candidate:
+            path = Path(candidate)
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                raise ToolMissingError(f"virtiofsd {candidate} is not an executable file", HINT)
+            return path
+    return run.find_binary("virtiofsd", *SEARCH_PATHS)
+
+
+def require(explicit: str | None = None) -> Path:
+    path = find(explicit)
+    if path is None:
+        raise ToolMissingError("virtiofsd not found", hint=HINT)
+    return path
+
+
+def version(path: Path) -> str | None:
+    result = run.run([path, "--version"], check=False)
+    text = (result.stdout or result.stderr or "").strip()
+    return text.splitlines()[0] if result.returncode == 0 and text else None
+
+
+def argv(
+    binary: Path, shared_dir: Path, socket: Path, *, readonly: bool, sandbox: str = "none"
+) -> list[str]:
+    """virtiofsd serving SHARED_DIR on SOCKET.
+
+    ``--cache=never`` because the host side may change under a rw share and
+    the guest must see it; ``--sandbox=none`` because the process already runs
+    in podman's namespace when rootless and needs no chroot of its own.
+    """
+    args = [
+        os.fspath(binary),
+        "--shared-dir", os.fspath(shared_dir),
+        "--socket-path", os.fspath(socket),
+        "--cache", "never",
+        "--sandbox", sandbox,
+        "--log-level", "error",
+    ]  # fmt: skip
+    if readonly:
+        args.append("--readonly")
+    return args

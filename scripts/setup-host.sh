@@ -1,0 +1,50 @@
+#!/bin/bash
+# Install the host packages bcvk needs, skipping what is already there.
+# Debian/Ubuntu only; on other distributions print what to install instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  # run VMs and build disks (DESIGN.md §4)
+  qemu-system-x86 qemu-utils ovmf podman uidmap openssh-client e2fsprogs
+  dosfstools mtools xfsprogs btrfs-progs fdisk systemd-boot-efi
+  # persistent VMs, and building libvirt-python
+  libvirt-daemon-system libvirt-dev pkg-config gcc python3-dev python3-venv
+  # build the local test images
+  debootstrap
+  # features: TPM, cloud-init seeds, remote libvirt over ssh, registry pull tests
+  swtpm swtpm-tools xorriso openssh-server
+  # `timed` and friends
+  bc
+)
+if [[ -f scripts/host-packages.txt ]]; then
+  while read -r pkg _; do
+    [[ -z $pkg || $pkg == \#* ]] || packages+=("$pkg")
+  done < scripts/host-packages.txt
+fi
+
+if ! command -v dpkg-query >/dev/null; then
+  echo "Not a Debian-based host: install the equivalents of: ${packages[*]}" >&2
+  echo "(Fedora: dnf install qemu-kvm qemu-img edk2-ovmf podman virtiofsd openssh-clients" \
+       "e2fsprogs dosfstools mtools xfsprogs btrfs-progs util-linux systemd-boot-unsigned" \
+       "libvirt libvirt-devel python3-devel gcc swtpm xorriso)" >&2
+  exit 0
+fi
+
+missing=()
+for pkg in "${packages[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+  [[ $status == installed ]] || missing+=("$pkg")
+done
+if ((${#missing[@]} == 0)); then
+  echo "host packages: all ${#packages[@]} present" >&2
+  exit 0
+fi
+if ((EUID != 0)); then
+  echo "missing packages (run as root to install): ${missing[*]}" >&2
+  exit 1
+fi
+echo "installing: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,31 @@
+"""The linters are tests: mypy --strict, ruff check and ruff format."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ["bcvk", "tests", "bench"]
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param([sys.executable, "-m", "mypy", "--strict", "bcvk"], id="mypy"),
+        pytest.param([sys.executable, "-m", "ruff", "check", *TARGETS], id="ruff-check"),
+        pytest.param(
+            [sys.executable, "-m", "ruff", "format", "--check", *TARGETS], id="ruff-format"
+        ),
+    ],
+)
+def test_linter(argv: list[str]) -> None:
+    result = _run(*argv)
+    assert result.returncode == 0, result.stdout + result.stderr
