@@ -1,0 +1,129 @@
+"""SSH key pairs, the one ssh argv builder, and readiness checks."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bcvk import run
+from bcvk.errors import BcvkError
+
+# Fixed options: throwaway guests get new host keys every boot, so host-key
+# checking can only get in the way; BatchMode stops password prompts from
+# hanging readiness polls.
+BASE_OPTIONS = (
+    "-F", "none",
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR",
+    "-o", "IdentitiesOnly=yes",
+    "-o", "BatchMode=yes",
+    "-o", "ServerAliveInterval=5",
+    "-o", "ServerAliveCountMax=6",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: Path
+
+    @property
+    def public(self) -> Path:
+        return self.private.with_name(self.private.name + ".pub")
+
+    def public_text(self) -> str:
+        return self.public.read_text().strip()
+
+
+def generate_key(directory: Path, name: str = "id_ed25519", comment: str = "bcvk") -> KeyPair:
+    """A fresh ed25519 key pair, private key 0600 in a 0700 directory."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    private = directory / name
+    for path in (private, private.with_name(name + ".pub")):
+        path.unlink(missing_ok=True)
+    run.run(
+        [run.require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", private]
+    )
+    private.chmod(0o600)
+    return KeyPair(private)
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to reach a guest's sshd."""
+
+    port: int
+    key: Path
+    host: str = "127.0.0.1"
+    user: str = "root"
+    proxy_jump: str | None = None
+    connect_timeout: int = 5
+
+
+def argv(
+    target: Target,
+    command: Sequence[str] = (),
+    *,
+    tty: bool | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ssh command line for TARGET; a multi-word command is shell-quoted.
+
+    ssh joins its arguments with spaces for the remote shell, so each word is
+    quoted to survive that unless a single string was given (already a shell
+    command line, as users type it).
+    """
+    args = [os.fspath(run.find_binary("ssh") or "ssh"), *BASE_OPTIONS]
+    args += ["-o", f"ConnectTimeout={target.connect_timeout}"]
+    args += ["-i", os.fspath(target.key), "-p", str(target.port)]
+    if target.proxy_jump:
+        args += ["-J", target.proxy_jump]
+    if tty is True:
+        args.append("-t")
+    elif tty is False:
+        args.append("-T")
+    args += list(extra)
+    args.append(f"{target.user}@{target.host}")
+    if command:
+        args += ["--", command[0] if len(command) == 1 else shlex.join(command)]
+    return args
+
+
+def probe(target: Target) -> bool:
+    """True when a real SSH handshake and a command succeed."""
+    try:
+        result = run.run(argv(target, ["true"], tty=False), check=False, timeout=30)
+    except BcvkError:
+        return False
+    return result.returncode == 0
+
+
+def execute(
+    target: Target,
+    command: Sequence[str],
+    *,
+    capture: bool = True,
+    tty: bool | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run COMMAND in the guest and return its result (never raises on exit status)."""
+    return run.run(
+        argv(target, command, tty=tty),
+        check=False,
+        capture=capture,
+        stdout=None if capture else 1,
+        stdin=None if capture else 0,
+        timeout=timeout,
+    )
+
+
+def interactive(target: Target, command: Sequence[str] = ()) -> int:
+    """Run ssh attached to our terminal and return its exit status."""
+    tty = None if command else True
+    result = run.run(argv(target, command, tty=tty), check=False, capture=False, stdout=1, stdin=0)
+    return int(result.returncode)

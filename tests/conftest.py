@@ -1,0 +1,199 @@
+"""Shared test machinery.
+
+Two tiers: `tests/unit` is hermetic (fakes only), `tests/integration` drives
+real podman, QEMU, libvirtd and ssh.  Integration tests skip only when a
+capability probe says the host lacks something; under CI (``CI`` set) a skip
+is a failure, because CI installs every capability.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_IMAGE = "localhost/bcvk/debian-bootc:12"
+FIXTURES = {
+    "not-bootc": "localhost/bcvk/fixture-not-bootc:latest",
+    "unlabelled": "localhost/bcvk/fixture-unlabelled:latest",
+    "no-kernel": "localhost/bcvk/fixture-no-kernel:latest",
+    "two-kernels": "localhost/bcvk/fixture-two-kernels:latest",
+}
+TEST_USER = "bcvk-test"
+
+_module_times: dict[str, float] = defaultdict(float)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/integration/" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    _module_times[item.nodeid.split("::")[0]] += report.duration
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under CI, where every capability is installed: {report.longrepr}"
+        )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _module_times:
+        return
+    terminalreporter.section("time per test module")
+    for module, seconds in sorted(_module_times.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}s  {module}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def bcvk_bin() -> str:
+    return shutil.which("bcvk") or str(ROOT / ".venv" / "bin" / "bcvk")
+
+
+def bcvk(
+    *args: str,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    user: str | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `bcvk` CLI (optionally as another user) and capture its output."""
+    argv: list[str] = [bcvk_bin(), *args]
+    if user is not None:
+        argv = as_user(user, argv)
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        input=input,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def as_user(user: str, argv: Sequence[str]) -> list[str]:
+    """ARGV run as USER with a login-like environment but no logind session."""
+    home = f"/home/{user}"
+    return [
+        "runuser", "-u", user, "--",
+        "env", "-i", f"HOME={home}", f"USER={user}", f"LOGNAME={user}",
+        f"PATH={ROOT / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "LANG=C.UTF-8",
+        *argv,
+    ]  # fmt: skip
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def image_exists(ref: str, user: str | None = None) -> bool:
+    if not have("podman"):
+        return False
+    argv = ["podman", "image", "exists", ref]
+    if user:
+        argv = as_user(user, argv)
+    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+
+def user_exists(user: str) -> bool:
+    return subprocess.run(["id", user], capture_output=True, check=False).returncode == 0
+
+
+def stray_processes(names: Sequence[str] = ("qemu-system", "virtiofsd")) -> list[str]:
+    """Command lines of running processes whose argv[0] contains one of NAMES."""
+    found: list[str] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and any(
+            n.encode() in Path(cmdline[0].decode(errors="replace")).name.encode() for n in names
+        ):
+            found.append(b" ".join(cmdline).decode(errors="replace"))
+    return found
+
+
+def podman_mounts(user: str | None = None) -> list[str]:
+    argv = ["podman", "image", "mount", "--format", "{{.ID}}"]
+    if user:
+        argv = as_user(user, ["podman", "unshare", *argv])
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return result.stdout.split()
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def demo_image() -> str:
+    if not image_exists(DEMO_IMAGE):
+        pytest.skip(f"{DEMO_IMAGE} not built (run `make images`)")
+    return DEMO_IMAGE
+
+
+@pytest.fixture
+def fixture_image() -> dict[str, str]:
+    missing = [ref for ref in FIXTURES.values() if not image_exists(ref)]
+    if missing:
+        pytest.skip(f"fixture images missing: {missing} (run `make images`)")
+    return dict(FIXTURES)
+
+
+@pytest.fixture
+def rootless_user() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("switching to the test user needs root")
+    if not user_exists(TEST_USER) or not image_exists(DEMO_IMAGE, TEST_USER):
+        pytest.skip(f"user {TEST_USER} or its images missing (run `make images`)")
+    return TEST_USER
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves a QEMU/virtiofsd process or an image mount behind."""
+    before_procs = set(stray_processes())
+    before_mounts = set(podman_mounts()) if have("podman") else set()
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        leaked = set(stray_processes()) - before_procs
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not leaked, f"processes left behind: {leaked}"
+    if have("podman"):
+        assert set(podman_mounts()) <= before_mounts, "image mounts left behind"
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Private XDG runtime and cache dirs so tests never see each other's state."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path
