@@ -143,10 +143,16 @@ def unit_enabled(root: Path, units: tuple[str, ...]) -> bool:
 
 
 def default_target(root: Path) -> str | None:
+    """The unit default.target points at (the link may dangle, e.g. to graphical)."""
     for base in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"):
-        target = resolve(root, f"{base}/default.target")
-        if target is not None:
-            return target.name
+        parent = resolve(root, base)
+        if parent is None:
+            continue
+        link = parent / "default.target"
+        if link.is_symlink():
+            return PurePosixPath(os.readlink(link)).name
+        if link.exists():
+            return "default.target"
     return None
 
 

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,12 @@ FIXTURES = {
 TEST_USER = "bcvk-test"
 
 _module_times: dict[str, float] = defaultdict(float)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regenerate-golden", action="store_true", help="rewrite golden files from the code"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -146,6 +152,23 @@ def podman_mounts(user: str | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
+    """Compare text with tests/data/golden/NAME (rewrite it with --regenerate-golden)."""
+    regenerate = bool(request.config.getoption("--regenerate-golden"))
+
+    def check(name: str, actual: str) -> None:
+        path = ROOT / "tests" / "data" / "golden" / name
+        if regenerate or not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(actual)
+            if not regenerate:
+                pytest.fail(f"golden file {name} was missing and has been written; rerun")
+        assert actual == path.read_text(), f"differs from golden file {path}"
+
+    return check
 
 
 @pytest.fixture

@@ -64,6 +64,8 @@ def age(timestamp: str | int | float, now: datetime | None = None) -> str:
                 rest = frac[len(digits) :]
                 text = f"{head}.{digits[:6]}{rest}"
             then = datetime.fromisoformat(text)
+        if then.tzinfo is None:
+            then = then.replace(tzinfo=UTC)
     except (ValueError, OSError):
         return str(timestamp)
     seconds = int((now - then).total_seconds())

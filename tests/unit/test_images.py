@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bcvk import imagetree
+from bcvk.images import judge, summaries_from_podman
+from bcvk.imagetree import Kernel
+from bcvk.podman import ImageInfo, parse_inspect
+
+from .treebuilder import bootc_tree
+
+INFO = ImageInfo(
+    id="a" * 64,
+    digest="sha256:" + "b" * 64,
+    names=("localhost/x:1",),
+    created="2026-11-21T00:00:00Z",
+    size=400_000_000,
+    architecture="amd64",
+    os="linux",
+    labels={"containers.bootc": "1"},
+)
+
+
+@pytest.fixture
+def facts(tmp_path: Path) -> imagetree.TreeFacts:
+    return imagetree.probe(bootc_tree(tmp_path))
+
+
+def test_bootable_image_has_no_problems(facts: imagetree.TreeFacts) -> None:
+    assert judge(INFO, facts, "amd64") == ([], [])
+
+
+def test_missing_label_is_only_a_warning(facts: imagetree.TreeFacts) -> None:
+    problems, warnings = judge(dataclasses.replace(INFO, labels={}), facts, "amd64")
+    assert problems == []
+    assert warnings == ["image has no containers.bootc=1 label"]
+
+
+def test_no_kernel_is_refused_as_application_container(facts: imagetree.TreeFacts) -> None:
+    problems, _ = judge(INFO, dataclasses.replace(facts, kernels=[]), "amd64")
+    assert len(problems) == 1
+    assert "no kernel" in problems[0]
+    assert "application container" in problems[0]
+
+
+def test_two_kernels_named(facts: imagetree.TreeFacts) -> None:
+    two = [Kernel("6.1", "vmlinuz", "/a", "/b"), Kernel("6.2", "vmlinuz", "/c", "/d")]
+    problems, _ = judge(INFO, dataclasses.replace(facts, kernels=two), "amd64")
+    assert problems == ["found 2 kernels, need exactly one: 6.1 (vmlinuz), 6.2 (vmlinuz)"]
+
+
+def test_kernel_without_initramfs(facts: imagetree.TreeFacts) -> None:
+    one = [Kernel("6.1", "vmlinuz", "/usr/lib/modules/6.1/vmlinuz", None)]
+    problems, _ = judge(INFO, dataclasses.replace(facts, kernels=one), "amd64")
+    assert problems == ["kernel 6.1 has no initramfs.img beside its vmlinuz"]
+
+
+def test_foreign_architecture(facts: imagetree.TreeFacts) -> None:
+    problems, _ = judge(dataclasses.replace(INFO, architecture="arm64"), facts, "amd64")
+    assert problems == [
+        "image architecture is arm64 but this host is amd64; "
+        "cross-architecture emulation is not supported"
+    ]
+
+
+def test_no_init(facts: imagetree.TreeFacts) -> None:
+    problems, _ = judge(INFO, dataclasses.replace(facts, init=None), "amd64")
+    assert problems == ["no init system: /sbin/init is missing"]
+
+
+def test_warnings_for_sshd_old_systemd_and_initramfs(facts: imagetree.TreeFacts) -> None:
+    weak = dataclasses.replace(
+        facts,
+        sshd_installed=False,
+        sshd_enabled=False,
+        systemd_version=239,
+        initramfs={"virtiofs": False, "virtio_blk": True, "ext4": True, "systemd": False},
+    )
+    problems, warnings = judge(INFO, weak, "amd64")
+    assert problems == []
+    joined = "\n".join(warnings)
+    assert "systemd 239 is older than 242" in joined
+    assert "sshd is not installed" in joined
+    assert "cannot mount virtiofs" in joined
+    assert "initramfs has no systemd" in joined
+
+
+def test_summaries_one_row_per_name() -> None:
+    entries = [
+        {
+            "Id": "f" * 64,
+            "Names": ["localhost/a:1", "localhost/a:latest"],
+            "Digest": "sha256:1",
+            "CreatedAt": "2026-11-21T00:00:00Z",
+            "Size": 10,
+        },
+        {"Id": "e" * 64, "Names": None, "Digest": "sha256:2", "Created": 0, "Size": 5},
+    ]
+    rows = summaries_from_podman(entries)
+    assert [(r.repository, r.tag) for r in rows] == [
+        ("<none>", "<none>"),
+        ("localhost/a", "1"),
+        ("localhost/a", "latest"),
+    ]
+    assert rows[1].to_json() == {
+        "name": "localhost/a:1",
+        "repository": "localhost/a",
+        "tag": "1",
+        "id": "f" * 64,
+        "digest": "sha256:1",
+        "created": "2026-11-21T00:00:00Z",
+        "size": 10,
+    }
+
+
+def test_parse_inspect_labels_from_config() -> None:
+    info = parse_inspect(
+        {
+            "Id": "x",
+            "Digest": "sha256:y",
+            "RepoTags": ["a:b"],
+            "Size": 3,
+            "Architecture": "amd64",
+            "Config": {"Labels": {"containers.bootc": "1"}},
+        }
+    )
+    assert info.is_bootc
+    assert info.names == ("a:b",)
+
+
+# A fake `podman` on PATH: records its argv and answers from canned JSON.
+FAKE_PODMAN = """#!/usr/bin/env python3
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+if args[:1] == ["images"]:
+    print(os.environ.get("FAKE_IMAGES", "[]"))
+elif args[:2] == ["image", "inspect"]:
+    sys.stderr.write("Error: " + args[-1] + ": image not known\\n")
+    sys.exit(125)
+else:
+    sys.exit(0)
+"""
+
+
+@pytest.fixture
+def fake_podman(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "podman"
+    script.write_text(FAKE_PODMAN)
+    script.chmod(0o755)
+    log = tmp_path / "podman.log"
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    return log
+
+
+def test_cli_list_json_filters_on_bootc_label(
+    fake_podman: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bcvk.__main__ import main
+
+    monkeypatch.setenv(
+        "FAKE_IMAGES",
+        json.dumps([{"Id": "f" * 64, "Names": ["localhost/a:1"], "Size": 1, "Created": 0}]),
+    )
+    assert main(["images", "list", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in out] == ["localhost/a:1"]
+    calls = [json.loads(line) for line in fake_podman.read_text().splitlines()]
+    assert calls == [["images", "--format", "json", "--filter", "label=containers.bootc=1"]]
+
+
+def test_cli_list_table(
+    fake_podman: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bcvk.__main__ import main
+
+    monkeypatch.setenv(
+        "FAKE_IMAGES",
+        json.dumps([{"Id": "f" * 64, "Names": ["localhost/a:1"], "Size": 2048, "Created": 0}]),
+    )
+    assert main(["images", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "SIZE"]
+    assert lines[1].split()[:3] == ["localhost/a", "1", "f" * 12]
+    assert lines[1].endswith("2.0 KiB")
+
+
+def test_cli_inspect_missing_image(fake_podman: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bcvk.__main__ import main
+
+    assert main(["images", "inspect", "localhost/nope:1"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: image localhost/nope:1 is not in local storage"
+    assert err[1].startswith("hint: ")
+
+
+def test_cli_inspect_rejects_bad_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    from bcvk.__main__ import main
+
+    assert main(["images", "inspect", "x;rm -rf /"]) == 2
+    assert "invalid image reference" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bcvk import paths
+from bcvk.errors import BcvkError
+
+
+def test_runtime_dir_prefers_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert paths.runtime_dir() == tmp_path / "bcvk"
+
+
+def test_runtime_dir_falls_back_to_temp_when_no_logind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(paths, "Path", _NoRunUser)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert paths.runtime_dir() == tmp_path / f"bcvk-{os.getuid()}"
+
+
+class _NoRunUser(type(Path())):  # type: ignore[misc]
+    def is_dir(self, *args: object, **kwargs: object) -> bool:
+        if str(self).startswith("/run/user/"):
+            return False
+        return bool(super().is_dir())
+
+
+def test_xdg_runtime_dir_that_does_not_exist_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))
+    assert paths.runtime_dir() != tmp_path / "missing" / "bcvk"
+
+
+def test_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert paths.cache_dir() == tmp_path / "bcvk"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert paths.cache_dir() == tmp_path / ".cache" / "bcvk"
+
+
+def test_ensure_private_dir_tightens_mode(tmp_path: Path) -> None:
+    target = tmp_path / "state"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    paths.ensure_private_dir(target)
+    assert target.stat().st_mode & 0o777 == 0o700
+
+
+def test_ensure_private_dir_refuses_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "state").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BcvkError, match="not a directory owned"):
+        paths.ensure_private_dir(tmp_path / "state")
