@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from bcvk.errors import ToolMissingError
 # on hosts whose distribution does not package it (Debian 12).
 PROJECT_PREFIX = Path("/opt/bcvk/virtiofsd")
 
+# /usr/lib/qemu/virtiofsd is where QEMU < 8 shipped its C virtiofsd (Debian
+# 12 still does); it lacks --shared-dir/--readonly, so `usable` rejects it.
 SEARCH_PATHS = (
     Path("/usr/libexec/virtiofsd"),
     Path("/usr/lib/virtiofsd"),
-    Path("/usr/lib/qemu/virtiofsd"),
     PROJECT_PREFIX / "bin" / "virtiofsd",
+    Path("/usr/lib/qemu/virtiofsd"),
 )
 
 HINT = (
@@ -37,7 +40,18 @@ def find(explicit: str | None = None) -> Path | None:
             if not (path.is_file() and os.access(path, os.X_OK)):
                 raise ToolMissingError(f"virtiofsd {candidate} is not an executable file", HINT)
             return path
-    return run.find_binary("virtiofsd", *SEARCH_PATHS)
+    on_path = run.find_binary("virtiofsd")
+    for path in (on_path, *SEARCH_PATHS):
+        if path is not None and path.is_file() and os.access(path, os.X_OK) and usable(path):
+            return path
+    return None
+
+
+@functools.cache
+def usable(path: Path) -> bool:
+    """False for the legacy C virtiofsd, whose command line differs."""
+    result = run.run([path, "--help"], check=False, timeout=10)
+    return "--shared-dir" in (result.stdout or "") + (result.stderr or "")
 
 
 def require(explicit: str | None = None) -> Path:

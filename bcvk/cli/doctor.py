@@ -48,7 +48,9 @@ def doctor(ctx: click.Context, fmt: str, image: str | None, refresh: bool) -> No
     else:
         rows = []
         for c in checks:
-            if c.ok:
+            if c.name == "acceleration":
+                status, detail = (c.version or "?"), c.detail.split(": ", 1)[-1]
+            elif c.ok:
                 status, detail = "ok", c.version or c.detail
             else:
                 status = "MISSING" if c.required else "missing"

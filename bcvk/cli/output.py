@@ -22,12 +22,16 @@ def emit_yaml(data: Any) -> None:
 
 
 def emit_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    import io
+
     from rich.console import Console
     from rich.table import Table
 
     tty = sys.stdout.isatty()
+    buffer = io.StringIO()
     console = Console(
-        file=sys.stdout,
+        file=buffer,
+        force_terminal=tty,
         no_color=not use_colour(sys.stdout),
         highlight=False,
         # Off a TTY rich assumes 80 columns and would wrap cells; scripts that
@@ -41,6 +45,8 @@ def emit_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
     console.print(table)
+    # Cells are padded to the column width; trailing blanks only hurt grep.
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
 
 
 def emit_pairs(pairs: Sequence[tuple[str, object]]) -> None:
