@@ -41,9 +41,10 @@ def find(explicit: str | None = None) -> Path | None:
                 raise ToolMissingError(f"virtiofsd {candidate} is not an executable file", HINT)
             return path
     on_path = run.find_binary("virtiofsd")
-    for path in (on_path, *SEARCH_PATHS):
-        if path is not None and path.is_file() and os.access(path, os.X_OK) and usable(path):
-            return path
+    candidates = [on_path] if on_path else []
+    for found in (*candidates, *SEARCH_PATHS):
+        if found.is_file() and os.access(found, os.X_OK) and usable(found):
+            return found
     return None
 
 
