@@ -18,12 +18,14 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "images": ("bcvk.cli.images", "images", False),
     "doctor": ("bcvk.cli.doctor", "doctor", False),
     "completion": ("bcvk.cli.completion", "completion", False),
+    "to-disk": ("bcvk.cli.to_disk", "to_disk", False),
 }
 
 HELP = {
     "images": "Find bootc images in podman's store and check whether they boot.",
     "doctor": "Report what this host has for running bootc images as VMs.",
     "completion": "Print a shell completion script (bash, zsh or fish).",
+    "to-disk": "Turn a bootc image into a bootable disk image (raw, qcow2, vmdk, vhd, vhdx, ova).",
 }
 
 

@@ -1,0 +1,110 @@
+"""`bcvk to-disk IMAGE OUTPUT`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bcvk.cli import CONTEXT
+
+
+@click.command("to-disk", context_settings=CONTEXT)
+@click.argument("image")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["raw", "qcow2", "vmdk", "vhd", "vhdx", "ova"]),
+    help="Disk format.  [default: from OUTPUT's extension, else raw]",
+)
+@click.option(
+    "--filesystem",
+    type=click.Choice(["ext4", "xfs", "btrfs"]),
+    help="Root filesystem.  [default: the image's install config, else ext4]",
+)
+@click.option("--disk-size", metavar="SIZE", help="Disk size.  [default: max(2 × image, 4G)]")
+@click.option("--root-size", metavar="SIZE", help="Root partition size (M if no unit).")
+@click.option("--karg", "kargs", multiple=True, metavar="ARG", help="Kernel argument (repeatable).")
+@click.option(
+    "--root-ssh-authorized-keys",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="FILE",
+    help="Public keys to write to root's authorized_keys in the disk.",
+)
+@click.option(
+    "--installer",
+    type=click.Choice(["auto", "native", "bootc"]),
+    default="auto",
+    show_default=True,
+    help="native: build the disk here without a VM; bootc: run the image's own "
+    "`bootc install to-disk` in a VM; auto: bootc when the image has it.",
+)
+@click.option(
+    "--firmware",
+    type=click.Choice(["uefi", "bios", "both"]),
+    default="uefi",
+    show_default=True,
+    help="Boot firmware the disk supports (native: uefi only).",
+)
+@click.option(
+    "--partition-table",
+    type=click.Choice(["gpt", "mbr"]),
+    default="gpt",
+    show_default=True,
+    help="Partition table type.",
+)
+@click.option("--compress", is_flag=True, help="Compress a qcow2 disk.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print would-reuse or would-regenerate and change nothing."
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT even if bcvk did not create it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def to_disk(
+    image: str,
+    output: str,
+    fmt: str | None,
+    filesystem: str | None,
+    disk_size: str | None,
+    root_size: str | None,
+    kargs: tuple[str, ...],
+    root_ssh_authorized_keys: str | None,
+    installer: str,
+    firmware: str,
+    partition_table: str,
+    compress: bool,
+    dry_run: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Turn bootc IMAGE into a bootable disk image at OUTPUT.
+
+    The native installer needs no VM, no root and no loop device: the root
+    filesystem is built from the image tree, systemd-boot and a Boot Loader
+    Specification entry go on the EFI system partition.  An OUTPUT that bcvk
+    built from the same image and options is reused; a changed one is rebuilt
+    beside it and swapped in only once complete.
+    """
+    from bcvk import to_disk as core
+    from bcvk.cli import output as out
+
+    result = core.build(
+        image,
+        output,
+        format=fmt,
+        filesystem=filesystem,
+        disk_size=disk_size,
+        root_size=root_size,
+        kargs=kargs,
+        root_ssh_authorized_keys=root_ssh_authorized_keys,
+        installer=installer,
+        firmware=firmware,
+        partition_table=partition_table,
+        compress=compress,
+        dry_run=dry_run,
+        force=force,
+    )
+    if as_json:
+        out.emit_json(result.to_json())
+    elif dry_run:
+        sys.stdout.write(result.action + "\n")
