@@ -1,0 +1,261 @@
+"""to-disk's pure parts: cache key, formats, BLS entry, debugfs script, copies."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bcvk import bootloader, diskfs, populate, to_disk
+from bcvk.disk import Filesystem, Firmware
+from bcvk.errors import NotFoundError, UsageError
+from bcvk.to_disk import DiskFormat, Options
+
+DIGEST = "sha256:" + "ab" * 32
+REF = "localhost/bcvk/debian-bootc:12"
+GIB = 1024**3
+
+
+def key(opts: Options, fmt: DiskFormat = DiskFormat.qcow2, size: int = 4 * GIB) -> str:
+    return to_disk.cache_hash(to_disk.cache_key(REF, DIGEST, fmt, size, opts))
+
+
+def test_cache_key_golden(golden: Callable[[str, str], None], tmp_path: Path) -> None:
+    keys = tmp_path / "keys.pub"
+    keys.write_text("ssh-ed25519 AAAA test\n")
+    opts = Options(kargs=("console=ttyS0",), root_ssh_authorized_keys=keys)
+    data = to_disk.cache_key(REF, DIGEST, DiskFormat.qcow2, 4 * GIB, opts)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    text += to_disk.cache_hash(data) + "\n"
+    golden("to-disk/cache-key.json", text)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        Options(filesystem=Filesystem.xfs),
+        Options(root_size=GIB),
+        Options(kargs=("quiet",)),
+        Options(kargs=("a", "b")),
+        Options(installer=to_disk.Installer.native),
+        Options(compress=True),
+        Options(partition_table=to_disk.PartitionTable.mbr),
+        Options(firmware=Firmware.both),
+    ],
+)
+def test_every_option_changes_the_key(changed: Options) -> None:
+    assert key(changed) != key(Options())
+
+
+def test_key_covers_format_size_digest_and_reference() -> None:
+    base = key(Options())
+    assert key(Options(), fmt=DiskFormat.raw) != base
+    assert key(Options(), size=5 * GIB) != base
+    other = to_disk.cache_key("localhost/other:1", DIGEST, DiskFormat.qcow2, 4 * GIB, Options())
+    assert to_disk.cache_hash(other) != base
+    other = to_disk.cache_key(REF, "sha256:" + "cd" * 32, DiskFormat.qcow2, 4 * GIB, Options())
+    assert to_disk.cache_hash(other) != base
+
+
+def test_key_ignores_dry_run_and_force() -> None:
+    assert key(Options(dry_run=True, force=True)) == key(Options())
+
+
+def test_key_follows_the_content_of_the_keys_file(tmp_path: Path) -> None:
+    keys = tmp_path / "k.pub"
+    keys.write_text("one\n")
+    first = key(Options(root_ssh_authorized_keys=keys))
+    keys.write_text("two\n")
+    assert key(Options(root_ssh_authorized_keys=keys)) != first
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("a.qcow2", DiskFormat.qcow2),
+        ("a.QCOW2", DiskFormat.qcow2),
+        ("a.raw", DiskFormat.raw),
+        ("a.img", DiskFormat.raw),
+        ("a.vmdk", DiskFormat.vmdk),
+        ("a.vhd", DiskFormat.vhd),
+        ("a.vhdx", DiskFormat.vhdx),
+        ("a.ova", DiskFormat.ova),
+        ("a.disk", DiskFormat.raw),
+        ("noext", DiskFormat.raw),
+    ],
+)
+def test_format_from_extension(name: str, fmt: DiskFormat) -> None:
+    assert to_disk.format_from_path(Path(name)) is fmt
+
+
+def test_unknown_format_and_filesystem_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="unknown format 'iso'"):
+        to_disk.build(REF, tmp_path / "x", format="iso")
+    with pytest.raises(UsageError, match="unknown filesystem 'zfs'") as exc:
+        to_disk.build(REF, tmp_path / "x", filesystem="zfs")
+    assert exc.value.hint == "choose one of: ext4, xfs, btrfs"
+
+
+def test_compress_only_for_qcow2() -> None:
+    with pytest.raises(UsageError, match="--compress applies to qcow2 only"):
+        to_disk.validate(Options(compress=True), DiskFormat.vhdx)
+    to_disk.validate(Options(compress=True), DiskFormat.qcow2)
+
+
+@pytest.mark.parametrize("firmware", [Firmware.bios, Firmware.both])
+def test_bios_is_refused_by_the_native_installer(firmware: Firmware) -> None:
+    with pytest.raises(UsageError, match="not supported by the native installer") as exc:
+        to_disk.validate(Options(firmware=firmware), DiskFormat.raw)
+    assert exc.value.hint is not None
+    assert "GRUB" in exc.value.hint
+
+
+def test_missing_keys_file(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        to_disk.validate(Options(root_ssh_authorized_keys=tmp_path / "nope"), DiskFormat.raw)
+
+
+def test_references_lose_transport_prefixes() -> None:
+    assert to_disk.normalize_reference("containers-storage:" + REF) == REF
+    with pytest.raises(UsageError):
+        to_disk.normalize_reference("bad ref;rm")
+
+
+def test_output_directory_checks(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        to_disk.check_output_path(tmp_path / "missing" / "x.raw")
+    with pytest.raises(UsageError, match="is a directory"):
+        to_disk.check_output_path(tmp_path)
+
+
+# ------------------------------------------------------------------ boot entry
+
+OS_RELEASE = {"ID": "debian", "PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)"}
+ROOT_UUID = "0e6c5f2a-1b3d-4e5f-8a9b-0c1d2e3f4a5b"
+
+
+def test_bls_entry_golden(golden: Callable[[str, str], None]) -> None:
+    options = bootloader.kernel_cmdline(ROOT_UUID, ["console=ttyS0", "quiet"])
+    entry = bootloader.make_entry(OS_RELEASE, "6.1.0-56-amd64", options)
+    assert entry.entry_id == "debian-6.1.0-56-amd64"
+    golden("to-disk/bls-entry.conf", bootloader.render_entry(entry))
+    golden("to-disk/loader.conf", bootloader.render_loader_conf(entry.entry_id))
+
+
+def test_cmdline_puts_root_first_and_keeps_karg_order() -> None:
+    assert bootloader.kernel_cmdline("U", ["b=1", "a=2"]) == ("root=UUID=U", "rw", "b=1", "a=2")
+
+
+def test_entry_token_is_filename_safe() -> None:
+    assert bootloader.entry_token({"ID": "my os/x"}) == "my_os_x"
+    assert bootloader.entry_token({}) == "linux"
+
+
+def test_stage_esp_layout(tmp_path: Path) -> None:
+    for name in ("boot.efi", "kernel", "initrd"):
+        (tmp_path / name).write_bytes(name.encode())
+    entry = bootloader.make_entry(OS_RELEASE, "6.1", bootloader.kernel_cmdline("U", []))
+    files = bootloader.EspFiles(tmp_path / "boot.efi", tmp_path / "kernel", tmp_path / "initrd")
+    stage = tmp_path / "esp"
+    stage.mkdir()
+    bootloader.stage_esp(stage, files, entry, "x86_64")
+    found = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
+    assert found == [
+        "EFI/BOOT/BOOTX64.EFI",
+        "EFI/systemd/systemd-bootx64.efi",
+        "debian/6.1/initrd",
+        "debian/6.1/linux",
+        "loader/entries/debian-6.1.conf",
+        "loader/loader.conf",
+    ]
+    assert (stage / "debian/6.1/linux").read_bytes() == b"kernel"
+
+
+# ------------------------------------------------------------------ debugfs
+
+
+def test_debugfs_script_golden(golden: Callable[[str, str], None]) -> None:
+    extras = [
+        populate.Extra("/etc/fstab", "file", 0o644, "/w/extras/etc_fstab"),
+        populate.Extra("/etc/machine-id", "file", 0o444, "/w/extras/etc_machine-id"),
+        populate.Extra("/boot/efi", "dir", 0o700),
+        populate.Extra("/root/.ssh", "dir", 0o700),
+        populate.Extra("/root/.ssh/authorized_keys", "file", 0o600, "/w/extras/keys"),
+    ]
+    existing = {
+        "/etc/fstab": "other",
+        "/etc/machine-id": "missing",
+        "/boot/efi": "missing",
+        "/root/.ssh": "dir",
+    }
+    golden("to-disk/debugfs.cmds", diskfs.debugfs_script(extras, existing))
+
+
+def test_loss_warning_lists_everything_and_is_silent_when_nothing_is_lost() -> None:
+    assert diskfs.loss_warning(Filesystem.ext4, {}) is None
+    text = diskfs.loss_warning(
+        Filesystem.xfs,
+        {"xattrs": ["/usr/bin/ping (security.capability)"], "hard_links": ["/a = /b"]},
+    )
+    assert text is not None
+    assert "/usr/bin/ping (security.capability)" in text
+    assert "/a = /b" in text
+    many = diskfs.loss_warning(
+        Filesystem.btrfs, {"device_nodes": [f"/dev/x{i}" for i in range(15)]}
+    )
+    assert many is not None
+    assert "… and 5 more" in many
+
+
+# ------------------------------------------------------------------ file copies
+
+
+def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+        f.seek(10 * 1024 * 1024)
+        f.write(b"hello")
+        f.seek(40 * 1024 * 1024)
+        f.write(b"world")
+    dst = tmp_path / "dst"
+    with open(dst, "wb") as f:
+        f.truncate(128 * 1024 * 1024)
+    to_disk.copy_sparse(src, dst, 1024 * 1024)
+    data = dst.read_bytes()
+    assert data[11 * 1024 * 1024 : 11 * 1024 * 1024 + 5] == b"hello"
+    assert data[41 * 1024 * 1024 : 41 * 1024 * 1024 + 5] == b"world"
+    assert data.count(b"\0") == len(data) - 10
+    assert os.stat(dst).st_blocks * 512 < 4 * 1024 * 1024
+
+
+def test_slice_file(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"a" * 10 + b"\0" * (2 << 20) + b"tail")
+    dst = tmp_path / "dst"
+    to_disk.slice_file(src, dst, 5, (2 << 20) + 9)
+    assert dst.read_bytes() == b"a" * 5 + b"\0" * (2 << 20) + b"tail"
+
+
+def test_xattr_probe_and_creator_marker(tmp_path: Path) -> None:
+    assert to_disk.xattrs_supported(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert not to_disk.created_by_bcvk(f)
+    os.setxattr(f, to_disk.XATTR_HASH, b"sha256:1")
+    assert to_disk.created_by_bcvk(f)
+    assert to_disk.read_xattr(f, to_disk.XATTR_HASH) == "sha256:1"
+
+
+def test_no_space_detection() -> None:
+    from bcvk.errors import CommandError
+
+    assert to_disk._no_space(OSError(28, "No space left on device"))
+    assert to_disk._no_space(
+        CommandError(["mkfs.ext4"], 1, "__populate_fs: Could not allocate block in ext2 filesystem")
+    )
+    assert not to_disk._no_space(CommandError(["mkfs.ext4"], 1, "bad option"))
