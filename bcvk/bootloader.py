@@ -139,8 +139,9 @@ def stage_esp(
 
 
 def mkfs_vfat_argv(image: Path, volume_id: str, label: str = "EFI-SYSTEM") -> list[str]:
+    mkfs = run.require("mkfs.vfat", *run.sbin("mkfs.vfat"), why="to format the ESP")
     return [
-        os.fspath(run.require("mkfs.vfat", why="to format the EFI system partition")),
+        os.fspath(mkfs),
         "-F", "32", "-n", label, "-i", volume_id, os.fspath(image),
     ]  # fmt: skip
 
@@ -148,7 +149,7 @@ def mkfs_vfat_argv(image: Path, volume_id: str, label: str = "EFI-SYSTEM") -> li
 def mcopy_argv(image: Path, stage: Path) -> list[str]:
     sources = sorted(os.fspath(p) for p in stage.iterdir())
     return [
-        os.fspath(run.require("mcopy", why="to fill the EFI system partition")),
+        os.fspath(run.require("mcopy", *run.sbin("mcopy"), why="to fill the EFI system partition")),
         "-s", "-p", "-Q", "-i", os.fspath(image), *sources, "::/",
     ]  # fmt: skip
 

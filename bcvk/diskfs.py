@@ -49,7 +49,7 @@ def helper(*args: str | os.PathLike[str]) -> Any:
 def _mke2fs_features() -> list[str]:
     # e2fsprogs ≥ 1.47 enables orphan_file, which e2fsck < 1.47 (e.g. in
     # CentOS Stream 9 or Debian 11 guests) refuses to check at boot.
-    version = run.run([run.require("mkfs.ext4"), "-V"], check=False).stderr
+    version = run.run([run.require("mkfs.ext4", *run.sbin("mkfs.ext4")), "-V"], check=False).stderr
     words = version.split()
     if len(words) >= 2:
         try:
@@ -85,7 +85,7 @@ def debugfs_script(extras_: Sequence[populate.Extra], existing: dict[str, str]) 
 
 
 def build_ext4(spec: RootSpec, target: Path, work: Path) -> None:
-    mkfs = run.require("mkfs.ext4", why="to build an ext4 root filesystem")
+    mkfs = run.require("mkfs.ext4", *run.sbin("mkfs.ext4"), why="to build an ext4 root filesystem")
     argv: list[str | os.PathLike[str]] = [
         mkfs, "-q", "-F", "-t", "ext4", "-U", spec.uuid, "-L", "root",
         *_mke2fs_features(), "-d", spec.tree, target,
@@ -93,7 +93,9 @@ def build_ext4(spec: RootSpec, target: Path, work: Path) -> None:
     run.run(in_namespace(argv))
     script = work / "debugfs.cmds"
     script.write_text(debugfs_script(spec.extras, spec.existing))
-    debugfs = run.require("debugfs", why="to add fstab and keys to the ext4 root")
+    debugfs = run.require(
+        "debugfs", *run.sbin("debugfs"), why="to add fstab and keys to the ext4 root"
+    )
     result = run.run([debugfs, "-w", "-f", script, target])
     # debugfs reports failed commands on stderr but still exits 0.
     errors = [
@@ -109,7 +111,7 @@ def build_ext4(spec: RootSpec, target: Path, work: Path) -> None:
 
 
 def build_xfs(spec: RootSpec, target: Path, work: Path) -> None:
-    mkfs = run.require("mkfs.xfs", why="to build an xfs root filesystem")
+    mkfs = run.require("mkfs.xfs", *run.sbin("mkfs.xfs"), why="to build an xfs root filesystem")
     proto = work / "xfs.proto"
     extras_file = work / "extras.json"
     extras_file.write_text(json.dumps([e.to_json() for e in spec.extras]))
@@ -129,7 +131,7 @@ def build_xfs(spec: RootSpec, target: Path, work: Path) -> None:
     run.run(in_namespace(argv))
     if sticky:
         # The protofile's 3-digit modes cannot carry the sticky bit.
-        xfs_db = run.require("xfs_db", why="to restore sticky bits on xfs")
+        xfs_db = run.require("xfs_db", *run.sbin("xfs_db"), why="to restore sticky bits on xfs")
         cmds: list[str] = []
         for path in sticky:
             cmds += ["-c", f"path {path}", "-c", "print core.mode"]
@@ -142,7 +144,9 @@ def build_xfs(spec: RootSpec, target: Path, work: Path) -> None:
 
 
 def build_btrfs(spec: RootSpec, target: Path, work: Path) -> None:
-    mkfs = run.require("mkfs.btrfs", why="to build a btrfs root filesystem")
+    mkfs = run.require(
+        "mkfs.btrfs", *run.sbin("mkfs.btrfs"), why="to build a btrfs root filesystem"
+    )
     stage = work / "stage"
     stage.mkdir()
     extras_file = work / "extras.json"

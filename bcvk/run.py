@@ -34,6 +34,8 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "mkfs.xfs": ("xfsprogs", "xfsprogs"),
     "mkfs.btrfs": ("btrfs-progs", "btrfs-progs"),
     "mkfs.vfat": ("dosfstools", "dosfstools"),
+    "debugfs": ("e2fsprogs", "e2fsprogs"),
+    "xfs_db": ("xfsprogs", "xfsprogs"),
     "mcopy": ("mtools", "mtools"),
     "sfdisk": ("fdisk", "util-linux"),
     "newuidmap": ("uidmap", "shadow-utils"),
@@ -58,6 +60,11 @@ def find_binary(name: str, *fallbacks: str | Path) -> Path | None:
         if path.is_file() and os.access(path, os.X_OK):
             return path
     return None
+
+
+def sbin(name: str) -> tuple[Path, ...]:
+    """Where Debian/Fedora keep admin tools that a normal user's PATH lacks."""
+    return (Path("/usr/sbin") / name, Path("/sbin") / name)
 
 
 def require(name: str, *fallbacks: str | Path, why: str = "") -> Path:

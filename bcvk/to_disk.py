@@ -379,7 +379,7 @@ def extras(
 
 
 def partition_table(path: Path, layout: Layout) -> None:
-    sfdisk = run.require("sfdisk", why="to write the partition table")
+    sfdisk = run.require("sfdisk", *run.sbin("sfdisk"), why="to write the partition table")
     with open(path, "ab") as f:
         f.truncate(layout.size)
     run.run(
@@ -421,8 +421,9 @@ def convert(
     slice_file(table, tail, layout.root.end, layout.size - layout.root.end)
     table.unlink()
     driver, options = _QEMU_IMG[fmt]
+    qemu_img = run.require("qemu-img", *run.sbin("qemu-img"), why="to convert the disk image")
     argv: list[str | os.PathLike[str]] = [
-        run.require("qemu-img", why="to convert the disk image"), "convert", "-f", "raw",
+        qemu_img, "convert", "-f", "raw",
         "-O", driver, *options,
     ]  # fmt: skip
     if compress:
@@ -624,6 +625,20 @@ def run_options(image: str, output: Path, opts: Options) -> Result:
     return Result(output, "created", expected, digest, fmt, fs, size, seconds, tuple(warnings))
 
 
+def preflight(filesystem: Filesystem, fmt: DiskFormat) -> None:
+    """Fail before any work when a host tool for this disk is missing."""
+    tools = {
+        Filesystem.ext4: ("mkfs.ext4", "debugfs"),
+        Filesystem.xfs: ("mkfs.xfs", "xfs_db"),
+        Filesystem.btrfs: ("mkfs.btrfs",),
+    }[filesystem]
+    tools += ("sfdisk", "mkfs.vfat", "mcopy")
+    if fmt is not DiskFormat.raw:
+        tools += ("qemu-img",)
+    for tool in tools:
+        run.require(tool, *run.sbin(tool), why=f"for a {filesystem.value} {fmt.value} disk")
+
+
 def build_native(
     image: str,
     output: Path,
@@ -652,6 +667,7 @@ def build_native(
             "bcvk yet (it needs the ephemeral VM layer): using the native installer"
         )
     filesystem = resolve_filesystem(opts, facts)
+    preflight(filesystem, fmt)
     if facts["has_bootc"]:
         warn(
             "the image contains bootc but the native installer builds a plain root "

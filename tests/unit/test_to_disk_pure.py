@@ -259,3 +259,27 @@ def test_no_space_detection() -> None:
         CommandError(["mkfs.ext4"], 1, "__populate_fs: Could not allocate block in ext2 filesystem")
     )
     assert not to_disk._no_space(CommandError(["mkfs.ext4"], 1, "bad option"))
+
+
+def test_missing_tool_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bcvk import run
+    from bcvk.errors import ToolMissingError
+
+    real = run.find_binary
+
+    def find(name: str, *fallbacks: str | Path) -> Path | None:
+        return None if name == "mkfs.xfs" else real(name, *fallbacks)
+
+    monkeypatch.setattr(run, "find_binary", find)
+    with pytest.raises(ToolMissingError, match="mkfs.xfs not found") as exc:
+        to_disk.preflight(Filesystem.xfs, DiskFormat.qcow2)
+    assert exc.value.hint is not None
+    assert "apt-get install xfsprogs" in exc.value.hint
+    to_disk.preflight(Filesystem.ext4, DiskFormat.qcow2)
+
+
+def test_admin_tools_are_found_outside_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bcvk import run
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert run.require("mkfs.ext4", *run.sbin("mkfs.ext4")) == Path("/usr/sbin/mkfs.ext4")
