@@ -1,0 +1,80 @@
+"""`bcvk cache list|prune`: what bcvk keeps per image (kernel, facts, rootfs images)."""
+
+from __future__ import annotations
+
+import click
+
+from bcvk.cli import CONTEXT
+
+
+@click.group(context_settings=CONTEXT)
+def cache() -> None:
+    """Show or prune bcvk's per-image cache (kernels, block rootfs images)."""
+
+
+@cache.command("list")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Table for people, JSON for scripts.",
+)
+def list_(fmt: str) -> None:
+    """List cached images: size, last use, whether still present or in use."""
+    from bcvk import rootfs
+    from bcvk.cli import output
+    from bcvk.config import format_size
+
+    infos = rootfs.describe()
+    if fmt == "json":
+        output.emit_json([i.to_json() for i in infos])
+        return
+    output.emit_table(
+        ["IMAGE ID", "IMAGE", "SIZE", "ROOTFS", "LAST USED", "STATUS"],
+        [
+            (
+                i.image_id[:12],
+                i.image or "-",
+                format_size(i.size),
+                "yes" if i.has_rootfs else "no",
+                output.age(i.last_used),
+                "in use" if i.in_use else ("image gone" if not i.image_present else "-"),
+            )
+            for i in infos
+        ],
+    )
+
+
+@cache.command()
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Also remove entries unused for this many days.",
+)
+@click.option("--all", "everything", is_flag=True, help="Remove every entry not in use.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+def prune(days: float, everything: bool, dry_run: bool) -> None:
+    """Remove entries whose image is gone or that were unused for --days.
+
+    An entry in use by a running VM (or being built) is never removed.
+    """
+    from bcvk import rootfs
+    from bcvk.config import format_size
+    from bcvk.log import logger
+
+    removed = rootfs.prune(older_than_days=days, everything=everything, dry_run=dry_run)
+    for info in removed:
+        click.echo(info.image_id)
+    freed = sum(i.size for i in removed)
+    verb = "would free" if dry_run else "freed"
+    logger.info(
+        "%d entr%s, %s %s",
+        len(removed),
+        "y" if len(removed) == 1 else "ies",
+        verb,
+        format_size(freed),
+    )

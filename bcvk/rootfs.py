@@ -1,0 +1,445 @@
+"""What an ephemeral VM needs from an image, prepared once per image and cached.
+
+``cache_dir()/images/<image id>/`` holds the image's facts, its kernel and
+initramfs (copied out, or extracted from a UKI) and, for the block transport,
+``rootfs.ext4``: a read-only ext4 image of the root filesystem made with
+``mkfs.ext4 -d``.  Every later VM of the same image reuses them.
+
+Entries are built under an exclusive ``flock`` to a temporary name and then
+renamed, so two VMs starting at once build once and never see half a file.
+When rootless, the image mount exists only inside ``podman unshare``; the
+work that reads the tree then runs there as ``python -m bcvk.rootfs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bcvk import imagetree, paths, podman, run, state
+from bcvk.errors import BcvkError, CommandError
+from bcvk.imagetree import Kernel, TreeFacts
+from bcvk.log import logger
+
+FACTS = "facts.json"
+KERNEL = "vmlinuz"
+INITRD = "initramfs.img"
+ROOTFS = "rootfs.ext4"
+USED = "last-used"
+META = "image.json"
+LOCK = "lock"
+# Bumped when the layout or the way rootfs.ext4 is made changes.
+FORMAT = 1
+
+
+def cache_root() -> Path:
+    return paths.cache_dir() / "images"
+
+
+def label_for(image_id: str) -> str:
+    """The ext4 label (at most 16 bytes) the guest finds its root by."""
+    return "bcvk-" + image_id.removeprefix("sha256:")[:11]
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+
+    @property
+    def image_id(self) -> str:
+        return self.path.name
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / KERNEL
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / INITRD
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / ROOTFS
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK
+
+    def facts(self) -> TreeFacts | None:
+        try:
+            data = json.loads((self.path / FACTS).read_text())
+            if data.pop("bcvk_format", None) != FORMAT:
+                return None
+            return TreeFacts.from_json(data)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def meta(self) -> dict[str, object]:
+        try:
+            data = json.loads((self.path / META).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def last_used(self) -> float:
+        for name in (USED, FACTS):
+            with contextlib.suppress(OSError):
+                return (self.path / name).stat().st_mtime
+        return 0.0
+
+    def touch(self) -> None:
+        (self.path / USED).touch()
+
+    def size(self) -> int:
+        total = 0
+        for child in self.path.iterdir():
+            with contextlib.suppress(OSError):
+                total += child.stat().st_blocks * 512
+        return total
+
+
+def entry_for(image_id: str) -> Entry:
+    return Entry(cache_root() / image_id.removeprefix("sha256:"))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    entry: Entry
+    facts: TreeFacts
+    kernel: Path
+    initrd: Path | None
+    rootfs: Path | None
+    label: str | None
+
+
+# ---------------------------------------------------------------- UKI
+
+
+def pe_sections(data: bytes) -> dict[str, bytes]:
+    """Sections of a PE/COFF file (a UKI) by name, each cut to its real size."""
+    if data[:2] != b"MZ" or len(data) < 0x40:
+        raise ValueError("not a PE file (no MZ header)")
+    (pe_offset,) = struct.unpack_from("<I", data, 0x3C)
+    if data[pe_offset : pe_offset + 4] != b"PE\0\0":
+        raise ValueError("not a PE file (no PE signature)")
+    coff = pe_offset + 4
+    (count,) = struct.unpack_from("<H", data, coff + 2)
+    (optional_size,) = struct.unpack_from("<H", data, coff + 16)
+    table = coff + 20 + optional_size
+    sections: dict[str, bytes] = {}
+    for i in range(count):
+        header = table + 40 * i
+        raw_name, virtual_size, _, raw_size, raw_offset = struct.unpack_from(
+            "<8sIIII", data, header
+        )
+        name = raw_name.rstrip(b"\0").decode("ascii", errors="replace")
+        size = min(virtual_size, raw_size) if virtual_size else raw_size
+        sections[name] = data[raw_offset : raw_offset + size]
+    return sections
+
+
+def extract_uki(uki: Path, kernel_out: Path, initrd_out: Path) -> bool:
+    """Write a UKI's .linux and .initrd; returns whether it had an initrd."""
+    sections = pe_sections(uki.read_bytes())
+    if ".linux" not in sections:
+        raise BcvkError(f"{uki} has no .linux section; it is not a unified kernel image")
+    kernel_out.write_bytes(sections[".linux"])
+    if ".initrd" in sections:
+        initrd_out.write_bytes(sections[".initrd"])
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- ext4
+
+
+def tree_usage(tree: Path) -> tuple[int, int]:
+    """(bytes in 4 KiB blocks, inode count) of TREE, without following links."""
+    blocks = 0
+    inodes = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(tree):
+        inodes += 1
+        blocks += 1
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            try:
+                info = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if info.st_nlink > 1:
+                if (info.st_dev, info.st_ino) in seen:
+                    continue
+                seen.add((info.st_dev, info.st_ino))
+            inodes += 1
+            if stat.S_ISREG(info.st_mode) or (stat.S_ISLNK(info.st_mode) and info.st_size > 59):
+                blocks += (info.st_size + 4095) // 4096
+    return blocks * 4096, inodes
+
+
+def ext4_size(used: int, inodes: int) -> int:
+    """Image size: the data, inode tables, directory/extent overhead and slack."""
+    size = int(used * 1.10) + inodes * 256 + 64 * 1024 * 1024
+    return (size + 1024 * 1024 - 1) // (1024 * 1024) * (1024 * 1024)
+
+
+def mkfs_argv(mkfs: str, tree: Path, out: Path, label: str, size: int, inodes: int) -> list[str]:
+    return [
+        mkfs,
+        "-q", "-F",
+        "-t", "ext4",
+        "-L", label,
+        "-d", os.fspath(tree),
+        "-N", str(int(inodes * 1.2) + 1024),
+        "-m", "0",
+        # Read-only for its whole life: no journal, nothing reserved to grow.
+        "-O", "^has_journal,^resize_inode",
+        "-E", "root_owner=0:0",
+        os.fspath(out),
+        f"{size // 1024}k",
+    ]  # fmt: skip
+
+
+def build_ext4(tree: Path, out: Path, label: str) -> None:
+    """Make OUT, an ext4 image of TREE, via a temporary name in the same dir."""
+    mkfs = os.fspath(run.require("mkfs.ext4", "/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"))
+    used, inodes = tree_usage(tree)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    size = ext4_size(used, inodes)
+    for attempt in range(2):
+        tmp.unlink(missing_ok=True)
+        try:
+            run.run(mkfs_argv(mkfs, tree, tmp, label, size, inodes))
+            break
+        except CommandError:
+            tmp.unlink(missing_ok=True)
+            if attempt:
+                raise
+            size = int(size * 1.5)
+            logger.debug("mkfs.ext4 failed; retrying with %d bytes", size)
+    os.chmod(tmp, 0o644)
+    tmp.replace(out)
+
+
+# ---------------------------------------------------------------- preparing
+
+
+def _copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o644)
+    tmp.replace(dst)
+
+
+def prepare_tree(root: Path, out: Path, *, block_label: str | None, want_facts: bool) -> None:
+    """Read the mounted image at ROOT into the cache entry OUT.
+
+    Runs in bcvk when root, or inside ``podman unshare`` when rootless.
+    Writes facts, kernel/initramfs when missing, and rootfs.ext4 if asked.
+    """
+    facts = imagetree.probe(root) if want_facts else None
+    if facts is not None:
+        if len(facts.kernels) == 1:
+            _extract_kernel(root, facts.kernels[0], out)
+        data = facts.to_json()
+        data["bcvk_format"] = FORMAT
+        tmp = out / f".{FACTS}.tmp"
+        tmp.write_text(json.dumps(data))
+        tmp.replace(out / FACTS)
+    if block_label:
+        build_ext4(root, out / ROOTFS, block_label)
+
+
+def _extract_kernel(root: Path, kernel: Kernel, out: Path) -> None:
+    source = imagetree.resolve(root, kernel.path)
+    if source is None:
+        raise BcvkError(f"kernel {kernel.path} vanished from the image")
+    if kernel.kind == "uki":
+        tmp_k = out / f".{KERNEL}.tmp"
+        tmp_i = out / f".{INITRD}.tmp"
+        has_initrd = extract_uki(source, tmp_k, tmp_i)
+        tmp_k.replace(out / KERNEL)
+        if has_initrd:
+            tmp_i.replace(out / INITRD)
+        return
+    _copy(source, out / KERNEL)
+    if kernel.initramfs:
+        initrd = imagetree.resolve(root, kernel.initramfs)
+        if initrd is not None:
+            _copy(initrd, out / INITRD)
+
+
+def _run_prepare(mnt: Path, entry: Entry, block_label: str | None, want_facts: bool) -> None:
+    if not podman.rootless():
+        prepare_tree(mnt, entry.path, block_label=block_label, want_facts=want_facts)
+        return
+    argv = [sys.executable, "-m", "bcvk.rootfs", os.fspath(mnt), os.fspath(entry.path)]
+    if block_label:
+        argv += ["--block", block_label]
+    if want_facts:
+        argv.append("--facts")
+    run.run(podman.unshare_argv(argv))
+
+
+def prepare(image: str, image_id: str, *, block: bool, mount: Callable[[], Path]) -> Prepared:
+    """The cached kernel, facts and (if BLOCK) rootfs image of IMAGE.
+
+    MOUNT is called (only on a cache miss) for the image's mounted tree; the
+    caller owns that mount and unmounts it.  Entries are filled under an
+    exclusive lock, so concurrent starts of one image build it once.
+    """
+    entry = entry_for(image_id)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    entry.path.mkdir(mode=0o755, exist_ok=True)
+    with state.locked(entry.lock):
+        facts = entry.facts()
+        need_facts = facts is None
+        label = label_for(image_id) if block else None
+        need_block = block and not entry.rootfs.exists()
+        if need_facts or need_block:
+            what = "Building the root filesystem image" if need_block else "Reading the image"
+            start = time.monotonic()
+            logger.info("%s %s (once per image)…", what, image)
+            _run_prepare(mount(), entry, label if need_block else None, need_facts)
+            logger.debug("prepared %s in %.1fs", image, time.monotonic() - start)
+            facts = entry.facts()
+            if facts is None:
+                raise BcvkError(f"could not read the facts of image {image}")
+        (entry.path / META).write_text(json.dumps({"image": image, "id": image_id}))
+        entry.touch()
+    assert facts is not None
+    return Prepared(
+        entry=entry,
+        facts=facts,
+        kernel=entry.kernel,
+        initrd=entry.initrd if entry.initrd.exists() else None,
+        rootfs=entry.rootfs if block else None,
+        label=label,
+    )
+
+
+# ---------------------------------------------------------------- cache listing
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    image_id: str
+    image: str
+    size: int
+    last_used: float
+    has_rootfs: bool
+    image_present: bool
+    in_use: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "image_id": self.image_id,
+            "image": self.image,
+            "size": self.size,
+            "last_used": int(self.last_used),
+            "rootfs": self.has_rootfs,
+            "image_present": self.image_present,
+            "in_use": self.in_use,
+        }
+
+
+def entries() -> list[Entry]:
+    base = cache_root()
+    if not base.is_dir():
+        return []
+    return [Entry(p) for p in sorted(base.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def open_files() -> set[str]:
+    """Paths our processes hold open (QEMU keeps rootfs.ext4 open while it runs)."""
+    found: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    found.add(os.readlink(fd))
+        except OSError:
+            continue
+    return found
+
+
+def _present_ids() -> set[str]:
+    try:
+        return {str(e.get("Id", "")) for e in podman.list_images(label=None)}
+    except BcvkError:
+        return set()
+
+
+def describe() -> list[CacheInfo]:
+    live_ids = {rec.image_id.removeprefix("sha256:") for _, rec in state.scan()}
+    held = open_files()
+    present = _present_ids()
+    infos = []
+    for entry in entries():
+        in_use = entry.image_id in live_ids or any(
+            f.startswith(os.fspath(entry.path) + "/") for f in held
+        )
+        with state.locked(entry.lock, blocking=False) as free:
+            in_use = in_use or not free
+        meta = entry.meta()
+        infos.append(
+            CacheInfo(
+                image_id=entry.image_id,
+                image=str(meta.get("image", "")),
+                size=entry.size(),
+                last_used=entry.last_used(),
+                has_rootfs=entry.rootfs.exists(),
+                image_present=entry.image_id in present,
+                in_use=in_use,
+            )
+        )
+    return infos
+
+
+def prune(*, older_than_days: float | None, everything: bool, dry_run: bool) -> list[CacheInfo]:
+    """Remove entries whose image is gone or unused for long; never one in use."""
+    removed = []
+    now = time.time()
+    for info in describe():
+        old = older_than_days is not None and now - info.last_used > older_than_days * 86400
+        if info.in_use or not (everything or old or not info.image_present):
+            continue
+        entry = entry_for(info.image_id)
+        if not dry_run:
+            with state.locked(entry.lock, blocking=False) as free:
+                if not free:
+                    continue
+                shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(info)
+    return removed
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bcvk.rootfs ROOT OUT [--block LABEL] [--facts]`` (inside podman unshare)."""
+    root, out = Path(argv[0]), Path(argv[1])
+    label = argv[argv.index("--block") + 1] if "--block" in argv else None
+    prepare_tree(root, out, block_label=label, want_facts="--facts" in argv)
+    return 0
+
+
+def _unmount_record(record: state.VmRecord) -> None:
+    if record.mount:
+        podman.unmount_image(record.mount)
+
+
+# Reaping a VM's state may have to drop the image mount a killed bcvk left.
+state.set_unmounter(_unmount_record)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

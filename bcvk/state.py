@@ -1,0 +1,391 @@
+"""Per-VM state directories for ephemeral VMs, and the reaping of stale ones.
+
+Each VM has ``runtime_dir()/ephemeral/<name>/`` (0700) holding its SSH key,
+QMP socket, console log and ``vm.json``.  The files are a cache: the live
+processes are the truth.  A record whose processes are gone is stale and is
+reaped — leftover helpers killed, a leaked image mount dropped, files removed —
+by the next command that lists or touches VMs.
+
+Processes are identified by pid *and* start time (``/proc/PID/stat`` field
+22), so a recycled pid is never mistaken for our QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bcvk import paths
+from bcvk.errors import BcvkError, UsageError
+from bcvk.log import logger
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+RECORD = "vm.json"
+LOCK = ".lock"
+SCHEMA = 1
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid VM name {name!r}",
+            hint="use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+def root() -> Path:
+    return paths.runtime_dir() / "ephemeral"
+
+
+def ensure_root() -> Path:
+    paths.ensure_private_dir(paths.runtime_dir())
+    return paths.ensure_private_dir(root())
+
+
+# ---------------------------------------------------------------- processes
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of PID in clock ticks since boot, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses.
+    rest = stat[stat.rfind(")") + 2 :].split()
+    if rest and rest[0] == "Z":
+        return None  # a zombie has exited; only its parent's wait is missing
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_group(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(rest[2])
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A child we started: pid + start time; ``group`` when it leads its own group."""
+
+    role: str
+    pid: int
+    started: int
+    group: bool = True
+
+    def alive(self) -> bool:
+        return start_time(self.pid) == self.started
+
+    def members(self) -> list[int]:
+        """Live processes of our group (the leader may be gone, helpers not)."""
+        if not self.group:
+            return [self.pid] if self.alive() else []
+        found: list[int] = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            if process_group(pid) != self.pid:
+                continue
+            began = start_time(pid)
+            # Group members started no earlier than the leader we recorded.
+            if began is not None and began >= self.started:
+                found.append(pid)
+        return found
+
+    @classmethod
+    def of(cls, role: str, pid: int, group: bool = True) -> Proc:
+        began = start_time(pid)
+        return cls(role, pid, began if began is not None else -1, group)
+
+
+def signal_proc(proc: Proc, sig: int) -> bool:
+    """Send SIG to PROC (its whole group when it has one); True if any got it."""
+    sent = False
+    for pid in proc.members():
+        try:
+            os.kill(pid, sig)
+            sent = True
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            logger.debug("no permission to signal pid %d", pid)
+    return sent
+
+
+def terminate(procs: list[Proc], timeout: float = 5.0) -> None:
+    """SIGTERM, wait up to TIMEOUT, then SIGKILL whatever is left."""
+    live = [p for p in procs if p.members()]
+    for p in live:
+        signal_proc(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.members() for p in live):
+        time.sleep(0.05)
+    for p in live:
+        if p.members():
+            logger.debug("%s (pid %d) ignored SIGTERM; killing it", p.role, p.pid)
+            signal_proc(p, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass
+class VmRecord:
+    name: str
+    image: str
+    image_id: str = ""
+    created: float = field(default_factory=time.time)
+    rootfs: str = ""
+    ssh_port: int = 0
+    forwards: list[tuple[int, int]] = field(default_factory=list)
+    memory_mib: int = 0
+    vcpus: int = 0
+    accel: str = ""
+    detached: bool = False
+    # bcvk process supervising a foreground VM (None once detached)
+    supervisor: Proc | None = None
+    qemu: Proc | None = None
+    helpers: list[Proc] = field(default_factory=list)
+    # "mounting" is written before `podman image mount` so that a bcvk killed
+    # in between still has its mount reaped.
+    mount: str | None = None
+    mount_state: str | None = None
+    rootless: bool = False
+    files: list[str] = field(default_factory=list)  # outside the state dir, removed on reap
+    console_log: str = ""
+    phase: str = "starting"  # starting → running → stopping
+    schema: int = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VmRecord:
+        raw = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        for key in ("supervisor", "qemu"):
+            if raw.get(key) is not None:
+                raw[key] = Proc(**raw[key])
+        raw["helpers"] = [Proc(**h) for h in raw.get("helpers") or []]
+        raw["forwards"] = [tuple(f) for f in raw.get("forwards") or []]
+        return cls(**raw)
+
+    def status(self) -> str:
+        """``running``, ``starting`` (foreground bcvk still setting up) or ``stale``."""
+        if self.qemu is not None and self.qemu.alive():
+            return "running" if self.phase != "stopping" else "stopping"
+        if self.supervisor is not None and self.supervisor.alive():
+            return "starting" if self.qemu is None else "stopping"
+        return "stale"
+
+
+@dataclass(frozen=True)
+class VmDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def record_file(self) -> Path:
+        return self.path / RECORD
+
+    @property
+    def key(self) -> Path:
+        return self.path / "id_ed25519"
+
+    @property
+    def qmp(self) -> Path:
+        return self.path / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.path / "qemu.log"
+
+    def socket(self, index: int) -> Path:
+        # Short names: sun_path holds 107 bytes, and QEMU and virtiofsd bind
+        # by path when descriptors cannot be passed (rootless).
+        return self.path / f"fs{index}.sock"
+
+    def read(self) -> VmRecord | None:
+        try:
+            return VmRecord.from_json(json.loads(self.record_file.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            logger.debug("unreadable record %s: %s", self.record_file, exc)
+            return None
+
+    def write(self, record: VmRecord) -> None:
+        tmp = self.path / (RECORD + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record.to_json(), f, indent=1)
+        tmp.replace(self.record_file)
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
+    """flock PATH for the block; yields False if non-blocking and busy."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        if not blocking:
+            op |= fcntl.LOCK_NB
+        try:
+            fcntl.flock(fd, op)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def registry_lock() -> Iterator[None]:
+    """Serialises creating, listing and reaping VM directories."""
+    with locked(ensure_root() / LOCK):
+        yield
+
+
+def vm_dir(name: str) -> VmDir:
+    return VmDir(root() / validate_name(name))
+
+
+def create(name: str, make_record: Callable[[set[int]], VmRecord]) -> tuple[VmDir, VmRecord]:
+    """Reserve NAME and write its first record, atomically under the registry lock.
+
+    MAKE_RECORD gets the host ports other VMs hold, so that VMs started at
+    the same moment never pick the same port.
+    """
+    with registry_lock():
+        d = vm_dir(name)
+        # Reaps stale entries (ours included: a dir without a record was left
+        # by a bcvk that died, since records are written under this lock).
+        others = _scan_unlocked(prune=True)
+        try:
+            d.path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise BcvkError(
+                f"an ephemeral VM named {name!r} already exists",
+                hint=f"pick another --name, or remove it with `bcvk ephemeral rm -f {name}`",
+            ) from None
+        try:
+            record = make_record(_used_ports(others))
+            d.write(record)
+        except BaseException:
+            shutil.rmtree(d.path, ignore_errors=True)
+            raise
+        return d, record
+
+
+Unmounter = Callable[[VmRecord], None]
+_unmounter: Unmounter | None = None
+
+
+def set_unmounter(fn: Unmounter) -> None:
+    """How reaping drops a leaked image mount (set by the layer that owns podman)."""
+    global _unmounter
+    _unmounter = fn
+
+
+def reap(d: VmDir, record: VmRecord | None = None) -> None:
+    """Undo everything a VM left: processes, image mount, outside files, its dir."""
+    record = record if record is not None else d.read()
+    if record is not None:
+        procs = [p for p in (record.qemu, *record.helpers) if p is not None]
+        terminate(procs, timeout=3.0)
+        if record.mount and record.mount_state in ("mounting", "mounted"):
+            if _unmounter is None:
+                # Keep the record: it is the only trace of the mount.
+                logger.debug("not reaping %s: no way to unmount its image here", record.name)
+                return
+            try:
+                _unmounter(record)
+            except BcvkError as exc:
+                logger.warning("could not unmount image of VM %s: %s", record.name, exc)
+        for extra in record.files:
+            with contextlib.suppress(FileNotFoundError):
+                Path(extra).unlink()
+    shutil.rmtree(d.path, ignore_errors=True)
+    logger.debug("reaped state of VM %s", d.name)
+
+
+def scan(*, prune: bool = True) -> list[tuple[VmDir, VmRecord]]:
+    """Every VM whose processes are alive; stale ones are reaped on the way."""
+    if not root().is_dir():
+        return []
+    with registry_lock():
+        return _scan_unlocked(prune=prune)
+
+
+def _scan_unlocked(*, prune: bool) -> list[tuple[VmDir, VmRecord]]:
+    base = root()
+    found: list[tuple[VmDir, VmRecord]] = []
+    for entry in sorted(base.iterdir()):
+        if not entry.is_dir() or not NAME_RE.match(entry.name):
+            continue
+        d = VmDir(entry)
+        record = d.read()
+        if record is None:
+            # A directory without a record: a bcvk died while creating it.
+            if prune:
+                reap(d, None)
+            continue
+        if record.status() == "stale":
+            if prune:
+                logger.debug("VM %s is gone; removing its state", record.name)
+                reap(d, record)
+            continue
+        found.append((d, record))
+    return found
+
+
+def lookup(name: str) -> tuple[VmDir, VmRecord] | None:
+    validate_name(name)
+    for d, record in scan():
+        if d.name == name:
+            return d, record
+    return None
+
+
+def _used_ports(vms: list[tuple[VmDir, VmRecord]]) -> set[int]:
+    ports: set[int] = set()
+    for _, record in vms:
+        ports.add(record.ssh_port)
+        ports.update(host for host, _ in record.forwards)
+    return ports
+
+
+def remove_dir(d: VmDir) -> None:
+    with registry_lock():
+        shutil.rmtree(d.path, ignore_errors=True)

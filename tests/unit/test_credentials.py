@@ -1,0 +1,89 @@
+"""SSH key injection: credential encodings and route choice (pure)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from bcvk import credentials
+from bcvk.credentials import KeyRoute
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq0l8Yk9w0g3cOjQ6m7m2xq1n0K5yJrWmX5w8m0z1Qp bcvk-demo"
+
+
+def decode_tmpfiles(value: str) -> list[list[str]]:
+    prefix = "io.systemd.credential.binary:tmpfiles.extra="
+    assert value.startswith(prefix)
+    text = base64.b64decode(value[len(prefix) :], validate=True).decode()
+    assert text.endswith("\n")
+    return [line.split() for line in text.splitlines()]
+
+
+def test_smbios_credential_installs_the_key_for_root() -> None:
+    value = credentials.smbios_value(
+        "tmpfiles.extra", credentials.tmpfiles_authorized_key(KEY)
+    )
+    lines = decode_tmpfiles(value)
+    assert lines[0] == ["d", "/root/.ssh", "0700", "root", "root", "-"]
+    create, append = lines[1], lines[2]
+    assert create[:6] == ["f~", "/root/.ssh/authorized_keys", "0600", "root", "root", "-"]
+    assert append[:2] == ["w+~", "/root/.ssh/authorized_keys"]
+    for line in (create, append):
+        assert base64.b64decode(line[-1]).decode() == KEY + "\n"
+    # QEMU's -smbios parser splits on commas; base64 has none.
+    assert "," not in value
+
+
+def test_kernel_command_line_form_is_one_word() -> None:
+    arg = credentials.cmdline_arg("tmpfiles.extra", credentials.tmpfiles_authorized_key(KEY))
+    assert arg.startswith("systemd.set_credential_binary=tmpfiles.extra:")
+    assert " " not in arg and "\n" not in arg
+    payload = arg.split(":", 1)[1]
+    assert "f~ /root/.ssh/authorized_keys" in base64.b64decode(payload).decode()
+
+
+@pytest.mark.parametrize("bad", ["", "two\nlines"])
+def test_bad_keys_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="one non-empty line"):
+        credentials.tmpfiles_authorized_key(bad)
+
+
+def test_bad_credential_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="credential name"):
+        credentials.smbios_value("a b", "x")
+
+
+@pytest.mark.parametrize(
+    ("version", "cloud_init", "arch", "expected"),
+    [
+        (252, False, "x86_64", (KeyRoute.smbios,)),
+        (256, True, "x86_64", (KeyRoute.smbios, KeyRoute.cloud_init)),
+        (250, False, "x86_64", (KeyRoute.cmdline,)),
+        (None, False, "x86_64", (KeyRoute.smbios, KeyRoute.cmdline)),
+        (255, False, "s390x", (KeyRoute.cmdline,)),
+    ],
+)
+def test_routes(
+    version: int | None, cloud_init: bool, arch: str, expected: tuple[KeyRoute, ...]
+) -> None:
+    assert credentials.choose_routes(version, cloud_init, arch) == expected
+
+
+def test_injection_for_every_route() -> None:
+    routes = (KeyRoute.smbios, KeyRoute.cmdline, KeyRoute.cloud_init)
+    inj = credentials.inject_key(KEY, routes, hostname="vm1")
+    assert len(inj.smbios) == 1 and len(inj.kernel_args) == 1
+    files = dict(inj.nocloud)
+    assert json.loads(files["meta-data"]) == {"instance-id": "bcvk-vm1", "local-hostname": "vm1"}
+    user_data = files["user-data"]
+    assert user_data.startswith("#cloud-config\n")
+    body = json.loads(user_data.split("\n", 1)[1])
+    assert body["ssh_authorized_keys"] == [KEY]
+    assert body["disable_root"] is False
+
+
+def test_injection_defaults_to_nothing_extra() -> None:
+    inj = credentials.inject_key(KEY, (KeyRoute.smbios,), hostname="vm1")
+    assert inj.kernel_args == () and inj.nocloud == ()
