@@ -69,7 +69,14 @@ def version(path: Path) -> str | None:
 
 
 def argv(
-    binary: Path, shared_dir: Path, socket: Path, *, readonly: bool, sandbox: str = "none"
+    binary: Path,
+    shared_dir: Path,
+    socket: Path | None,
+    *,
+    readonly: bool,
+    sandbox: str = "none",
+    fd: int | None = None,
+    allow_mmap: bool = False,
 ) -> list[str]:
     """virtiofsd serving SHARED_DIR on SOCKET.
 
@@ -80,11 +87,21 @@ def argv(
     args = [
         os.fspath(binary),
         "--shared-dir", os.fspath(shared_dir),
-        "--socket-path", os.fspath(socket),
         "--cache", "never",
         "--sandbox", sandbox,
         "--log-level", "error",
     ]  # fmt: skip
+    # FD: a listening socket the caller bound and passed down, so that QEMU
+    # can connect before virtiofsd has even started.
+    if fd is not None:
+        args += ["--fd", str(fd)]
+    elif socket is not None:
+        args += ["--socket-path", os.fspath(socket)]
+    else:
+        raise ValueError("virtiofsd needs a socket path or a listening fd")
     if readonly:
         args.append("--readonly")
+    if allow_mmap:
+        # Executables are mmapped; safe only for a share nobody else writes.
+        args.append("--allow-mmap")
     return args
