@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None, prog_name: str | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     try:
-        root.main(args=argv, prog_name=prog_name or "bcvk", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+        result = root.main(args=argv, prog_name=prog_name or "bcvk", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None, prog_name: str | None = None) -> int:
         # `bcvk … | head` closing the pipe is not an error worth a traceback.
         sys.stderr.close()
         return 141
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def entry() -> None:

@@ -22,7 +22,8 @@ from bcvk.log import logger
 ACCELS = ("kvm", "tcg")
 # Printed once the kernel has initialised everything and looked for a root.
 _MARKERS = ("Kernel panic", "VFS: Unable to mount root", "Run /init as init process")
-PROBE_TIMEOUT = 30.0
+# A real KVM boots a kernel to its root-mount panic in 1–3 s.
+PROBE_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,11 @@ def probe_kvm(qemu: str, kernel: Path, timeout: float = PROBE_TIMEOUT) -> Verdic
         return Verdict("tcg", why)
     with tempfile.TemporaryFile() as out:
         proc = run.spawn(probe_argv(qemu, kernel), stdout=out, stderr=subprocess.STDOUT)
+        timed_out = False
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            timed_out = True
             proc.kill()
             proc.wait()
         out.seek(0)
@@ -96,6 +99,8 @@ def probe_kvm(qemu: str, kernel: Path, timeout: float = PROBE_TIMEOUT) -> Verdic
         return Verdict("kvm", "a Linux kernel booted under KVM", os.fspath(kernel))
     detail = next((ln.strip() for ln in text.splitlines() if "KVM" in ln), "")
     reason = "a Linux kernel failed under KVM"
+    if timed_out:
+        reason = f"a Linux kernel did not boot under KVM within {timeout:.0f}s"
     if detail:
         reason += f" ({detail})"
     return Verdict("tcg", reason, os.fspath(kernel))

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,6 +28,10 @@ FIXTURES = {
     "two-kernels": "localhost/bcvk/fixture-two-kernels:latest",
 }
 TEST_USER = "bcvk-test"
+# Every process this test run starts inherits this marker, so leak checks
+# only count our own QEMU/virtiofsd and not those of a developer's VMs.
+RUN_TOKEN = f"BCVK_TEST_RUN={uuid.uuid4().hex}"
+os.environ["BCVK_TEST_RUN"] = RUN_TOKEN.split("=", 1)[1]
 
 _module_times: dict[str, float] = defaultdict(float)
 
@@ -105,6 +110,7 @@ def as_user(user: str, argv: Sequence[str]) -> list[str]:
         "env", "-i", f"HOME={home}", f"USER={user}", f"LOGNAME={user}",
         f"PATH={ROOT / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "LANG=C.UTF-8",
+        RUN_TOKEN,
         *argv,
     ]  # fmt: skip
 
@@ -127,13 +133,16 @@ def user_exists(user: str) -> bool:
 
 
 def stray_processes(names: Sequence[str] = ("qemu-system", "virtiofsd")) -> list[str]:
-    """Command lines of running processes whose argv[0] contains one of NAMES."""
+    """Command lines of this test run's processes whose argv[0] contains one of NAMES."""
     found: list[str] = []
+    token = RUN_TOKEN.encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if token not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
         except OSError:
             continue
         if cmdline and any(

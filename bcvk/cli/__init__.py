@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "doctor": ("bcvk.cli.doctor", "doctor", False),
     "completion": ("bcvk.cli.completion", "completion", False),
     "to-disk": ("bcvk.cli.to_disk", "to_disk", False),
+    "libvirt": ("bcvk.cli.libvirt", "libvirt", False),
 }
 
 HELP = {
@@ -26,6 +27,7 @@ HELP = {
     "doctor": "Report what this host has for running bootc images as VMs.",
     "completion": "Print a shell completion script (bash, zsh or fish).",
     "to-disk": "Turn a bootc image into a bootable disk image (raw, qcow2, vmdk, vhd, vhdx, ova).",
+    "libvirt": "Persistent VMs through libvirt (run, list, ssh, start, stop, rm, upload…).",
 }
 
 

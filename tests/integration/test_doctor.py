@@ -20,7 +20,8 @@ def test_doctor_json(demo_image: str, tmp_path: Path) -> None:
     assert result.returncode == (0 if data["ok"] else 1)
     for tool in ("podman", "qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen"):
         assert checks[tool]["ok"], checks[tool]
-        assert checks[tool]["version"], tool
+        if tool != "ssh-keygen":  # it has no version flag
+            assert checks[tool]["version"], tool
         assert Path(checks[tool]["path"]).exists()
     assert checks["swtpm"]["packages"] == {"debian": "swtpm", "fedora": "swtpm"}
     assert checks["ovmf"]["ok"]
@@ -42,11 +43,14 @@ def _kvm_really_boots_linux(image: str) -> str:
         kernel = next(Path(mount, "usr/lib/modules").glob("*/vmlinuz"))
         result = subprocess.run(
             accel.probe_argv("qemu-system-x86_64", kernel),
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True, text=True, timeout=accel.PROBE_TIMEOUT, check=False,
         )  # fmt: skip
+        output = result.stdout + result.stderr
+    except subprocess.TimeoutExpired:
+        output = ""  # hung under KVM, as on the development hosts
     finally:
         subprocess.run(["podman", "image", "unmount", image], check=False, capture_output=True)
-    return "kvm" if "Kernel panic" in result.stdout + result.stderr else "tcg"
+    return "kvm" if "Kernel panic" in output else "tcg"
 
 
 def test_doctor_table() -> None:
