@@ -31,6 +31,13 @@ def cache_dir() -> Path:
     return base / "bcvk"
 
 
+def data_dir() -> Path:
+    """``$XDG_DATA_HOME/bcvk``, else ``~/.local/share/bcvk``: state that must survive reboots."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "bcvk"
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create PATH as a 0700 directory owned by us, refusing one that is not.
 

@@ -1,0 +1,478 @@
+"""`bcvk libvirt …`: persistent VMs through the libvirt API."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bcvk.cli import CONTEXT
+
+FORMATS = click.Choice(["table", "json"])
+
+
+def _uri(ctx: click.Context) -> str | None:
+    obj = ctx.find_object(dict)
+    value = obj.get("uri") if obj else None
+    return value if isinstance(value, str) else None
+
+
+@click.group(context_settings=CONTEXT)
+@click.option(
+    "-c",
+    "--connect",
+    "uri",
+    metavar="URI",
+    help="libvirt URI.  [default: $LIBVIRT_DEFAULT_URI, else qemu:///system for root, "
+    "qemu:///session otherwise]",
+)
+@click.pass_context
+def libvirt(ctx: click.Context, uri: str | None) -> None:
+    """Persistent VMs of bootc images, managed through libvirt.
+
+    The VMs are ordinary libvirt domains (visible in virsh, virt-manager and
+    Cockpit); bcvk keeps what it needs in each domain's metadata.
+    """
+    ctx.obj = {"uri": uri}
+
+
+def _size(value: str | None, what: str, default_unit: str = "") -> int | None:
+    from bcvk.config import parse_size
+
+    if value is None:
+        return None
+    return parse_size(value, default_unit=default_unit, what=what)
+
+
+def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `run` and `create` share (applied bottom-up)."""
+    options = [
+        click.option("--name", help="Domain name.  [default: from the image, -2, -3… if taken]"),
+        click.option(
+            "-R", "--replace", is_flag=True, help="Remove an existing bcvk VM of that name first."
+        ),
+        click.option("--memory", metavar="SIZE", help="Memory (M if no unit).  [default: 4G]"),
+        click.option("--cpus", "--vcpus", "cpus", type=int, help="vCPUs.  [default: 2]"),
+        click.option("--itype", metavar="TYPE", help="Instance type (u1.small…); sets both."),
+        click.option(
+            "--disk-size",
+            metavar="SIZE",
+            default="20G",
+            show_default=True,
+            help="Disk size; `df /` in the guest shows it.",
+        ),
+        click.option(
+            "--filesystem", type=click.Choice(["ext4", "xfs", "btrfs"]), help="Root filesystem."
+        ),
+        click.option("--root-size", metavar="SIZE", help="Root partition size (M if no unit)."),
+        click.option("--karg", "kargs", multiple=True, metavar="ARG", help="Kernel argument."),
+        click.option(
+            "-p",
+            "--port",
+            "ports",
+            multiple=True,
+            metavar="HOST:GUEST",
+            help="Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable).",
+        ),
+        click.option(
+            "--bind",
+            "binds",
+            multiple=True,
+            metavar="HOST:GUEST",
+            help="Share a host directory read-write, mounted at GUEST.",
+        ),
+        click.option(
+            "--bind-ro",
+            "--ro-bind",
+            "binds_ro",
+            multiple=True,
+            metavar="HOST:GUEST",
+            help="Share a host directory read-only, mounted at GUEST.",
+        ),
+        click.option(
+            "-v",
+            "--volume",
+            "volumes",
+            multiple=True,
+            metavar="HOST:TAG",
+            help="Raw virtiofs share; mount it yourself: mount -t virtiofs TAG DIR.",
+        ),
+        click.option(
+            "--firmware",
+            type=click.Choice(["uefi", "uefi-insecure", "uefi-secure", "bios"]),
+            default="uefi",
+            show_default=True,
+            help="uefi: OVMF with secure boot off (alias uefi-insecure).",
+        ),
+        click.option(
+            "--ssh-key",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Private key to use (FILE.pub beside it).  [default: a new one per VM]",
+        ),
+        click.option("--disable-tpm", is_flag=True, help="No TPM 2.0 (swtpm) device."),
+        click.option("--label", "labels", multiple=True, help="Label for list/rm-all filters."),
+        click.option(
+            "--transient", is_flag=True, help="A transient domain on the base disk; gone at stop."
+        ),
+        click.option(
+            "--console-log",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Log the serial console to FILE.",
+        ),
+        click.option(
+            "--timeout",
+            type=float,
+            default=300.0,
+            show_default=True,
+            help="Seconds to wait for SSH.",
+        ),
+        click.option("--pool", default="default", show_default=True, help="Storage pool."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _build_options(kwargs: dict[str, Any], *, start: bool, ssh_wait: bool) -> Any:
+    from bcvk.config import GIB
+    from bcvk.errors import UsageError
+    from bcvk.libvirt import xml as lx
+    from bcvk.libvirt.domains import RunOptions
+
+    ports = []
+    for text in kwargs["ports"]:
+        try:
+            ports.append(lx.PortForward.parse(text))
+        except ValueError as exc:
+            raise UsageError(str(exc), hint="use -p HOST:GUEST, e.g. -p 8080:80") from None
+    firmware = kwargs["firmware"]
+    if firmware == "uefi-insecure":
+        firmware = "uefi"
+    return RunOptions(
+        name=kwargs["name"],
+        replace=kwargs["replace"],
+        memory=_size(kwargs["memory"], "--memory", "m"),
+        vcpus=kwargs["cpus"],
+        itype=kwargs["itype"],
+        disk_size=_size(kwargs["disk_size"], "--disk-size") or 20 * GIB,
+        filesystem=kwargs["filesystem"],
+        root_size=_size(kwargs["root_size"], "--root-size", "m"),
+        kargs=tuple(kwargs["kargs"]),
+        ports=tuple(ports),
+        binds=tuple(kwargs["binds"]),
+        binds_ro=tuple(kwargs["binds_ro"]),
+        volumes=tuple(kwargs["volumes"]),
+        firmware=lx.Firmware(firmware),
+        ssh_key=kwargs["ssh_key"],
+        tpm=not kwargs["disable_tpm"],
+        labels=tuple(kwargs["labels"]),
+        transient=kwargs["transient"],
+        console_log=kwargs["console_log"],
+        start=start,
+        ssh_wait=ssh_wait,
+        timeout=kwargs["timeout"],
+        pool=kwargs["pool"],
+    )
+
+
+def _print_vm_created(vm: Any, started: bool) -> None:
+    from bcvk.cli import output
+
+    md = vm.metadata
+    output.emit_pairs(
+        [
+            ("Name", vm.name),
+            ("State", vm.state),
+            ("Image", md.source_image),
+            ("SSH", f"bcvk libvirt ssh {vm.name}" + ("" if started else " (after start)")),
+            ("SSH port", f"127.0.0.1:{md.ssh_port}"),
+            ("Disk", vm.disks[0] if vm.disks else "-"),
+        ]
+    )
+
+
+@libvirt.command(context_settings=CONTEXT)
+@click.argument("image")
+@run_options
+@click.option("--ssh", "ssh_", is_flag=True, help="Wait for SSH, then open a session.")
+@click.option("--ssh-wait", is_flag=True, help="Wait until SSH works, then return.")
+@click.option("--detach", is_flag=True, hidden=True, help="Accepted for upstream compatibility.")
+@click.pass_context
+def run(ctx: click.Context, /, image: str, ssh_: bool, ssh_wait: bool, **kwargs: Any) -> None:
+    """Create and start a persistent VM of bootc IMAGE.
+
+    The first VM of an image builds a base disk in the storage pool (with
+    `bcvk to-disk`); later VMs are copy-on-write clones of it.
+    """
+    from bcvk.errors import UsageError
+    from bcvk.libvirt import domains
+
+    kwargs.pop("detach", None)
+    if ssh_ and ssh_wait:
+        raise UsageError("--ssh and --ssh-wait exclude each other")
+    opts = _build_options(kwargs, start=True, ssh_wait=ssh_ or ssh_wait)
+    vm = domains.run(image, opts, uri=_uri(ctx))
+    if ssh_:
+        ctx.exit(domains.ssh_interactive(vm.name, uri=_uri(ctx)))
+    if ssh_wait:
+        sys.stderr.write(f"Ready; use `bcvk libvirt ssh {vm.name}` to connect\n")
+    _print_vm_created(vm, True)
+
+
+@libvirt.command(context_settings=CONTEXT)
+@click.argument("image")
+@run_options
+@click.option("--start", "start_", is_flag=True, help="Start it after defining it.")
+@click.pass_context
+def create(ctx: click.Context, /, image: str, start_: bool, **kwargs: Any) -> None:
+    """Define a VM of bootc IMAGE without starting it (unless --start)."""
+    from bcvk.libvirt import domains
+
+    opts = _build_options(kwargs, start=start_, ssh_wait=False)
+    vm = domains.run(image, opts, uri=_uri(ctx))
+    _print_vm_created(vm, start_)
+
+
+@libvirt.command("list", context_settings=CONTEXT)
+@click.option("-a", "--all", "all_", is_flag=True, help="Include VMs that are not running.")
+@click.option("--label", help="Only VMs with this label.")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.pass_context
+def list_(ctx: click.Context, all_: bool, label: str | None, fmt: str) -> None:
+    """List bcvk's VMs (running ones unless --all)."""
+    from bcvk.cli import output
+    from bcvk.libvirt import domains
+
+    vms = domains.list_vms(_uri(ctx), all_states=all_, label=label)
+    if fmt == "json":
+        output.emit_json([vm.to_json() for vm in vms])
+        return
+    rows = []
+    for vm in vms:
+        md = vm.metadata
+        port = f"127.0.0.1:{md.ssh_port}" if md.ssh_port else "-"
+        memory = f"{vm.memory_mib or md.memory_mb}M"
+        rows.append(
+            (vm.name, md.source_image, vm.state, memory, vm.vcpus, port, ",".join(md.labels) or "-")
+        )
+    output.emit_table(["NAME", "IMAGE", "STATUS", "MEMORY", "CPUS", "SSH", "LABELS"], rows)
+
+
+@libvirt.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for SSH."
+)
+@click.pass_context
+def ssh(ctx: click.Context, name: str, command: tuple[str, ...], timeout: float) -> None:
+    """Open a shell in VM NAME, or run COMMAND there (`-- CMD…`); exits with its status."""
+    from bcvk.libvirt import domains
+
+    args = list(command)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args or sys.stdin.isatty():
+        ctx.exit(domains.ssh_interactive(name, args, uri=_uri(ctx), timeout=timeout))
+    result = domains.ssh_command(name, args, uri=_uri(ctx), capture=False, timeout=timeout)
+    ctx.exit(result.returncode)
+
+
+@libvirt.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--ssh", "ssh_", is_flag=True, help="Wait for SSH, then open a session.")
+@click.option("--ssh-wait", is_flag=True, help="Wait until SSH works, then return.")
+@click.option("--timeout", type=float, default=300.0, show_default=True)
+@click.pass_context
+def start(ctx: click.Context, name: str, ssh_: bool, ssh_wait: bool, timeout: float) -> None:
+    """Start VM NAME."""
+    from bcvk.libvirt import domains
+
+    domains.start(name, uri=_uri(ctx), ssh_wait=ssh_ or ssh_wait, timeout=timeout)
+    if ssh_:
+        ctx.exit(domains.ssh_interactive(name, uri=_uri(ctx)))
+
+
+@libvirt.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("-f", "--force", is_flag=True, help="Power off at once instead of shutting down.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.pass_context
+def stop(ctx: click.Context, name: str, force: bool, timeout: float) -> None:
+    """Shut VM NAME down (forced off if it does not stop within --timeout)."""
+    from bcvk.libvirt import domains
+
+    domains.stop(name, uri=_uri(ctx), force=force, timeout=timeout)
+
+
+def _confirm(question: str, force: bool) -> None:
+    if force or not sys.stdin.isatty():
+        return
+    if not click.confirm(question, default=False, err=True):
+        raise click.exceptions.Exit(1)
+
+
+@libvirt.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("-f", "--force", is_flag=True, help="No confirmation; stop it if running.")
+@click.pass_context
+def rm(ctx: click.Context, name: str, force: bool) -> None:
+    """Remove VM NAME with its disk and generated SSH key (bcvk's VMs only)."""
+    from bcvk.libvirt import domains
+    from bcvk.libvirt.connection import connect
+
+    with connect(_uri(ctx)) as conn:
+        domains.get_vm(conn, name)  # unknown or foreign domains fail before asking
+        _confirm(f"Remove VM {name} and its disk?", force)
+        domains.remove(conn, name, force=force)
+
+
+@libvirt.command("rm-all", context_settings=CONTEXT)
+@click.option("-f", "--force", is_flag=True, help="No confirmation; stop running VMs too.")
+@click.option("--label", help="Only VMs with this label.")
+@click.pass_context
+def rm_all(ctx: click.Context, force: bool, label: str | None) -> None:
+    """Remove every bcvk VM (with --label: those with that label)."""
+    from bcvk.libvirt import domains
+    from bcvk.log import logger
+
+    vms = domains.list_vms(_uri(ctx), all_states=True, label=label)
+    if not vms:
+        logger.info("No bcvk VMs to remove")
+        return
+    _confirm(f"Remove {len(vms)} VM(s): {', '.join(v.name for v in vms)}?", force)
+    removed, skipped = domains.rm_all(uri=_uri(ctx), force=force, label=label)
+    for name in removed:
+        logger.info("Removed %s", name)
+    for name in skipped:
+        logger.warning("Skipped running VM %s (pass -f to stop and remove it)", name)
+
+
+@libvirt.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["yaml", "json", "xml"]),
+    default="yaml",
+    show_default=True,
+)
+@click.pass_context
+def inspect(ctx: click.Context, name: str, fmt: str) -> None:
+    """Show what bcvk knows about VM NAME (xml: the libvirt domain XML)."""
+    from bcvk.cli import output
+    from bcvk.libvirt import domains
+
+    if fmt == "xml":
+        sys.stdout.write(domains.domain_xml(name, _uri(ctx)))
+        return
+    data = domains.inspect(name, _uri(ctx)).details()
+    if fmt == "json":
+        output.emit_json(data)
+    else:
+        output.emit_yaml(data)
+
+
+@libvirt.command(context_settings=CONTEXT)
+@click.option(
+    "--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
+)
+@click.pass_context
+def status(ctx: click.Context, fmt: str) -> None:
+    """libvirt's version, the features bcvk relies on, and VM counts."""
+    from bcvk.cli import output
+    from bcvk.libvirt import domains
+
+    data = domains.status(_uri(ctx))
+    if fmt == "json":
+        output.emit_json(data)
+    else:
+        output.emit_yaml(data)
+
+
+@libvirt.command(context_settings=CONTEXT)
+@click.argument("image")
+@click.option("--pool", default="default", show_default=True, help="Storage pool.")
+@click.option("--volume-name", help="[default: bootc-<image>-<digest12>.qcow2]")
+@click.option("--disk-size", metavar="SIZE", default="20G", show_default=True)
+@click.option("--filesystem", type=click.Choice(["ext4", "xfs", "btrfs"]))
+@click.option("--root-size", metavar="SIZE")
+@click.option("--karg", "kargs", multiple=True, metavar="ARG")
+@click.option("--replace", is_flag=True, help="Overwrite an existing volume of that name.")
+@click.pass_context
+def upload(
+    ctx: click.Context,
+    image: str,
+    pool: str,
+    volume_name: str | None,
+    disk_size: str,
+    filesystem: str | None,
+    root_size: str | None,
+    kargs: tuple[str, ...],
+    replace: bool,
+) -> None:
+    """Build IMAGE's disk and stream it into a storage pool (works for remote URIs)."""
+    from bcvk.libvirt import domains
+
+    path = domains.upload(
+        image,
+        uri=_uri(ctx),
+        pool=pool,
+        volume_name=volume_name,
+        disk_size=_size(disk_size, "--disk-size") or 0,
+        filesystem=filesystem,
+        root_size=_size(root_size, "--root-size", "m"),
+        kargs=kargs,
+        replace=replace,
+    )
+    sys.stdout.write(path + "\n")
+
+
+@libvirt.group("base-disks", context_settings=CONTEXT)
+def base_disks() -> None:
+    """Base disks in the pool that VMs are cloned from."""
+
+
+@base_disks.command("list", context_settings=CONTEXT)
+@click.option("--pool", default="default", show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.pass_context
+def base_disks_list(ctx: click.Context, pool: str, fmt: str) -> None:
+    """List base disks with how many VM disks use each."""
+    from bcvk.cli import output
+    from bcvk.config import format_size
+    from bcvk.libvirt import domains
+
+    rows = domains.base_disks(_uri(ctx), pool)
+    if fmt == "json":
+        output.emit_json([r.to_json() for r in rows])
+        return
+    output.emit_table(
+        ["NAME", "SIZE", "VIRTUAL", "REFS", "CREATED", "IMAGE DIGEST"],
+        [
+            (
+                r.name,
+                format_size(r.allocation),
+                format_size(r.capacity),
+                len(r.references),
+                output.age(r.mtime) if r.mtime else "-",
+                (r.image_digest or "-")[:19],
+            )
+            for r in rows
+        ],
+    )
+
+
+@base_disks.command("prune", context_settings=CONTEXT)
+@click.option("--pool", default="default", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
+@click.pass_context
+def base_disks_prune(ctx: click.Context, pool: str, dry_run: bool) -> None:
+    """Delete base disks no VM disk references."""
+    from bcvk.libvirt import domains
+
+    for base in domains.prune_base_disks(_uri(ctx), pool, dry_run=dry_run):
+        sys.stdout.write(("would delete " if dry_run else "deleted ") + base.name + "\n")
