@@ -861,21 +861,27 @@ async def _launch(
     fd_passing = _fd_passing()
     shares = _shares(plan)
     listeners: dict[int, socket.socket] = {}
+    connected: dict[int, socket.socket] = {}
     if fd_passing:
         for index in range(len(shares)):
             listeners[index] = qmp.unix_listener(vmdir.socket(index))
             plan.listeners.append(listeners[index])
+            # QEMU's end, connected already: it waits in the backlog until
+            # virtiofsd accepts it.
+            connected[index] = qmp.unix_connect(vmdir.socket(index))
+            connected[index].setblocking(True)
+            plan.listeners.append(connected[index])
     virtiofs = tuple(
         qemu.VirtiofsShare(
             tag,
             os.fspath(vmdir.socket(index)),
-            listeners[index].fileno() if index in listeners else None,
+            connected[index].fileno() if index in connected else None,
         )
         for index, (tag, _, _) in enumerate(shares)
     )
     spec = _qemu_spec(plan, smbios, kargs, virtiofs, drives, accel_name, qmp_sock.fileno())
     qemu_argv = qemu.argv(spec)
-    qemu_fds = [qmp_sock.fileno(), *(s.fileno() for s in listeners.values())]
+    qemu_fds = [qmp_sock.fileno(), *(s.fileno() for s in connected.values())]
 
     async def start_share(index: int, host: Path | None, readonly: bool) -> None:
         shared = host if host is not None else await asyncio.to_thread(_mount, plan)
@@ -999,7 +1005,7 @@ async def _wait_ready(vm: Vm, timeout: float, *, progress: bool, allow_poweroff:
         while True:
             qemu_proc = _qemu_child(vm)
             if not vm.alive():
-                code = qemu_proc.returncode if qemu_proc is not None else None
+                code = qemu_proc.wait() if qemu_proc is not None else None
                 tail = console_tail(vm.console_log, 30)
                 powered_off = code == 0 and any(
                     "reboot: Power down" in line or "Powering off" in line for line in tail
@@ -1181,7 +1187,7 @@ def _confirm_started(vm: Vm, timeout: float = 60.0) -> None:
             child.poll()
         if not vm.alive():
             qemu_proc = _qemu_child(vm)
-            raise _qemu_exit_error(vm, qemu_proc.returncode if qemu_proc else None)
+            raise _qemu_exit_error(vm, qemu_proc.wait() if qemu_proc else None)
         if qmp.status(vm.dir.qmp) in ("running", "prelaunch"):
             return
         time.sleep(0.2)
@@ -1356,9 +1362,14 @@ def ps() -> list[VmInfo]:
 
 def rm(name: str, *, force: bool = False) -> bool:
     """Stop VM NAME and remove its state; False if there was none (with FORCE)."""
-    state.validate_name(name)
+    existed = state.vm_dir(name).path.exists()
     found = state.lookup(name)
     if found is None:
+        if existed and not state.vm_dir(name).path.exists():
+            # It had stopped (say, QEMU was killed); looking it up reaped
+            # what it left behind, which is what removing it means.
+            logger.info("VM %s had already stopped; removed what it left behind", name)
+            return True
         if force:
             return False
         raise NotFoundError(

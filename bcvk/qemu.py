@@ -42,8 +42,8 @@ class Drive:
 
 @dataclass(frozen=True)
 class VirtiofsShare:
-    """A vhost-user-fs device; ``fd`` is an inherited listening-socket descriptor
-    or ``None`` when QEMU connects to ``socket`` by path."""
+    """A vhost-user-fs device; ``fd`` is an inherited socket already connected
+    to virtiofsd's listener, or ``None`` when QEMU connects to ``socket`` itself."""
 
     tag: str
     socket: str

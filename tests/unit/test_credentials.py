@@ -22,9 +22,7 @@ def decode_tmpfiles(value: str) -> list[list[str]]:
 
 
 def test_smbios_credential_installs_the_key_for_root() -> None:
-    value = credentials.smbios_value(
-        "tmpfiles.extra", credentials.tmpfiles_authorized_key(KEY)
-    )
+    value = credentials.smbios_value("tmpfiles.extra", credentials.tmpfiles_authorized_key(KEY))
     lines = decode_tmpfiles(value)
     assert lines[0] == ["d", "/root/.ssh", "0700", "root", "root", "-"]
     create, append = lines[1], lines[2]
@@ -39,7 +37,8 @@ def test_smbios_credential_installs_the_key_for_root() -> None:
 def test_kernel_command_line_form_is_one_word() -> None:
     arg = credentials.cmdline_arg("tmpfiles.extra", credentials.tmpfiles_authorized_key(KEY))
     assert arg.startswith("systemd.set_credential_binary=tmpfiles.extra:")
-    assert " " not in arg and "\n" not in arg
+    assert " " not in arg
+    assert "\n" not in arg
     payload = arg.split(":", 1)[1]
     assert "f~ /root/.ssh/authorized_keys" in base64.b64decode(payload).decode()
 
@@ -74,7 +73,8 @@ def test_routes(
 def test_injection_for_every_route() -> None:
     routes = (KeyRoute.smbios, KeyRoute.cmdline, KeyRoute.cloud_init)
     inj = credentials.inject_key(KEY, routes, hostname="vm1")
-    assert len(inj.smbios) == 1 and len(inj.kernel_args) == 1
+    assert len(inj.smbios) == 1
+    assert len(inj.kernel_args) == 1
     files = dict(inj.nocloud)
     assert json.loads(files["meta-data"]) == {"instance-id": "bcvk-vm1", "local-hostname": "vm1"}
     user_data = files["user-data"]
@@ -86,4 +86,5 @@ def test_injection_for_every_route() -> None:
 
 def test_injection_defaults_to_nothing_extra() -> None:
     inj = credentials.inject_key(KEY, (KeyRoute.smbios,), hostname="vm1")
-    assert inj.kernel_args == () and inj.nocloud == ()
+    assert inj.kernel_args == ()
+    assert inj.nocloud == ()

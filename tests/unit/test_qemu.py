@@ -32,9 +32,7 @@ BASE = QemuSpec(
     vcpus=2,
     kernel="/cache/vmlinuz",
     initrd="/cache/initramfs.img",
-    cmdline=" ".join(
-        qemu.kernel_args(rootfs=RootfsKind.block, block_label="bcvk-0123456789a")
-    ),
+    cmdline=" ".join(qemu.kernel_args(rootfs=RootfsKind.block, block_label="bcvk-0123456789a")),
     ssh_port=40022,
     console_log="/run/vm/console.log",
     qmp_fd=5,
@@ -80,7 +78,10 @@ def test_ninep_shares_and_no_console_log() -> None:
         ninep=(NinePShare("mount_src", "/home/me/src", readonly=True),),
     )
     argv = qemu.argv(spec)
-    assert "local,id=fs9p0,path=/home/me/src,mount_tag=mount_src,security_model=none,readonly=on" in argv
+    assert (
+        "local,id=fs9p0,path=/home/me/src,mount_tag=mount_src,security_model=none,readonly=on"
+        in argv
+    )
     assert "null,id=serial0" in argv
     assert "socket,id=qmp,path=/run/vm/qmp.sock,server=on,wait=off" in argv
 
@@ -103,7 +104,8 @@ def test_kernel_args_user_kargs_come_last() -> None:
         rootfs=RootfsKind.virtiofs, selinux_off=True, extra=("systemd.unit=poweroff.target",)
     )
     assert args[0] == "console=ttyS0"
-    assert "root=virtiofs:rootfs" in args and "systemd.volatile=overlay" in args
+    assert "root=virtiofs:rootfs" in args
+    assert "systemd.volatile=overlay" in args
     assert "selinux=0" in args
     assert args[-1] == "systemd.unit=poweroff.target"
 
@@ -112,5 +114,6 @@ def test_block_kernel_args_need_a_label() -> None:
     with pytest.raises(ValueError, match="label"):
         qemu.kernel_args(rootfs=RootfsKind.block)
     args = qemu.kernel_args(rootfs=RootfsKind.block, block_label="bcvk-x", volatile=False)
-    assert "root=LABEL=bcvk-x" in args and "ro" in args
+    assert "root=LABEL=bcvk-x" in args
+    assert "ro" in args
     assert "systemd.volatile=overlay" not in args

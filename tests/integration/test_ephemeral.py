@@ -1,0 +1,257 @@
+"""Ephemeral VMs booted for real (TCG here): the behaviours upstream's suite checks.
+
+Each test asserts on what the guest reports over SSH or on exit statuses.
+VM boots are few and one at a time: one VM started through the Python API is
+shared by the option tests (virtiofs transport), plus one boot each for
+run-ssh (block transport), poweroff, --execute and a detached VM.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bcvk import ephemeral, ssh
+from tests.conftest import DEMO_IMAGE, image_exists
+from tests.integration.ephemeral_support import (
+    SSH_TIMEOUT,
+    Session,
+    mount_counts,
+    session_fixture,  # noqa: F401  (fixture)
+    unique,
+)
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def demo() -> str:
+    if not image_exists(DEMO_IMAGE):
+        pytest.skip(f"{DEMO_IMAGE} not built (run `make images`)")
+    return DEMO_IMAGE
+
+
+def image_id(ref: str) -> str:
+    return subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Id}}", ref],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+# ---------------------------------------------------------------- one shared VM
+
+
+@dataclass
+class Shared:
+    vm: ephemeral.Vm
+    session: Session
+    rw: Path
+    ro: Path
+    logs: Path
+    forward: int
+    marker: str
+    image_id: str
+
+
+@pytest.fixture(scope="module")
+def shared(demo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    """A VM started through the Python API with most options at once."""
+    work = tmp_path_factory.mktemp("shared")
+    rw, ro, logs, run = work / "rw", work / "ro", work / "logs", work / "run"
+    for d in (rw, ro, run):
+        d.mkdir(mode=0o700)
+    (rw / "from-host").write_text("hello from the host\n")
+    (ro / "data").write_text("read only data\n")
+    token = secrets.token_hex(6)
+    session = Session(token=token, runtime=run, mounts_before=mount_counts())
+    forward = ephemeral.free_port(set())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_RUNTIME_DIR", str(run))
+        mp.setenv("BCVK_TEST_MARK", token)
+        vm = ephemeral.start(
+            demo,
+            name=unique("shared"),
+            memory="1536M",
+            vcpus=1,
+            kargs=["bcvk.test=shared"],
+            binds=[f"{rw}:rw"],
+            ro_binds=[f"{ro}:ro"],
+            disks=[f"{work / 'extra.img'}:extra"],
+            ports=[f"{forward}:22"],
+            add_swap="256M",
+            log_dir=str(logs),
+            rootfs="virtiofs",
+            ssh_timeout=float(SSH_TIMEOUT),
+        )
+        try:
+            yield Shared(vm, session, rw, ro, logs, forward, f"/usr/bcvk-{token}", image_id(demo))
+        finally:
+            vm.stop(graceful=False)
+
+
+def test_memory_vcpus_and_kargs_are_visible(shared: Shared) -> None:
+    out = shared.vm.ssh(
+        "nproc; awk '/MemTotal/ {print $2}' /proc/meminfo; cat /proc/cmdline", check=True
+    ).stdout.split("\n")
+    assert out[0] == "1"
+    mem_kib = int(out[1])
+    assert 1200 * 1024 < mem_kib <= 1536 * 1024
+    assert "bcvk.test=shared" in out[2]
+    assert "root=virtiofs:rootfs" in out[2]
+
+
+def test_root_is_writable_overlay(shared: Shared) -> None:
+    result = shared.vm.ssh(
+        f"findmnt -n -o FSTYPE /; echo written > {shared.marker} && cat {shared.marker}",
+        check=True,
+    )
+    assert result.stdout.split() == ["overlay", "written"]
+
+
+def test_bind_is_shared_both_ways(shared: Shared) -> None:
+    mnt = "/run/virtiofs-mnt-rw"
+    assert shared.vm.ssh(f"cat {mnt}/from-host", check=True).stdout == "hello from the host\n"
+    shared.vm.ssh(f"echo from-guest > {mnt}/from-guest", check=True)
+    assert (shared.rw / "from-guest").read_text() == "from-guest\n"
+    (shared.rw / "later").write_text("written while mounted\n")
+    assert shared.vm.ssh(f"cat {mnt}/later", check=True).stdout == "written while mounted\n"
+
+
+def test_ro_bind_refuses_writes(shared: Shared) -> None:
+    mnt = "/run/virtiofs-mnt-ro"
+    assert shared.vm.ssh(f"cat {mnt}/data", check=True).stdout == "read only data\n"
+    result = shared.vm.ssh(f"touch {mnt}/nope")
+    assert result.returncode != 0
+    assert "Read-only file system" in result.stderr
+    assert not (shared.ro / "nope").exists()
+
+
+def test_disk_swap_and_port_forward(shared: Shared) -> None:
+    out = shared.vm.ssh(
+        "test -b /dev/disk/by-id/virtio-extra && echo disk; awk 'NR > 1 {print $1}' /proc/swaps",
+        check=True,
+    ).stdout.split()
+    assert out[0] == "disk"
+    assert len(out) == 2
+    # -p HOST:22 reaches the same sshd on another loopback port.
+    target = ssh.Target(port=shared.forward, key=shared.vm.key)
+    assert ssh.execute(target, ["cat", "/proc/sys/kernel/hostname"]).returncode == 0
+
+
+def test_log_dir_gets_console_and_journal(shared: Shared) -> None:
+    console = (shared.logs / "console.txt").read_text(errors="replace")
+    assert "Linux version" in console
+    journal = (shared.logs / "journal.json").read_text(errors="replace").splitlines()
+    assert journal
+    assert "MESSAGE" in json.loads(journal[0])
+
+
+def test_listed_by_ps_and_reachable_by_name(shared: Shared) -> None:
+    listed = json.loads(shared.session.bcvk("ephemeral", "ps", "--format", "json").stdout)
+    (entry,) = [e for e in listed if e["name"] == shared.vm.name]
+    assert entry["state"] == "running"
+    assert entry["rootfs"] == "virtiofs"
+    assert entry["ssh_port"] == shared.vm.ssh_port
+    assert entry["image"] == DEMO_IMAGE
+    assert isinstance(entry["pid"], int)
+    result = shared.session.bcvk("ephemeral", "ssh", shared.vm.name, "--", "echo", "by name")
+    assert (result.returncode, result.stdout) == (0, "by name\n")
+    # The seed's alias does the same.
+    assert shared.session.bcvk("ssh", shared.vm.name, "true").returncode == 0
+
+
+def test_stop_leaves_nothing_and_the_image_is_unchanged(shared: Shared) -> None:
+    shared.vm.stop(graceful=True, timeout=60)
+    assert shared.session.leftovers() == []
+    assert image_id(DEMO_IMAGE) == shared.image_id
+    mnt = subprocess.run(
+        ["podman", "image", "mount", DEMO_IMAGE], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        assert not Path(mnt, shared.marker.lstrip("/")).exists()
+    finally:
+        subprocess.run(["podman", "image", "unmount", DEMO_IMAGE], capture_output=True)
+
+
+# ---------------------------------------------------------------- one boot each
+
+
+def test_run_ssh_block_exit_status_and_nothing_left(demo: str, session: Session) -> None:
+    result = session.bcvk(
+        "ephemeral", "run-ssh", "--rootfs", "block", "--memory", "1G", "--ssh-timeout",
+        SSH_TIMEOUT, demo, "--",
+        "findmnt -n -o FSTYPE /; findmnt -n -o FSTYPE /sysroot; touch /usr/x; exit 42",
+    )  # fmt: skip
+    assert result.returncode == 42, result.stderr
+    assert result.stdout.split() == ["overlay", "ext4"]
+    assert session.leftovers() == []
+
+
+def test_poweroff_karg_exits_cleanly(demo: str, session: Session) -> None:
+    result = session.bcvk(
+        "ephemeral", "run", "--karg", "systemd.unit=poweroff.target", "--ssh-timeout",
+        SSH_TIMEOUT, demo,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "powered off" in result.stderr
+    assert session.leftovers() == []
+
+
+def test_execute_streams_output_and_returns_status(demo: str, session: Session) -> None:
+    result = session.bcvk(
+        "ephemeral", "run", "--ssh-timeout", SSH_TIMEOUT,
+        "--execute", "echo first",
+        "--execute", "echo second; exit 3",
+        "--execute", "echo never",
+        demo,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.split() == ["first", "second"]
+    assert session.leftovers() == []
+
+
+def test_detached_run_ssh_ps_rm(demo: str, session: Session) -> None:
+    name = unique("det")
+    started = session.bcvk("ephemeral", "run", "-d", "--name", name, demo)
+    assert (started.returncode, started.stdout) == (0, f"{name}\n"), started.stderr
+    listed = json.loads(session.bcvk("ephemeral", "ps", "--format", "json").stdout)
+    assert [(e["name"], e["state"]) for e in listed] == [(name, "running")]
+    assert {"name", "image", "state", "ssh_port", "pid", "rootfs"} <= set(listed[0])
+    # `ssh` waits for the guest's sshd itself.
+    result = session.bcvk(
+        "ephemeral", "ssh", "--ssh-timeout", SSH_TIMEOUT, name, "--", "cat", "/etc/hostname"
+    )
+    assert (result.returncode, result.stdout) == (0, "bootc\n"), result.stderr
+    # The name stays taken while the VM runs.
+    again = session.bcvk("ephemeral", "run", "-d", "--name", name, demo)
+    assert again.returncode == 1
+    assert "already exists" in again.stderr
+    removed = session.bcvk("ephemeral", "rm", name)
+    assert (removed.returncode, removed.stdout) == (0, f"{name}\n"), removed.stderr
+    assert json.loads(session.bcvk("ephemeral", "ps", "--format", "json").stdout) == []
+    assert session.leftovers() == []
+
+
+def test_four_vms_at_once_get_distinct_ports(demo: str, session: Session) -> None:
+    """Started concurrently (detached; no boot wait): names and ports never collide."""
+    procs = [session.popen("ephemeral", "run", "-d", "--rootfs", "block", demo) for _ in range(4)]
+    names = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        names.append(out.strip())
+    listed = json.loads(session.bcvk("ephemeral", "ps", "--format", "json").stdout)
+    assert sorted(e["name"] for e in listed) == sorted(names)
+    assert len({e["ssh_port"] for e in listed}) == 4
+    answer = session.bcvk("ephemeral", "rm-all", "-f")
+    assert answer.returncode == 0
+    assert sorted(answer.stdout.split()) == sorted(names)
+    assert session.leftovers() == []

@@ -1,0 +1,61 @@
+"""The same commands as an unprivileged user (rootless podman, `podman unshare`)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import DEMO_IMAGE
+from tests.integration.ephemeral_support import SSH_TIMEOUT, Session, mount_counts, unique
+
+
+@pytest.fixture
+def user_session(rootless_user: str) -> Iterator[Session]:
+    s = Session(
+        token=secrets.token_hex(6),
+        runtime=None,  # type: ignore[arg-type]  (the user's own runtime dir)
+        user=rootless_user,
+        mounts_before=mount_counts(rootless_user),
+    )
+    yield s
+    for name in s.state_dirs():
+        s.bcvk("ephemeral", "rm", "-f", name, timeout=120)
+
+
+def test_run_ssh_as_unprivileged_user(user_session: Session) -> None:
+    result = user_session.bcvk(
+        "ephemeral", "run-ssh", "--ssh-timeout", SSH_TIMEOUT, DEMO_IMAGE, "--",
+        "findmnt -n -o FSTYPE /sysroot; exit 42",
+    )  # fmt: skip
+    assert result.returncode == 42, result.stderr
+    # auto picks virtiofs (virtiofsd inside `podman unshare`) on this host
+    assert result.stdout.split() == ["virtiofs"]
+    assert user_session.leftovers() == []
+
+
+def test_detached_vm_as_unprivileged_user(user_session: Session) -> None:
+    name = unique("rootless")
+    started = user_session.bcvk("ephemeral", "run", "-d", "--name", name, DEMO_IMAGE)
+    assert started.returncode == 0, started.stderr
+    listed = json.loads(user_session.bcvk("ephemeral", "ps", "--format", "json").stdout)
+    assert [(e["name"], e["state"], e["rootfs"]) for e in listed] == [(name, "running", "virtiofs")]
+    removed = user_session.bcvk("ephemeral", "rm", "-f", name)
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(user_session.bcvk("ephemeral", "ps", "--format", "json").stdout) == []
+    assert user_session.leftovers() == []
+
+
+def test_block_transport_as_unprivileged_user(user_session: Session) -> None:
+    """The rootfs image is built inside `podman unshare` and reused from the cache."""
+    name = unique("rootless-blk")
+    started = user_session.bcvk(
+        "ephemeral", "run", "-d", "--rootfs", "block", "--name", name, DEMO_IMAGE
+    )
+    assert started.returncode == 0, started.stderr
+    cached = json.loads(user_session.bcvk("cache", "list", "--format", "json").stdout)
+    assert any(e["rootfs"] and e["in_use"] for e in cached), cached
+    assert user_session.bcvk("ephemeral", "rm", "-f", name).returncode == 0
+    assert user_session.leftovers() == []

@@ -1,0 +1,318 @@
+"""`bcvk ephemeral …` parsing and validation, and error paths with fake binaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from bcvk import ephemeral
+from bcvk.__main__ import main
+from bcvk.errors import BcvkError, UsageError
+from bcvk.qemu import PortForward
+
+IMAGE = "localhost/bcvk/debian-bootc:12"
+
+
+# ---------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize(
+    ("text", "mib"), [("2G", 2048), ("1024", 1024), ("512M", 512), ("1g", 1024), ("1.5G", 1536)]
+)
+def test_memory(text: str, mib: int) -> None:
+    assert ephemeral.parse_memory(text) == mib
+
+
+@pytest.mark.parametrize("text", ["", "lots", "0", "64M", "2T", "-1G", "1G; rm -rf /"])
+def test_bad_memory(text: str) -> None:
+    with pytest.raises(UsageError, match="--memory"):
+        ephemeral.parse_memory(text)
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "257", "two", "1.5"])
+def test_bad_vcpus(text: str) -> None:
+    with pytest.raises(UsageError, match="--vcpus"):
+        ephemeral.parse_vcpus(text)
+
+
+def test_itype_overrides_memory_and_vcpus() -> None:
+    opts = ephemeral.make_options(IMAGE, memory="8G", vcpus=3, itype="u1.micro")
+    assert (opts.vcpus, opts.memory_mib) == (1, 1024)
+    with pytest.raises(UsageError, match="unknown instance type"):
+        ephemeral.make_options(IMAGE, itype="m5.large")
+
+
+def test_defaults() -> None:
+    opts = ephemeral.make_options(IMAGE)
+    assert opts.memory_mib == 2048
+    assert opts.vcpus == min(os.cpu_count() or 2, 4)
+    assert opts.ssh_timeout == 240
+    assert opts.pull == "missing"
+    assert opts.rootfs == "auto"
+
+
+@pytest.mark.parametrize(
+    ("text", "fwd"), [("8080:80", PortForward(8080, 80)), ("1:65535", PortForward(1, 65535))]
+)
+def test_ports(text: str, fwd: PortForward) -> None:
+    assert ephemeral.parse_port(text) == fwd
+
+
+@pytest.mark.parametrize("text", ["80", "0:80", "70000:80", "a:b", "1:2:3", "127.0.0.1:80:80"])
+def test_bad_ports(text: str) -> None:
+    with pytest.raises(UsageError):
+        ephemeral.parse_port(text)
+
+
+def test_binds(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    bind = ephemeral.parse_bind(str(tmp_path / "data"), readonly=False)
+    assert (bind.name, bind.readonly, bind.tag) == ("data", False, "mount_data")
+    assert bind.guest_path == "/run/virtiofs-mnt-data"
+    named = ephemeral.parse_bind(f"{tmp_path / 'data'}:src", readonly=True)
+    assert (named.name, named.readonly) == ("src", True)
+    with pytest.raises(UsageError, match="no such directory"):
+        ephemeral.parse_bind(str(tmp_path / "missing"), readonly=False)
+    with pytest.raises(UsageError, match="share name"):
+        ephemeral.parse_bind(f"{tmp_path / 'data'}:bad name", readonly=False)
+    with pytest.raises(UsageError, match="same name"):
+        ephemeral.make_options(IMAGE, binds=[str(tmp_path / "data")], ro_binds=[f"{tmp_path}:data"])
+
+
+def test_disk_files(tmp_path: Path) -> None:
+    disk = ephemeral.parse_disk(str(tmp_path / "out.qcow2"))
+    assert (disk.name, disk.format) == ("output", "qcow2")
+    disk = ephemeral.parse_disk(f"{tmp_path / 'd.img'}:data:raw")
+    assert (disk.name, disk.format) == ("data", "raw")
+    with pytest.raises(UsageError, match="not a regular file"):
+        ephemeral.parse_disk(str(tmp_path))
+    with pytest.raises(UsageError, match="disk format"):
+        ephemeral.parse_disk(f"{tmp_path / 'd'}:x:vdi")
+    with pytest.raises(UsageError, match="does not exist"):
+        ephemeral.parse_disk("/nonexistent-dir/d.img")
+    with pytest.raises(UsageError, match="disk name"):
+        ephemeral.parse_disk(f"{tmp_path / 'd'}:{'n' * 21}")
+
+
+@pytest.mark.parametrize("karg", ["", "a\nb", "x\x1by", "tab\there"])
+def test_bad_kargs(karg: str) -> None:
+    with pytest.raises(UsageError, match="--karg"):
+        ephemeral.make_options(IMAGE, kargs=[karg])
+
+
+def test_log_dir_forms(tmp_path: Path) -> None:
+    assert ephemeral.parse_log_dir(str(tmp_path)).journal
+    console_only = ephemeral.parse_log_dir(f"console={tmp_path}")
+    assert console_only.console
+    assert not console_only.journal
+    assert ephemeral.parse_log_dir(f"console,journal={tmp_path}").journal
+    with pytest.raises(UsageError, match="--log-dir"):
+        ephemeral.parse_log_dir(f"kmsg={tmp_path}")
+
+
+def test_conflicting_flags() -> None:
+    with pytest.raises(UsageError, match="--detach"):
+        ephemeral.make_options(IMAGE, detach=True, execute=["true"])
+    with pytest.raises(UsageError, match="--add-swap"):
+        ephemeral.make_options(IMAGE, add_swap="1k")
+    with pytest.raises(UsageError, match="--ssh-timeout"):
+        ephemeral.make_options(IMAGE, ssh_timeout=0)
+    with pytest.raises(UsageError, match="image reference"):
+        ephemeral.make_options("bad image;rm")
+    with pytest.raises(UsageError, match="VM name"):
+        ephemeral.make_options(IMAGE, name="-x")
+
+
+def test_split_ssh_args() -> None:
+    assert ephemeral.split_ssh_args(["-v", "-L", "80:localhost:80", "ls", "-l"]) == (
+        ["-v", "-L", "80:localhost:80"],
+        ["ls", "-l"],
+    )
+    assert ephemeral.split_ssh_args(["--", "-x"]) == ([], ["-x"])
+    assert ephemeral.split_ssh_args([]) == ([], [])
+    with pytest.raises(UsageError):
+        ephemeral.split_ssh_args(["-o"])
+
+
+def test_mount_commands() -> None:
+    bind = ephemeral.Bind(Path("/srv"), "data", readonly=True)
+    assert ephemeral.mount_command(bind, ninep=False) == (
+        "mkdir -p /run/virtiofs-mnt-data && mount -t virtiofs -o ro mount_data "
+        "/run/virtiofs-mnt-data"
+    )
+    assert "-t 9p -o trans=virtio,version=9p2000.L,msize=524288,ro" in ephemeral.mount_command(
+        bind, ninep=True
+    )
+
+
+def test_console_tail_strips_escapes(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_bytes(b"one\r\n\x1b[0;32m  OK  \x1b[0m] Started x.\r\n\r\nbootc login: ")
+    assert ephemeral.console_tail(log, 2) == ["OK  ] Started x.", "bootc login:"]
+    assert ephemeral.console_tail(tmp_path / "missing") == []
+
+
+def test_busy_port_is_detected() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(BcvkError, match=f"host port {port} is not available"):
+            ephemeral.check_ports_free([PortForward(port, 80)])
+
+
+def test_free_port_avoids_claimed_ports() -> None:
+    port = ephemeral.free_port(set())
+    assert 1024 < port < 65536
+    assert ephemeral.free_port({port}) != port
+
+
+# ---------------------------------------------------------------- CLI, end to end
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> Path:
+    """A directory first on PATH for scripted podman/qemu; nothing real runs."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.delenv("BCVK_VIRTIOFSD", raising=False)
+    monkeypatch.delenv("VIRTIOFSD_BIN", raising=False)
+    return bindir
+
+
+def script(bindir: Path, name: str, body: str) -> Path:
+    path = bindir / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def runtime_entries(home: Path) -> list[str]:
+    base = home / "runtime" / "bcvk" / "ephemeral"
+    return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+
+
+def test_missing_image_with_pull_never(
+    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script(fake_bin, "podman", 'echo "Error: $4: image not known" >&2; exit 125')
+    rc = main(["ephemeral", "run-ssh", "--pull", "never", "localhost/nope:1", "--", "true"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "error: image localhost/nope:1 is not in local storage" in err
+    assert "hint:" in err
+    assert runtime_entries(isolated_home) == []
+
+
+def test_pull_failure_is_one_clear_error(
+    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = fake_bin / "calls"
+    script(
+        fake_bin,
+        "podman",
+        f'echo "$@" >> {log}\n'
+        'case "$1" in pull) echo "Error: connection refused" >&2; exit 125;; esac\n'
+        'echo "Error: image not known" >&2; exit 125',
+    )
+    rc = main(["ephemeral", "run-ssh", "registry.invalid/x:1", "--", "true"])
+    assert rc == 1
+    assert "could not be pulled" in capsys.readouterr().err
+    assert "pull registry.invalid/x:1" in log.read_text()
+    assert runtime_entries(isolated_home) == []
+
+
+def podman_inspect_json(labels: dict[str, str]) -> str:
+    return json.dumps(
+        [
+            {
+                "Id": "ab" * 32,
+                "Digest": "sha256:" + "cd" * 32,
+                "RepoTags": [IMAGE],
+                "Size": 1000,
+                "Architecture": "amd64",
+                "Os": "linux",
+                "Labels": labels,
+            }
+        ]
+    )
+
+
+def test_requested_virtiofsd_missing_fails_before_any_work(
+    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = fake_bin / "calls"
+    script(fake_bin, "podman", f'echo "$@" >> {calls}; exit 99')
+    rc = main(["ephemeral", "run", "--virtiofsd", "/nonexistent/virtiofsd", IMAGE])
+    assert rc == 1
+    assert "virtiofsd /nonexistent/virtiofsd is not an executable file" in capsys.readouterr().err
+    assert not calls.exists()
+    assert runtime_entries(isolated_home) == []
+
+
+def test_bad_values_exit_2_with_a_hint(
+    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (
+        ["ephemeral", "run", "--memory", "lots", IMAGE],
+        ["ephemeral", "run", "--vcpus", "0", IMAGE],
+        ["ephemeral", "run", "--itype", "huge", IMAGE],
+        ["ephemeral", "run", "-p", "99999:22", IMAGE],
+        ["ephemeral", "run", "--bind", "/nonexistent-dir", IMAGE],
+        ["ephemeral", "run", "--name", "no/slash", IMAGE],
+        ["ephemeral", "run", "--karg", "a\nb", IMAGE],
+        ["run-ephemeral", "--memory", "1", IMAGE],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: "), err
+        assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert runtime_entries(isolated_home) == []
+
+
+def test_ssh_to_an_unknown_vm(fake_bin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ssh", "nobody"]) == 1
+    assert "no ephemeral VM named 'nobody'" in capsys.readouterr().err
+    assert main(["ephemeral", "rm", "nobody"]) == 1
+    assert main(["ephemeral", "rm", "-f", "nobody"]) == 0
+
+
+def test_ps_json_with_no_vms(fake_bin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ephemeral", "ps", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_rm_all_refuses_without_a_terminal(
+    fake_bin: Path,
+    isolated_home: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bcvk import state
+
+    state.create(
+        "held",
+        lambda used: state.VmRecord(
+            name="held", image=IMAGE, supervisor=state.Proc.of("bcvk", os.getpid(), group=False)
+        ),
+    )
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert main(["ephemeral", "rm-all"]) == 2
+    assert "pass -f" in capsys.readouterr().err
+    assert runtime_entries(isolated_home) == ["held"]
+
+
+def test_hidden_aliases_are_not_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "ephemeral" in out
+    assert "cache" in out
+    assert "run-ephemeral" not in out
+    assert main(["run-ephemeral", "--help"]) == 0
+    assert "Boot IMAGE as an ephemeral VM" in capsys.readouterr().out

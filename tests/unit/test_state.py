@@ -1,0 +1,171 @@
+"""The ephemeral VM registry: records, liveness by pid + start time, reaping."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bcvk import state
+from bcvk.errors import BcvkError, UsageError
+from bcvk.state import Proc, VmRecord
+
+
+@pytest.fixture(autouse=True)
+def runtime(isolated_home: Path) -> Path:
+    return isolated_home / "runtime" / "bcvk" / "ephemeral"
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def me() -> Proc:
+    return Proc.of("bcvk", os.getpid(), group=False)
+
+
+@pytest.mark.parametrize("name", ["a", "vm-1", "My_VM.2", "x" * 63])
+def test_good_names(name: str) -> None:
+    assert state.validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-a", ".a", "a b", "a/b", "x" * 64, "ä", "a\nb"])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        state.validate_name(name)
+
+
+def test_start_time_identifies_processes() -> None:
+    mine = me()
+    assert mine.alive()
+    assert not Proc("x", os.getpid(), mine.started + 1, group=False).alive()
+    assert state.start_time(dead_pid()) is None
+
+
+def test_record_round_trips_through_json() -> None:
+    record = VmRecord(
+        name="vm",
+        image="img",
+        ssh_port=2222,
+        forwards=[(8080, 80)],
+        qemu=Proc("qemu", 10, 20),
+        helpers=[Proc("virtiofsd", 11, 21)],
+        mount="abc",
+        mount_state="mounted",
+    )
+    again = VmRecord.from_json(record.to_json())
+    assert again == record
+    # Unknown keys from a newer bcvk are ignored.
+    assert VmRecord.from_json({**record.to_json(), "future": 1}) == record
+
+
+def test_create_reserves_a_name_once() -> None:
+    d, record = state.create("vm1", lambda used: VmRecord(name="vm1", image="i", supervisor=me()))
+    assert d.path.is_dir()
+    assert oct(d.path.stat().st_mode & 0o777) == "0o700"
+    assert d.read() == record
+    with pytest.raises(BcvkError, match="already exists"):
+        state.create("vm1", lambda used: VmRecord(name="vm1", image="i"))
+
+
+def test_make_record_sees_ports_of_other_vms() -> None:
+    state.create(
+        "a",
+        lambda used: VmRecord(
+            name="a", image="i", ssh_port=4000, forwards=[(5000, 80)], supervisor=me()
+        ),
+    )
+    seen: list[set[int]] = []
+
+    def make(used: set[int]) -> VmRecord:
+        seen.append(used)
+        return VmRecord(name="b", image="i", supervisor=me())
+
+    state.create("b", make)
+    assert seen == [{4000, 5000}]
+
+
+def test_a_failing_record_leaves_no_directory(runtime: Path) -> None:
+    def boom(used: set[int]) -> VmRecord:
+        raise BcvkError("no port")
+
+    with pytest.raises(BcvkError):
+        state.create("vm", boom)
+    assert not (runtime / "vm").exists()
+
+
+def test_scan_prunes_vms_whose_processes_are_gone(runtime: Path, tmp_path: Path) -> None:
+    leftover = tmp_path / "swap-file"
+    leftover.write_text("x")
+    unmounted: list[str | None] = []
+    state.set_unmounter(lambda rec: unmounted.append(rec.mount))
+    dead = Proc("qemu", dead_pid(), 12345)
+    state.create(
+        "gone",
+        lambda used: VmRecord(
+            name="gone",
+            image="i",
+            qemu=dead,
+            mount="img-id",
+            mount_state="mounted",
+            files=[str(leftover)],
+        ),
+    )
+    state.create("live", lambda used: VmRecord(name="live", image="i", qemu=me()))
+    (runtime / "half-made").mkdir()  # a bcvk died between mkdir and the record
+    names = [record.name for _, record in state.scan()]
+    assert names == ["live"]
+    assert not (runtime / "gone").exists()
+    assert not (runtime / "half-made").exists()
+    assert unmounted == ["img-id"]
+    assert not leftover.exists()
+
+
+def test_a_mount_is_never_forgotten_without_an_unmounter(runtime: Path) -> None:
+    state.set_unmounter(None)  # type: ignore[arg-type]
+    try:
+        state.create(
+            "gone",
+            lambda used: VmRecord(name="gone", image="i", mount="id", mount_state="mounting"),
+        )
+        assert state.scan() == []
+        assert (runtime / "gone" / "vm.json").exists()
+    finally:
+        from bcvk import rootfs
+
+        state.set_unmounter(rootfs._unmount_record)
+
+
+def test_foreground_vm_is_starting_while_its_bcvk_lives() -> None:
+    record = VmRecord(name="x", image="i", supervisor=me())
+    assert record.status() == "starting"
+    record.supervisor = Proc("bcvk", dead_pid(), 1, group=False)
+    assert record.status() == "stale"
+    record.qemu = me()
+    assert record.status() == "running"
+
+
+def test_terminate_kills_the_whole_process_group() -> None:
+    # A group leader that started a child (like `podman unshare virtiofsd`).
+    leader = subprocess.Popen(["sh", "-c", "sleep 300 & wait"], start_new_session=True)
+    proc = Proc.of("helper", leader.pid)
+    for _ in range(100):
+        if len(proc.members()) == 2:
+            break
+        import time
+
+        time.sleep(0.02)
+    assert len(proc.members()) == 2
+    state.terminate([proc], timeout=2)
+    leader.wait(timeout=5)
+    assert proc.members() == []
+
+
+def test_lookup_validates_the_name() -> None:
+    with pytest.raises(UsageError):
+        state.lookup("../etc")
+    assert state.lookup("nobody") is None
