@@ -16,6 +16,8 @@ packages=(
   swtpm swtpm-tools xorriso openssh-server
   # `timed` and friends
   bc
+  # benchmark peer for to-disk (bench/to_disk.py: virt-make-fs)
+  libguestfs-tools
 )
 if [[ -f scripts/host-packages.txt ]]; then
   while read -r pkg _; do
