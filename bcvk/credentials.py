@@ -95,6 +95,16 @@ def choose_routes(
     return tuple(routes)
 
 
+def parse_routes(text: str) -> tuple[KeyRoute, ...]:
+    """``smbios,cmdline`` → routes (``$BCVK_SSH_KEY_ROUTES``, to force a fallback)."""
+    try:
+        return tuple(KeyRoute(word.strip()) for word in text.split(",") if word.strip())
+    except ValueError:
+        raise ValueError(
+            f"invalid SSH key routes {text!r}: use a comma list of smbios, cmdline, cloud-init"
+        ) from None
+
+
 @dataclass(frozen=True)
 class KeyInjection:
     smbios: tuple[str, ...] = ()

@@ -77,17 +77,19 @@ def argv(
     sandbox: str = "none",
     fd: int | None = None,
     allow_mmap: bool = False,
+    cache: str = "never",
 ) -> list[str]:
     """virtiofsd serving SHARED_DIR on SOCKET.
 
-    ``--cache=never`` because the host side may change under a rw share and
-    the guest must see it; ``--sandbox=none`` because the process already runs
+    ``--cache=never`` by default because the host side may change under a rw
+    share and the guest must see it (an image that never changes can use
+    ``always``); ``--sandbox=none`` because the process already runs
     in podman's namespace when rootless and needs no chroot of its own.
     """
     args = [
         os.fspath(binary),
         "--shared-dir", os.fspath(shared_dir),
-        "--cache", "never",
+        "--cache", cache,
         "--sandbox", sandbox,
         "--log-level", "error",
     ]  # fmt: skip

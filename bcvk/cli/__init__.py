@@ -18,6 +18,11 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "images": ("bcvk.cli.images", "images", False),
     "doctor": ("bcvk.cli.doctor", "doctor", False),
     "completion": ("bcvk.cli.completion", "completion", False),
+    "ephemeral": ("bcvk.cli.ephemeral", "ephemeral", False),
+    "cache": ("bcvk.cli.cache", "cache", False),
+    # The seed's earlier spellings, kept as hidden aliases.
+    "run-ephemeral": ("bcvk.cli.ephemeral", "run", True),
+    "ssh": ("bcvk.cli.ephemeral", "ssh_cmd", True),
     "to-disk": ("bcvk.cli.to_disk", "to_disk", False),
     "libvirt": ("bcvk.cli.libvirt", "libvirt", False),
 }
@@ -26,6 +31,8 @@ HELP = {
     "images": "Find bootc images in podman's store and check whether they boot.",
     "doctor": "Report what this host has for running bootc images as VMs.",
     "completion": "Print a shell completion script (bash, zsh or fish).",
+    "ephemeral": "Boot bootc images as throwaway VMs (run, run-ssh, ssh, ps, rm, rm-all).",
+    "cache": "List or prune bcvk's per-image cache (kernels, block rootfs images).",
     "to-disk": "Turn a bootc image into a bootable disk image (raw, qcow2, vmdk, vhd, vhdx, ova).",
     "libvirt": "Persistent VMs through libvirt (run, list, ssh, start, stop, rm, upload…).",
 }

@@ -27,7 +27,7 @@ from tests.integration.ephemeral_support import (
     unique,
 )
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaks")]
 
 
 @pytest.fixture(scope="module")
@@ -184,14 +184,20 @@ def test_stop_leaves_nothing_and_the_image_is_unchanged(shared: Shared) -> None:
 # ---------------------------------------------------------------- one boot each
 
 
-def test_run_ssh_block_exit_status_and_nothing_left(demo: str, session: Session) -> None:
+def test_run_ssh_block_exit_status_and_nothing_left(
+    demo: str, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key goes in by the kernel-command-line credential here, proving the
+    # fallback route on a real guest (the shared VM uses SMBIOS).
+    monkeypatch.setenv("BCVK_SSH_KEY_ROUTES", "cmdline")
     result = session.bcvk(
         "ephemeral", "run-ssh", "--rootfs", "block", "--memory", "1G", "--ssh-timeout",
         SSH_TIMEOUT, demo, "--",
-        "findmnt -n -o FSTYPE /; findmnt -n -o FSTYPE /sysroot; touch /usr/x; exit 42",
+        "findmnt -n -o FSTYPE /; findmnt -n -o FSTYPE /sysroot; touch /usr/x; "
+        "grep -c set_credential_binary /proc/cmdline; exit 42",
     )  # fmt: skip
     assert result.returncode == 42, result.stderr
-    assert result.stdout.split() == ["overlay", "ext4"]
+    assert result.stdout.split() == ["overlay", "ext4", "1"]
     assert session.leftovers() == []
 
 

@@ -27,6 +27,8 @@ from tests.integration.ephemeral_support import (
     unique,
 )
 
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:

@@ -28,6 +28,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A TLS registry on 127.0.0.1 holding the demo image; yields (host:port, ca.crt)."""

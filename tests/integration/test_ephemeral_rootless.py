@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import DEMO_IMAGE
 from tests.integration.ephemeral_support import SSH_TIMEOUT, Session, mount_counts, unique
 
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
 
 @pytest.fixture
 def user_session(rootless_user: str) -> Iterator[Session]:

@@ -88,3 +88,13 @@ def test_injection_defaults_to_nothing_extra() -> None:
     inj = credentials.inject_key(KEY, (KeyRoute.smbios,), hostname="vm1")
     assert inj.kernel_args == ()
     assert inj.nocloud == ()
+
+
+def test_routes_can_be_forced() -> None:
+    assert credentials.parse_routes("cmdline") == (KeyRoute.cmdline,)
+    assert credentials.parse_routes(" smbios , cloud-init") == (
+        KeyRoute.smbios,
+        KeyRoute.cloud_init,
+    )
+    with pytest.raises(ValueError, match="invalid SSH key routes"):
+        credentials.parse_routes("smbios,fw_cfg")
