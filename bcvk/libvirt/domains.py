@@ -616,7 +616,7 @@ def create_vm(conn: Connection, image: str, opts: RunOptions) -> Vm:
             )
         ]
         if use_mount_creds:
-            creds += [credentials.smbios_value(n, c) for n, c in lx.mount_credentials(mounts)]
+            creds += [lx.smbios_credential(n, c) for n, c in lx.mount_credentials(mounts)]
 
         # The disk: a qcow2 overlay on the base disk (transient VMs use the
         # base disk directly, with a QEMU-side overlay that vanishes with them).

@@ -15,6 +15,7 @@ the XML: only the path of the file that holds it.
 
 from __future__ import annotations
 
+import base64
 import enum
 import re
 import shlex
@@ -732,6 +733,19 @@ def mount_unit(mount: Mount) -> str:
         "Type=virtiofs\n"
         f"Options={options}\n"
     )
+
+
+def smbios_credential(name: str, content: str) -> str:
+    """An SMBIOS type 11 value carrying systemd credential NAME.
+
+    systemd accepts any valid file name as a credential name, including the
+    ``~`` of ``systemd.unit-dropin.UNIT~NAME`` and the ``\\x2d`` escapes of
+    unit names, which bcvk.credentials' stricter pattern rejects.
+    """
+    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name) > 255:
+        raise ValueError(f"invalid credential name {name!r}")
+    encoded = base64.b64encode(content.encode()).decode("ascii")
+    return f"io.systemd.credential.binary:{name}={encoded}"
 
 
 def mount_credentials(mounts: Iterable[Mount]) -> list[tuple[str, str]]:

@@ -1,0 +1,152 @@
+"""`bcvk libvirt` as users run it, against a test:/// driver file (no daemon, no VM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bcvk.libvirt import xml as lx
+from tests.conftest import bcvk
+
+NODE = """<node>
+  <cpu><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads>
+    <mhz>2000</mhz><model>x86_64</model><active>2</active></cpu>
+  <memory>8388608</memory>
+{domains}
+</node>
+"""
+
+
+def domain(name: str, md: lx.Metadata | None, running: bool) -> str:
+    metadata = ""
+    if md is not None:
+        import xml.etree.ElementTree as ET
+
+        metadata = "<metadata>" + ET.tostring(md.to_element(), encoding="unicode") + "</metadata>"
+    state = "1" if running else "5"
+    return (
+        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>"
+        f"<name>{name}</name>{metadata}<memory unit='MiB'>2048</memory><vcpu>2</vcpu>"
+        "<os><type>hvm</type></os>"
+        "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='/pool/{name}.qcow2'/><target dev='vda' bus='virtio'/></disk></devices>"
+        f"<test:runstate>{state}</test:runstate></domain>"
+    )
+
+
+@pytest.fixture
+def uri(tmp_path: Path) -> str:
+    doms = [
+        domain(
+            "web",
+            lx.Metadata(
+                source_image="localhost/web:1",
+                ssh_port=2301,
+                ssh_private_key_path="/keys/web/id_ed25519",
+                memory_mb=2048,
+                vcpus=2,
+                labels=("ci", "web"),
+                ports=(lx.PortForward(8080, 80),),
+            ),
+            running=True,
+        ),
+        domain(
+            "db",
+            lx.Metadata(source_image="localhost/db:1", ssh_port=2302, labels=("ci",)),
+            running=False,
+        ),
+        domain("foreign", None, running=True),
+    ]
+    node = tmp_path / "node.xml"
+    node.write_text(NODE.format(domains="\n".join(doms)))
+    return f"test://{node}"
+
+
+def test_list_table_json_and_filters(uri: str) -> None:
+    table = bcvk("libvirt", "-c", uri, "list", check=True).stdout.splitlines()
+    assert table[0].split() == ["NAME", "IMAGE", "STATUS", "MEMORY", "CPUS", "SSH", "LABELS"]
+    assert [line.split()[0] for line in table[1:]] == ["web"]  # running only, not foreign
+    rows = json.loads(bcvk("libvirt", "-c", uri, "list", "--all", "--format", "json").stdout)
+    assert [r["name"] for r in rows] == ["db", "web"]
+    web = rows[1]
+    assert web["ssh_port"] == 2301
+    assert web["ssh_private_key_path"] == "/keys/web/id_ed25519"
+    assert web["ssh_host"] == "127.0.0.1"
+    assert web["labels"] == ["ci", "web"]
+    assert web["ports"] == ["8080:80"]
+    assert web["state"] == "running"
+    assert web["disk_path"] == "/pool/web.qcow2"
+    assert set(web) >= {"image", "image_digest", "memory_mb", "vcpus", "created", "ssh_user"}
+    labelled = json.loads(
+        bcvk("libvirt", "-c", uri, "list", "-a", "--label", "web", "--format", "json").stdout
+    )
+    assert [r["name"] for r in labelled] == ["web"]
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json", "xml"])
+def test_inspect_formats(uri: str, fmt: str) -> None:
+    out = bcvk("libvirt", "-c", uri, "inspect", "web", "--format", fmt, check=True).stdout
+    if fmt == "xml":
+        assert lx.Domain.from_xml(out).metadata is not None
+        return
+    data = json.loads(out) if fmt == "json" else yaml.safe_load(out)
+    assert data["name"] == "web"
+    assert data["metadata"]["ports"] == ["8080:80"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "hint"),
+    [
+        (["inspect", "nope"], "no domain named 'nope'", "bcvk libvirt list --all"),
+        (["rm", "-f", "foreign"], "was not created by bcvk", "use virsh"),
+        (["rm", "web"], "VM web is running", "-f/--force"),
+        (["ssh", "db", "--", "true"], "VM db is not running", "bcvk libvirt start db"),
+        (["stop", "nope"], "no domain named 'nope'", None),
+        (["start", "foreign"], "was not created by bcvk", None),
+    ],
+)
+def test_errors_are_one_line_with_a_hint(
+    uri: str, args: list[str], message: str, hint: str | None
+) -> None:
+    result = bcvk("libvirt", "-c", uri, *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    if hint:
+        assert lines[-1].startswith("hint: ")
+        assert hint in lines[-1]
+
+
+def test_unreachable_daemon() -> None:
+    result = bcvk("libvirt", "-c", "qemu+unix:///system?socket=/nonexistent/sock", "list")
+    assert result.returncode == 1
+    assert "cannot connect to libvirt" in result.stderr
+    assert "libvirtd -d" in result.stderr
+
+
+def test_bad_run_input_fails_before_touching_anything(uri: str) -> None:
+    for args, message in (
+        (["-p", "x:1"], "invalid port forward"),
+        (["--memory", "lots"], "invalid --memory"),
+        (["--firmware", "uefi-secure"], "signed boot chain"),
+        (["--label", "a,b"], "invalid label"),
+        (["--itype", "u9.x"], "unknown instance type"),
+    ):
+        result = bcvk("libvirt", "-c", uri, "run", *args, "localhost/x:1")
+        assert result.returncode != 0, args
+        assert message in result.stderr, (args, result.stderr)
+
+
+def test_status_and_help(uri: str) -> None:
+    data = json.loads(bcvk("libvirt", "-c", uri, "status", "--format", "json").stdout)
+    assert data["domain_count"] == 2
+    assert data["running_domain_count"] == 1
+    assert "supports_readonly_virtiofs" in data
+    help_text = bcvk("libvirt", "run", "--help").stdout
+    for flag in ("--bind-ro", "--ro-bind", "--ssh-wait", "--disable-tpm", "--transient", "-R"):
+        assert flag in help_text

@@ -1,0 +1,447 @@
+"""Core logic of `bcvk libvirt` against libvirt's hermetic test:///default driver.
+
+The test driver keeps its state per process, shared by every connection, so
+each test removes what it defined (the driver's own domain "test" stays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bcvk import podman
+from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.libvirt import basedisks, domains
+from bcvk.libvirt import xml as lx
+from bcvk.libvirt.connection import (
+    START_HINT,
+    Connection,
+    DomainNotFound,
+    DomainRef,
+    LibvirtError,
+    connect,
+    parse_uri,
+)
+
+URI = "test:///default"
+POOL = "default-pool"
+IMAGE = "localhost/bcvk/debian-bootc:12"
+
+
+@pytest.fixture
+def conn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Connection]:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with connect(URI) as c:
+        yield c
+        for dom in c.domains():
+            if dom.name != "test":
+                if dom.is_active():
+                    dom.destroy()
+                dom.undefine()
+        pool = c.pool(POOL)
+        if pool is not None:
+            for vol in pool.volumes():
+                vol.delete()
+        test = c.lookup("test")
+        if test is not None and not test.is_active():
+            test.start()
+
+
+@pytest.fixture
+def fake_image(monkeypatch: pytest.MonkeyPatch, conn: Connection) -> podman.ImageInfo:
+    """A bootc image and a base disk without podman or to-disk."""
+    info = podman.ImageInfo(
+        id="1" * 64,
+        digest="sha256:" + "2" * 64,
+        names=(IMAGE,),
+        created="",
+        size=400 << 20,
+        architecture="amd64",
+        os="linux",
+        labels={"containers.bootc": "1"},
+    )
+    monkeypatch.setattr(domains, "_image", lambda image: info)
+
+    def ensure(c: Connection, pool: object, image: str, i: object, opts: object) -> object:
+        target = c.ensure_pool(POOL)
+        name = "bootc-base-0123456789abcdef.qcow2"
+        vol = target.volume(name) or target.create_volume(
+            f"<volume><name>{name}</name><capacity>{20 << 30}</capacity>"
+            "<target><format type='qcow2'/></target></volume>",
+            name,
+        )
+        return basedisks.BaseDisk(name, vol.path, 20 << 30, "sha256:" + "01" * 32, True)
+
+    monkeypatch.setattr(basedisks, "ensure", ensure)
+    return info
+
+
+def options(**changes: object) -> domains.RunOptions:
+    base = domains.RunOptions(pool=POOL, tpm=False, timeout=5)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+@pytest.mark.parametrize(
+    ("image", "taken", "expected"),
+    [
+        ("quay.io/fedora/fedora-bootc:42", set(), "fedora-bootc"),
+        ("localhost/bcvk/debian-bootc:12", {"debian-bootc"}, "debian-bootc-2"),
+        ("img", {"img", "img-2", "img-3"}, "img-4"),
+        ("registry:5000/ns/my.image@sha256:abc", set(), "my-image"),
+        ("x/--weird!!", set(), "weird"),
+        ("localhost/:::", set(), "bootc"),
+    ],
+)
+def test_derive_name(image: str, taken: set[str], expected: str) -> None:
+    assert domains.derive_name(image, taken) == expected
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 64, "a/b", "ü"])
+def test_invalid_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        domains.validate_name(name)
+
+
+def test_parse_bind() -> None:
+    assert domains.parse_bind("/a/b:/mnt/c", lx.MountKind.bind) == ("/a/b", "/mnt/c")
+    assert domains.parse_bind("C:/x:/y", lx.MountKind.bind) == ("C:/x", "/y")
+    assert domains.parse_bind("/h:tag1", lx.MountKind.volume) == ("/h", "tag1")
+    for bad, kind in (
+        ("/a", lx.MountKind.bind),
+        ("/a:rel", lx.MountKind.bind_ro),
+        ("/a:bad tag", lx.MountKind.volume),
+    ):
+        with pytest.raises(UsageError):
+            domains.parse_bind(bad, kind)
+
+
+def test_resources_and_instance_types() -> None:
+    assert domains.resources(None, None, None) == (4096, 2, None)
+    assert domains.resources(1 << 30, 3, None) == (1024, 3, None)
+    assert domains.resources(1 << 30, 3, "u1.small") == (2048, 1, "u1.small")
+    with pytest.raises(UsageError, match="unknown instance type"):
+        domains.resources(None, None, "u9.huge")
+    with pytest.raises(UsageError, match="too small"):
+        domains.resources(16 << 20, None, None)
+
+
+def test_pick_ssh_port_skips_taken_and_busy_ports() -> None:
+    low, high = domains.SSH_PORT_RANGE
+    taken = set(range(low, high + 1)) - {2500, 2501}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 2500))
+        assert domains.pick_ssh_port(taken, check_local=True) == 2501
+        assert domains.pick_ssh_port(taken - {2501} | {2501}, False) in (2500, 2501)
+    with pytest.raises(BcvkError, match="no free SSH port"):
+        domains.pick_ssh_port(set(range(low, high + 1)), check_local=False)
+    rng = random.Random(1)
+    assert low <= domains.pick_ssh_port(set(), False, rng) <= high
+
+
+def test_readonly_mode() -> None:
+    assert domains.readonly_mode((11, 0, 0), False, False) == "libvirt"
+    assert domains.readonly_mode((9, 0, 0), True, True) == "host"
+    assert domains.readonly_mode((9, 0, 0), True, False) == "guest"
+    assert domains.readonly_mode((9, 0, 0), False, True) == "guest"
+    wrapper = domains.readonly_wrapper_text(Path("/opt/it's/virtiofsd"))
+    assert wrapper.splitlines()[-1] == "exec '/opt/it'\"'\"'s/virtiofsd' \"$@\" --readonly"
+
+
+def test_uri_parsing() -> None:
+    remote = parse_uri("qemu+ssh://root@host.example:2022/system?keyfile=/k")
+    assert (remote.transport, remote.user, remote.host, remote.port) == (
+        "ssh",
+        "root",
+        "host.example",
+        2022,
+    )
+    assert remote.remote
+    assert not remote.session
+    assert remote.ssh_jump == "root@host.example:2022"
+    local = parse_uri("qemu:///session")
+    assert not local.remote
+    assert local.session
+    assert local.ssh_jump is None
+    assert parse_uri("qemu+ssh://root@localhost/system").local_host
+
+
+def test_default_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bcvk.libvirt import connection
+
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
+    assert connection.default_uri() == "test:///default"
+    monkeypatch.delenv("LIBVIRT_DEFAULT_URI")
+    monkeypatch.setattr(connection.os, "geteuid", lambda: 0)
+    assert connection.default_uri() == "qemu:///system"
+    monkeypatch.setattr(connection.os, "geteuid", lambda: 1000)
+    assert connection.default_uri() == "qemu:///session"
+
+
+def test_unreachable_libvirt_says_how_to_start_it() -> None:
+    with pytest.raises(LibvirtError, match="cannot connect to libvirt") as info:
+        Connection("qemu+unix:///system?socket=/nonexistent/libvirt-sock")
+    assert info.value.hint == START_HINT
+
+
+def test_base_disk_references_are_counted_from_backing_files() -> None:
+    from bcvk.libvirt.connection import VolumeInfo
+
+    def vol(name: str, backing: str | None = None) -> VolumeInfo:
+        return VolumeInfo(name, f"/p/{name}", "qcow2", 1, 1, backing, None)
+
+    infos = [
+        vol("bootc-base-aaaaaaaaaaaaaaaa.qcow2"),
+        vol("bootc-base-bbbbbbbbbbbbbbbb.qcow2"),
+        vol("t1.qcow2", "/p/bootc-base-aaaaaaaaaaaaaaaa.qcow2"),
+        vol("t2.qcow2", "/p/bootc-base-aaaaaaaaaaaaaaaa.qcow2"),
+        vol("unrelated.img"),
+    ]
+    refs = basedisks.references(infos, {"tr": ["/p/bootc-base-bbbbbbbbbbbbbbbb.qcow2"]})
+    assert refs == {
+        "/p/bootc-base-aaaaaaaaaaaaaaaa.qcow2": ["t1.qcow2", "t2.qcow2"],
+        "/p/bootc-base-bbbbbbbbbbbbbbbb.qcow2": ["domain:tr"],
+    }
+
+
+def test_base_disk_name_and_qcow2_size(tmp_path: Path) -> None:
+    assert basedisks.volume_name("sha256:" + "0123456789abcdef" * 4) == (
+        "bootc-base-0123456789abcdef.qcow2"
+    )
+    header = b"QFI\xfb" + b"\0" * 20 + (20 << 30).to_bytes(8, "big")
+    (tmp_path / "d.qcow2").write_bytes(header)
+    assert basedisks.qcow2_virtual_size(tmp_path / "d.qcow2") == 20 << 30
+    (tmp_path / "raw").write_bytes(b"\0" * 64)
+    with pytest.raises(BcvkError, match="not a qcow2"):
+        basedisks.qcow2_virtual_size(tmp_path / "raw")
+
+
+def test_expected_hash_is_to_disks_cache_key() -> None:
+    from bcvk import to_disk
+
+    info = podman.ImageInfo("id", "sha256:d", (), "", 1, "amd64", "linux", {})
+    opts = basedisks.InstallOptions(disk_size=20 << 30, kargs=("console=ttyS0",))
+    key = to_disk.cache_key(
+        IMAGE,
+        "sha256:d",
+        to_disk.DiskFormat.qcow2,
+        20 << 30,
+        to_disk.Options(
+            format=to_disk.DiskFormat.qcow2, disk_size=20 << 30, kargs=("console=ttyS0",)
+        ),
+    )
+    assert basedisks.expected_hash(IMAGE, info, opts) == to_disk.cache_hash(key)
+    bigger = dataclasses.replace(opts, disk_size=30 << 30)
+    assert basedisks.expected_hash(IMAGE, info, bigger) != to_disk.cache_hash(key)
+
+
+# ------------------------------------------------------------------ against test:///
+
+
+def test_create_defines_a_domain_with_metadata_and_clone(
+    conn: Connection, fake_image: podman.ImageInfo, tmp_path: Path
+) -> None:
+    vm = domains.create_vm(conn, IMAGE, options(labels=("ci",), ports=(lx.PortForward(18080, 80),)))
+    assert vm.name == "debian-bootc"
+    assert vm.running
+    md = vm.metadata
+    assert md.source_image == IMAGE
+    assert md.image_digest == fake_image.digest
+    assert md.labels == ("ci",)
+    assert md.disk_volume == "debian-bootc.qcow2"
+    assert md.base_disk == "bootc-base-0123456789abcdef.qcow2"
+    key = Path(md.ssh_private_key_path or "")
+    assert key.is_file()
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert key.parent.stat().st_mode & 0o777 == 0o700
+    assert str(key).startswith(str(tmp_path / "data" / "bcvk" / "libvirt"))
+    pool = conn.pool(POOL)
+    assert pool is not None
+    overlay = pool.volume("debian-bootc.qcow2")
+    assert overlay is not None
+    assert overlay.info().backing_path == "/default-pool/bootc-base-0123456789abcdef.qcow2"
+    xml = conn.get(vm.name).xml()
+    assert "PRIVATE KEY" not in xml
+    assert key.read_text() not in xml
+    # A second VM of the same image gets the next name and another clone.
+    vm2 = domains.create_vm(conn, IMAGE, options(start=False))
+    assert vm2.name == "debian-bootc-2"
+    assert vm2.state == "shut off"
+    assert vm2.metadata.ssh_port != md.ssh_port
+
+
+def test_name_taken_replace_and_foreign_domains(
+    conn: Connection, fake_image: podman.ImageInfo
+) -> None:
+    domains.create_vm(conn, IMAGE, options(name="vm1", start=False))
+    with pytest.raises(BcvkError, match="already exists") as info:
+        domains.create_vm(conn, IMAGE, options(name="vm1"))
+    assert "--replace" in (info.value.hint or "")
+    first_uuid = conn.get("vm1").uuid
+    domains.create_vm(conn, IMAGE, options(name="vm1", replace=True, start=False))
+    assert conn.get("vm1").uuid != first_uuid
+    # "test" is the driver's own domain: bcvk never replaces or removes it.
+    with pytest.raises(BcvkError, match="bcvk did not create it"):
+        domains.create_vm(conn, IMAGE, options(name="test", replace=True))
+    with pytest.raises(BcvkError, match="not created by bcvk"):
+        domains.remove(conn, "test", force=True)
+    assert conn.lookup("test") is not None
+    assert [v.name for v in domains.all_vms(conn)] == ["vm1"]
+
+
+def test_port_in_use_is_refused(conn: Connection, fake_image: podman.ImageInfo) -> None:
+    domains.create_vm(conn, IMAGE, options(name="a", ports=(lx.PortForward(18081, 80),)))
+    with pytest.raises(BcvkError, match="port 18081 is already in use"):
+        domains.create_vm(conn, IMAGE, options(name="b", ports=(lx.PortForward(18081, 80),)))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        busy.listen()
+        with pytest.raises(BcvkError, match=f"port {port} is already in use"):
+            domains.create_vm(conn, IMAGE, options(name="c", ports=(lx.PortForward(port, 80),)))
+    assert conn.lookup("b") is None
+    assert conn.lookup("c") is None
+
+
+def test_failed_run_leaves_nothing_behind(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def boom(self: DomainRef) -> None:
+        raise LibvirtError("starting domain: simulated failure")
+
+    monkeypatch.setattr(DomainRef, "start", boom)
+    with pytest.raises(LibvirtError, match="simulated"):
+        domains.create_vm(conn, IMAGE, options(name="broken"))
+    assert conn.lookup("broken") is None
+    pool = conn.pool(POOL)
+    assert pool is not None
+    assert pool.volume("broken.qcow2") is None
+    keys = tmp_path / "data" / "bcvk" / "libvirt"
+    assert not keys.exists() or list(keys.iterdir()) == []
+
+
+def test_mount_units_as_credentials_for_new_systemd(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(domains, "_guest_systemd", lambda image: 257)
+    share = tmp_path / "share"
+    share.mkdir()
+    vm = domains.create_vm(
+        conn, IMAGE, options(name="m", binds=(f"{share}:/mnt/rw",), binds_ro=(f"{share}:/mnt/ro",))
+    )
+    dom = lx.Domain.from_xml(conn.get("m").xml())
+    assert [f.tag for f in dom.filesystems] == ["bcvk-bind-0", "bcvk-bind-ro-0"]
+    assert all(f.source == str(share) for f in dom.filesystems)
+    assert any("systemd.extra-unit.mnt-ro.mount=" in s for s in dom.oem_strings)
+    assert vm.metadata.readonly_enforcement in ("host", "guest")
+    if vm.metadata.readonly_enforcement == "host":
+        wrapper = dom.filesystems[1].binary or ""
+        assert "--readonly" in Path(wrapper).read_text()
+
+
+def test_missing_bind_source_is_refused(conn: Connection, fake_image: podman.ImageInfo) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        domains.create_vm(conn, IMAGE, options(binds=("/nonexistent/dir:/mnt",)))
+
+
+def test_firmware_choices() -> None:
+    with pytest.raises(UsageError, match="signed boot chain"):
+        domains._check_firmware(lx.Firmware.uefi_secure)
+    with pytest.raises(UsageError, match="not supported"):
+        domains._check_firmware(lx.Firmware.bios)
+    domains._check_firmware(lx.Firmware.uefi)
+
+
+def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.ImageInfo) -> None:
+    a = domains.create_vm(conn, IMAGE, options(name="a", labels=("x",)))
+    domains.create_vm(conn, IMAGE, options(name="b", labels=("y",), start=False))
+    vms = domains.all_vms(conn)
+    assert [v.name for v in domains.filter_vms(vms, all_states=False, label=None)] == ["a"]
+    assert [v.name for v in domains.filter_vms(vms, all_states=True, label=None)] == ["a", "b"]
+    assert [v.name for v in domains.filter_vms(vms, all_states=True, label="y")] == ["b"]
+    data = a.to_json()
+    assert {
+        "name",
+        "state",
+        "image",
+        "ssh_port",
+        "ssh_private_key_path",
+        "ssh_user",
+        "ssh_host",
+        "labels",
+        "disk_path",
+    } <= set(data)
+    with pytest.raises(BcvkError, match="is running"):
+        domains.remove(conn, "a")
+    plan = domains.remove(conn, "a", force=True)
+    assert plan.volume == "a.qcow2"
+    assert conn.lookup("a") is None
+    pool = conn.pool(POOL)
+    assert pool is not None
+    assert pool.volume("a.qcow2") is None
+    assert plan.key_dir is not None
+    assert not Path(plan.key_dir).exists()
+    assert [v.name for v in domains.all_vms(conn)] == ["b"]
+
+
+def test_domains_deleted_behind_our_back(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    domains.create_vm(conn, IMAGE, options(name="gone", start=False))
+    domains.create_vm(conn, IMAGE, options(name="stays", start=False))
+    real_xml = DomainRef.xml
+
+    def racing(self: DomainRef, inactive: bool = False) -> str:
+        if self.name == "gone":
+            raise DomainNotFound("domain 'gone' disappeared")
+        return real_xml(self, inactive)
+
+    monkeypatch.setattr(DomainRef, "xml", racing)
+    assert [v.name for v in domains.all_vms(conn)] == ["stays"]
+    monkeypatch.setattr(DomainRef, "xml", real_xml)
+    dom = conn.get("gone")
+    conn.raw.lookupByName("gone").undefine()  # someone else removes it
+    with pytest.raises(DomainNotFound):
+        dom.state()
+    with pytest.raises(NotFoundError, match="no domain named 'gone'"):
+        domains.remove(conn, "gone", force=True)
+    domains.stop_domain(dom)  # copes: nothing to stop
+
+
+def test_stop_start_and_rm_all(conn: Connection, fake_image: podman.ImageInfo) -> None:
+    domains.create_vm(conn, IMAGE, options(name="s1", labels=("grp",)))
+    domains.create_vm(conn, IMAGE, options(name="s2", labels=("grp",)))
+    domains.create_vm(conn, IMAGE, options(name="other", start=False))
+    dom = conn.get("s1")
+    domains.stop_domain(dom)
+    assert dom.state() == "shut off"
+    domains.stop_domain(dom)  # already stopped: a no-op
+    domains.stop_domain(conn.get("s2"), force=True)
+    assert conn.get("s2").state() == "shut off"
+    conn.get("s2").start()
+    removed, skipped = domains.rm_all(uri=URI, label="grp")
+    assert (removed, skipped) == (["s1"], ["s2"])
+    removed, skipped = domains.rm_all(uri=URI, label="grp", force=True)
+    assert (removed, skipped) == (["s2"], [])
+    assert [v.name for v in domains.all_vms(conn)] == ["other"]
+    assert conn.lookup("test") is not None
+
+
+def test_status_on_the_test_driver(conn: Connection, fake_image: podman.ImageInfo) -> None:
+    domains.create_vm(conn, IMAGE, options(name="st"))
+    data = domains.status(URI)
+    assert data["libvirt_version"]
+    assert data["domain_count"] == 1
+    assert data["running_domain_count"] == 1
+    assert data["supports_readonly_virtiofs"] is (
+        tuple(int(x) for x in str(data["libvirt_version"]).split(".")) >= (11, 0, 0)
+    )
+    assert data["readonly_bind_enforcement"] in ("libvirt", "host", "guest")
