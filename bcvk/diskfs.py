@@ -41,8 +41,12 @@ def in_namespace(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def helper(*args: str | os.PathLike[str]) -> Any:
-    """Run ``python -m bcvk.populate ARGS`` beside the image mount; parse its JSON."""
-    argv = [sys.executable, "-m", "bcvk.populate", *(os.fspath(a) for a in args)]
+    """``bcvk.populate`` ARGS where the image mount is visible: in this process
+    when root, else ``python -m bcvk.populate`` inside podman's namespace."""
+    words = [os.fspath(a) for a in args]
+    if not podman.rootless():
+        return json.loads(json.dumps(populate.dispatch(words)))
+    argv = [sys.executable, "-m", "bcvk.populate", *words]
     return json.loads(run.output(in_namespace(argv)))
 
 

@@ -424,26 +424,34 @@ def apply_extras(root: Path, extras: Sequence[Extra]) -> None:
 # ------------------------------------------------------------------ entry
 
 
-def main(argv: list[str]) -> int:
+def dispatch(argv: Sequence[str]) -> object:
     """``facts ROOT ARCH`` | ``scan ROOT FS`` | ``protofile ROOT EXTRAS OUT``
-    | ``stage SRC DST EXTRAS``: run inside podman's user namespace."""
-    command, args = argv[0], argv[1:]
+    | ``stage SRC DST EXTRAS`` → a JSON-able result."""
+    command, args = argv[0], list(argv[1:])
     if command == "facts":
-        print(json.dumps(facts(Path(args[0]), args[1])))
-    elif command == "scan":
-        print(json.dumps(dataclasses.asdict(scan(Path(args[0]), args[1]))))
-    elif command == "protofile":
+        return facts(Path(args[0]), args[1])
+    if command == "scan":
+        return dataclasses.asdict(scan(Path(args[0]), args[1]))
+    if command == "protofile":
         extras = extras_from_json(json.loads(Path(args[1]).read_text()))
         text, sticky = protofile(Path(args[0]), extras)
         Path(args[2]).write_text(text)
-        print(json.dumps({"sticky": sticky}))
-    elif command == "stage":
+        return {"sticky": sticky}
+    if command == "stage":
         failed = copy_tree(Path(args[0]), Path(args[1]))
         apply_extras(Path(args[1]), extras_from_json(json.loads(Path(args[2]).read_text())))
-        print(json.dumps({"failed_device_nodes": failed}))
-    else:
-        print(f"unknown command {command}", file=sys.stderr)
+        return {"failed_device_nodes": failed}
+    raise ValueError(f"unknown command {command}")
+
+
+def main(argv: list[str]) -> int:
+    """Run inside podman's user namespace: print ``dispatch``'s result as JSON."""
+    try:
+        result = dispatch(argv)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
         return 2
+    print(json.dumps(result))
     return 0
 
 
