@@ -609,6 +609,11 @@ def run_options(image: str, output: Path, opts: Options) -> Result:
             plan_warnings, fs, size = build_native(
                 image, output, opts, fmt, disk_size, tree, work, expected, digest, info.size
             )
+    except _UseBootc:
+        from bcvk import to_disk_bootc
+
+        logger.info("The image contains bootc: installing with its own `bootc install to-disk`")
+        return to_disk_bootc.build(image, output, opts, fmt, disk_size, expected, digest, start)
     except (OSError, CommandError) as exc:
         if _no_space(exc):
             raise BcvkError(
@@ -662,10 +667,14 @@ def build_native(
         facts = diskfs.helper("facts", tree, arch)
     kernel, files = check_kernel(image, facts)
     if opts.installer is Installer.auto and facts["has_bootc"]:
-        # An image with bootc would install itself from a VM by default.
+        # An image with bootc installs itself from a VM by default.
+        from bcvk import to_disk_bootc
+
+        if to_disk_bootc.available():
+            raise _UseBootc
         warn(
             "the image contains bootc, but the bootc installer is not available in this "
-            "bcvk yet (it needs the ephemeral VM layer): using the native installer"
+            "bcvk (it needs the ephemeral VM layer): using the native installer"
         )
     filesystem = resolve_filesystem(opts, facts)
     preflight(filesystem, fmt)
@@ -728,14 +737,38 @@ def build_native(
             with step("Packing the OVA"):
                 pretty = facts["os_release"].get("PRETTY_NAME") or "Linux"
                 write_ova(target, dest, output.stem, layout.size, opts.firmware, pretty)
-    root_img.unlink()
-    esp_img.unlink()
+    size = finish(dest, output, cache, digest)
+    return warnings, filesystem, size
+
+
+class _UseBootc(Exception):
+    """Raised out of the native path when --installer auto picks bootc."""
+
+
+def finish(dest: Path, output: Path, cache: str, digest: str) -> int:
+    """Mark DEST as bcvk's (cache key xattrs) and rename it to OUTPUT atomically."""
     for name, value in ((XATTR_HASH, cache), (XATTR_DIGEST, digest), (XATTR_CREATOR, __version__)):
         with contextlib.suppress(OSError):
             os.setxattr(dest, name, value.encode())
     size = dest.stat().st_size
     os.replace(dest, output)
-    return warnings, filesystem, size
+    return size
+
+
+def convert_raw(
+    src: Path, dest: Path, fmt: DiskFormat, compress: bool, work: Path, capacity: int, name: str
+) -> None:
+    """One whole raw disk → FMT (for disks another installer wrote)."""
+    driver, options = _QEMU_IMG[fmt]
+    qemu_img = run.require("qemu-img", *run.sbin("qemu-img"), why="to convert the disk image")
+    target = work / "disk.vmdk" if fmt is DiskFormat.ova else dest
+    argv: list[str | os.PathLike[str]] = [qemu_img, "convert", "-f", "raw", "-O", driver, *options]
+    if compress:
+        argv.append("-c")
+    run.run([*argv, src, target])
+    if fmt is DiskFormat.ova:
+        write_ova(target, dest, name, capacity, Firmware.uefi, "Linux")
+        target.unlink()
 
 
 def make_esp(

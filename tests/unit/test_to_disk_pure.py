@@ -283,3 +283,42 @@ def test_admin_tools_are_found_outside_path(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setenv("PATH", "/nonexistent")
     assert run.require("mkfs.ext4", *run.sbin("mkfs.ext4")) == Path("/usr/sbin/mkfs.ext4")
+
+
+# ------------------------------------------------------------------ bootc installer
+
+
+def test_bootc_install_argv_golden(golden: Callable[[str, str], None]) -> None:
+    from bcvk import to_disk_bootc
+
+    opts = Options(
+        filesystem=Filesystem.xfs,
+        root_size=10 * GIB,
+        kargs=("console=ttyS0", "a b"),
+        installer=to_disk.Installer.bootc,
+    )
+    script = to_disk_bootc.guest_script(REF, opts, "ssh-ed25519 AAAA it's me\n")
+    golden("to-disk/bootc-install.sh", script + "\n")
+    argv = to_disk_bootc.install_argv(REF, Options(), None)
+    assert argv == [
+        "bootc", "install", "to-disk", "--generic-image", "--skip-fetch-check",
+        "--source-imgref", f"containers-storage:{REF}", "/dev/disk/by-id/virtio-output",
+    ]  # fmt: skip
+
+
+def test_bootc_failure_names_bootcs_error() -> None:
+    from bcvk import to_disk_bootc
+
+    err = to_disk_bootc.failure(
+        1, ["Installing image", "error: Installing to disk: no space", "", "cleanup"]
+    )
+    assert "exit status 1" in str(err)
+    assert str(err).endswith("error: Installing to disk: no space")
+    assert "no output" in str(to_disk_bootc.failure(2, []))
+
+
+def test_bootc_refuses_mbr() -> None:
+    from bcvk import to_disk_bootc
+
+    with pytest.raises(UsageError, match="mbr"):
+        to_disk_bootc.check_options(Options(partition_table=to_disk.PartitionTable.mbr))
