@@ -485,13 +485,19 @@ def _start(opts: Options) -> Vm:
         vm.children = plan.children
         record.phase = "running"
         vmdir.write(record)
+        progress = opts.progress if opts.progress is not None else sys.stderr.isatty()
         if opts.detach:
             _confirm_started(vm)
+            if opts.binds or opts.add_swap or (opts.log_dir and opts.log_dir.journal):
+                # These are set up over SSH, so this detached start waits for it.
+                asyncio.run(
+                    _wait_ready(vm, opts.ssh_timeout, progress=progress, allow_poweroff=False)
+                )
+                _after_ready(vm, plan)
             record.supervisor = None
             vmdir.write(record)
             vm.owner = False
             return vm
-        progress = opts.progress if opts.progress is not None else sys.stderr.isatty()
         asyncio.run(
             _wait_ready(
                 vm,
