@@ -6,7 +6,8 @@ Per round, interleaved so that host load hits all alike:
   ours   `bcvk to-disk IMAGE out.qcow2` from scratch (podman mount, tree scan,
          mkfs.ext4 -d, debugfs, ESP, partition table, qemu-img convert, unmount)
   floor  `mkfs.ext4 -d TREE` of the same tree into a file of the same size +
-         `qemu-img convert -O qcow2` of it (image already mounted, untimed)
+         `qemu-img convert -O qcow2` of it (TREE: an untimed private copy of the
+         image's tree, in the page cache like the image's own files)
   peer   `virt-make-fs --format=qcow2 --type=ext4 --partition=gpt --size=4G TREE`
          (libguestfs boots an appliance VM: under TCG here, so a TCG figure)
 and afterwards the cached reuse: `bcvk to-disk` again with the same options.
@@ -90,8 +91,14 @@ def main() -> int:
         sys.exit("virt-make-fs not found: apt-get install libguestfs-tools")
 
     work = Path(tempfile.mkdtemp(prefix="bcvk-bench-to-disk-", dir=args.workdir))
-    tree = Path(subprocess.run(["podman", "image", "mount", args.image], capture_output=True,
-                               text=True, check=True).stdout.strip())  # fmt: skip
+    mounted = Path(subprocess.run(["podman", "image", "mount", args.image], capture_output=True,
+                                  text=True, check=True).stdout.strip())  # fmt: skip
+    # The floor and the peer read a private copy: a shared image mount can be
+    # remounted by other users of the host mid-run (tar then fails with "file
+    # changed as we read it").  bcvk mounts the image itself, as users do.
+    tree = work / "tree"
+    subprocess.run(["cp", "-a", f"{mounted}/.", tree], check=True)
+    subprocess.run(["podman", "image", "unmount", args.image], capture_output=True, check=False)
     times: dict[str, list[float]] = {"ours": [], "floor": [], "peer": [], "reuse": []}
     try:
         env = guestfs_env(tree, args.workdir / "bcvk-bench-cache")
@@ -125,7 +132,6 @@ def main() -> int:
         for _ in range(args.runs):
             times["reuse"].append(timed([BCVK, "to-disk", args.image, ours]))
     finally:
-        subprocess.run(["podman", "image", "unmount", args.image], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -322,3 +322,61 @@ def test_bootc_refuses_mbr() -> None:
 
     with pytest.raises(UsageError, match="mbr"):
         to_disk_bootc.check_options(Options(partition_table=to_disk.PartitionTable.mbr))
+
+
+# ------------------------------------------------------------------ extras
+
+
+def _facts(**existing: str) -> dict[str, object]:
+    base = {
+        "/etc": "dir", "/etc/fstab": "other", "/etc/machine-id": "other", "/root": "dir",
+        "/root/.ssh": "missing", "/root/.ssh/authorized_keys": "missing", "/boot": "dir",
+        "/boot/efi": "missing", "/.autorelabel": "missing",
+    }  # fmt: skip
+    base.update({k.replace("_", "/"): v for k, v in existing.items()})
+    return {"existing": base, "selinux": False}
+
+
+def test_extras_without_keys_or_selinux(tmp_path: Path) -> None:
+    from bcvk.disk import Ids
+
+    ids = Ids.generate()
+    extras = to_disk.extras(tmp_path, Filesystem.ext4, ids, Options(), _facts())
+    assert [(e.path, e.kind, oct(e.mode)) for e in extras] == [
+        ("/etc/fstab", "file", "0o644"),
+        ("/etc/machine-id", "file", "0o444"),
+        ("/boot/efi", "dir", "0o700"),
+    ]
+    assert Path(extras[1].source or "").read_text() == ""
+    assert f"UUID={ids.root_fs} / ext4" in Path(extras[0].source or "").read_text()
+
+
+def test_extras_with_keys_and_selinux_relabel(tmp_path: Path) -> None:
+    from bcvk.disk import Ids
+
+    keys = tmp_path / "k.pub"
+    keys.write_text("ssh-ed25519 AAAA x\n")
+    facts = _facts()
+    facts["selinux"] = True
+    work = tmp_path / "work"
+    work.mkdir()
+    extras = to_disk.extras(
+        work, Filesystem.xfs, Ids.generate(), Options(root_ssh_authorized_keys=keys), facts
+    )
+    paths = [e.path for e in extras]
+    assert paths[-3:] == ["/root/.ssh", "/root/.ssh/authorized_keys", "/.autorelabel"]
+    key_extra = extras[-2]
+    assert key_extra.mode == 0o600
+    assert Path(key_extra.source or "").read_text() == keys.read_text()
+
+
+def test_stage_esp_for_a_uki(tmp_path: Path) -> None:
+    (tmp_path / "boot.efi").write_bytes(b"sd-boot")
+    (tmp_path / "uki").write_bytes(b"uki")
+    files = bootloader.EspFiles(tmp_path / "boot.efi", tmp_path / "uki", None, uki=True)
+    stage = tmp_path / "esp"
+    stage.mkdir()
+    bootloader.stage_esp(stage, files, None, "x86_64", uki_name="6.9.efi")
+    assert (stage / "EFI" / "Linux" / "6.9.efi").read_bytes() == b"uki"
+    assert list((stage / "loader" / "entries").iterdir()) == []
+    assert "default" not in (stage / "loader" / "loader.conf").read_text()

@@ -1,0 +1,88 @@
+"""The plumbing of `bcvk to-disk --installer bootc`, with a STAND-IN installer.
+
+No real bootc binary can be installed on these hosts.  The fixture image
+localhost/bcvk/fixture-bootc-installer (scripts/build-installer-fixture.sh)
+is the demo image plus a stand-in /usr/bin/bootc: it checks the flags bcvk
+passes, prints progress, formats the target disk as one ext4 filesystem
+holding its arguments, and fails on request.  What is tested is bcvk's side:
+the installer VM boots from the image, sees the target as
+/dev/disk/by-id/virtio-output, gets the right command line, its output is
+streamed, its failure reported with its message, and the result is cached.
+Each test boots one installer VM (TCG: a minute or two).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bcvk import to_disk
+from tests.conftest import DEMO_IMAGE, ROOT, bcvk, image_exists
+
+FIXTURE = "localhost/bcvk/fixture-bootc-installer:latest"
+VM_TIMEOUT = 1200
+
+
+@pytest.fixture(scope="module")
+def installer_image() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("building the stand-in fixture needs root")
+    if not image_exists(DEMO_IMAGE):
+        pytest.skip(f"{DEMO_IMAGE} not built (run `make images`)")
+    subprocess.run([ROOT / "scripts" / "build-installer-fixture.sh"], check=True)
+    return FIXTURE
+
+
+def debugfs_cat(image: Path, path: str) -> str:
+    return subprocess.run(
+        ["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.pub"
+    keys.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBcvkStandIn test\n")
+    out = tmp_path / "disk.raw"
+    argv = ["to-disk", installer_image, str(out), "--filesystem", "xfs", "--karg", "console=ttyS0",
+            "--root-size", "2G", "--root-ssh-authorized-keys", str(keys)]  # fmt: skip
+    result = bcvk(*argv, timeout=VM_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    # --installer auto chose bootc because the image has /usr/bin/bootc
+    assert "The image contains bootc: installing with its own" in result.stderr
+    # the installer's output is streamed to stderr
+    assert "bootc stand-in (bcvk test fixture): install to-disk" in result.stderr
+    assert "Installation complete!" in result.stderr
+    assert result.stdout == ""
+
+    label = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", str(out)],
+                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert label == "bootc-standin"
+    args = debugfs_cat(out, "/install-args.txt").strip()
+    assert args == (
+        "install to-disk --generic-image --skip-fetch-check "
+        f"--source-imgref containers-storage:{installer_image} --filesystem xfs "
+        "--root-size 2048M --karg=console=ttyS0 "
+        "--root-ssh-authorized-keys /run/bcvk-authorized-keys /dev/disk/by-id/virtio-output"
+    )
+    assert "Debian GNU/Linux 12" in debugfs_cat(out, "/os-release")
+    assert out.stat().st_size == 4 * 1024**3
+    assert os.getxattr(out, to_disk.XATTR_HASH).startswith(b"sha256:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "keys.pub"]
+    dry = bcvk(*argv, "--dry-run")
+    assert dry.stdout == "would-reuse\n"
+
+
+def test_installer_failure_reports_its_message(installer_image: str, tmp_path: Path) -> None:
+    out = tmp_path / "disk.qcow2"
+    result = bcvk("to-disk", installer_image, str(out), "--installer", "bootc",
+                  "--karg", "bcvk.standin.fail", timeout=VM_TIMEOUT)  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        "error: bootc install to-disk failed in the installer VM (exit status 1): "
+        "error: Installing to disk: stand-in failure requested by bcvk.standin.fail"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
