@@ -31,6 +31,8 @@ from bcvk.errors import BcvkError, UsageError
 from bcvk.log import logger
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_REAPING = ".reaping-"
+_MOUNTED = ("mounting", "mounted")
 RECORD = "vm.json"
 LOCK = ".lock"
 SCHEMA = 1
@@ -319,16 +321,33 @@ def set_unmounter(fn: Unmounter) -> None:
 
 
 def reap(d: VmDir, record: VmRecord | None = None) -> None:
-    """Undo everything a VM left: processes, image mount, outside files, its dir."""
+    """Undo everything a VM left: processes, image mount, outside files, its dir.
+
+    Two processes may reap the same VM (``rm`` and the foreground bcvk that
+    started it); renaming the directory first makes exactly one of them do it,
+    so an image mount is never dropped twice.
+    """
     record = record if record is not None else d.read()
+    needs_unmount = bool(record and record.mount and record.mount_state in _MOUNTED)
+    if needs_unmount and _unmounter is None:
+        # Keep the record: it is the only trace of the mount.
+        logger.debug("not reaping %s: no way to unmount its image here", d.name)
+        return
+    if d.name.startswith("."):
+        claimed = d.path  # a claim left by a reaper that died
+    else:
+        claimed = d.path.with_name(f".{d.name}{_REAPING}{os.getpid()}")
+        try:
+            os.rename(d.path, claimed)
+        except FileNotFoundError:
+            return  # someone else is reaping it
+        except OSError as exc:
+            logger.debug("cannot claim %s for reaping: %s", d.path, exc)
+            return
     if record is not None:
         procs = [p for p in (record.qemu, *record.helpers) if p is not None]
         terminate(procs, timeout=3.0)
-        if record.mount and record.mount_state in ("mounting", "mounted"):
-            if _unmounter is None:
-                # Keep the record: it is the only trace of the mount.
-                logger.debug("not reaping %s: no way to unmount its image here", record.name)
-                return
+        if needs_unmount and _unmounter is not None:
             try:
                 _unmounter(record)
             except BcvkError as exc:
@@ -336,8 +355,16 @@ def reap(d: VmDir, record: VmRecord | None = None) -> None:
         for extra in record.files:
             with contextlib.suppress(FileNotFoundError):
                 Path(extra).unlink()
-    shutil.rmtree(d.path, ignore_errors=True)
+    shutil.rmtree(claimed, ignore_errors=True)
     logger.debug("reaped state of VM %s", d.name)
+
+
+def _abandoned_claim(entry: Path) -> bool:
+    """A ``.NAME.reaping-PID`` directory whose reaper is gone."""
+    if not entry.name.startswith(".") or _REAPING not in entry.name:
+        return False
+    pid = entry.name.rsplit(_REAPING, 1)[1]
+    return not pid.isdigit() or not Path(f"/proc/{pid}").exists()
 
 
 def scan(*, prune: bool = True) -> list[tuple[VmDir, VmRecord]]:
@@ -352,6 +379,10 @@ def _scan_unlocked(*, prune: bool) -> list[tuple[VmDir, VmRecord]]:
     base = root()
     found: list[tuple[VmDir, VmRecord]] = []
     for entry in sorted(base.iterdir()):
+        if prune and entry.is_dir() and _abandoned_claim(entry):
+            claim = VmDir(entry)
+            reap(claim, claim.read())
+            continue
         if not entry.is_dir() or not NAME_RE.match(entry.name):
             continue
         d = VmDir(entry)

@@ -122,7 +122,27 @@ def _options(image: str, **kw: Any) -> Any:
 
 @click.group(context_settings=CONTEXT)
 def ephemeral() -> None:
-    """Boot bootc images as throwaway VMs: writes vanish when they stop."""
+    """Boot bootc images as throwaway VMs: writes vanish when they stop.
+
+    The image's own kernel boots directly; its root filesystem is served
+    read-only (virtiofs, or a cached ext4 image with --rootfs block) under a
+    writable tmpfs overlay.  SSH uses a fresh key per VM on 127.0.0.1.
+
+    \b
+    Examples:
+      bcvk ephemeral run-ssh quay.io/fedora/fedora-bootc:42 -- uname -r
+      bcvk ephemeral run -d --name dev --bind ~/src:src IMAGE
+      bcvk ephemeral ssh dev
+      bcvk ephemeral ps --format json
+      bcvk ephemeral rm dev
+
+    \b
+    Environment:
+      BCVK_ACCEL=kvm|tcg        force an accelerator (like --accel)
+      BCVK_VIRTIOFSD, VIRTIOFSD_BIN   virtiofsd binary (like --virtiofsd)
+      QEMU_BIN                  QEMU binary (default qemu-system-<arch>)
+      BCVK_SSH_KEY_ROUTES       force key injection: smbios,cmdline,cloud-init
+    """
 
 
 @ephemeral.command(context_settings=CONTEXT)

@@ -186,9 +186,9 @@ def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Pat
     return bindir
 
 
-def script(bindir: Path, name: str, body: str) -> Path:
+def script(bindir: Path, name: str, body: str, shell: str = "/bin/sh") -> Path:
     path = bindir / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.write_text(f"#!{shell}\n" + body + "\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
 
@@ -316,3 +316,126 @@ def test_hidden_aliases_are_not_listed(capsys: pytest.CaptureFixture[str]) -> No
     assert "run-ephemeral" not in out
     assert main(["run-ephemeral", "--help"]) == 0
     assert "Boot IMAGE as an ephemeral VM" in capsys.readouterr().out
+
+
+def test_cache_list_and_prune(
+    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bcvk import rootfs
+
+    tree = isolated_home / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=x\n")
+    rootfs.prepare("localhost/x:1", "ab" * 32, block=False, mount=lambda: tree)
+    # podman knows no images at all: the entry's image is gone.
+    script(fake_bin, "podman", "echo '[]'")
+    assert main(["cache", "list", "--format", "json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["image"] == "localhost/x:1"
+    assert (entry["image_present"], entry["in_use"], entry["rootfs"]) == (False, False, False)
+    assert main(["cache", "prune", "--dry-run"]) == 0
+    assert capsys.readouterr().out == "ab" * 32 + "\n"
+    assert (isolated_home / "cache" / "bcvk" / "images" / ("ab" * 32)).exists()
+    assert main(["cache", "prune"]) == 0
+    assert not (isolated_home / "cache" / "bcvk" / "images" / ("ab" * 32)).exists()
+
+
+# ---------------------------------------------------------------- the launch, with fakes
+
+
+@pytest.fixture
+def fake_host(fake_bin: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """podman, QEMU and ssh replaced by scripts; a tiny image tree to boot."""
+    tree = isolated_home / "image"
+    kdir = tree / "usr/lib/modules/6.1.0-fake"
+    kdir.mkdir(parents=True)
+    (kdir / "vmlinuz").write_bytes(b"kernel")
+    (kdir / "initramfs.img").write_bytes(b"initrd")
+    (tree / "usr/sbin").mkdir(parents=True)
+    (tree / "usr/sbin/sshd").write_text("")
+    (tree / "usr/lib/systemd").mkdir(parents=True)
+    (tree / "usr/lib/systemd/systemd").write_text("")
+    (tree / "sbin").symlink_to("usr/sbin")
+    (tree / "usr/sbin/init").symlink_to("../lib/systemd/systemd")
+    (tree / "usr/lib/systemd/libsystemd-shared-252.so").write_text("")
+    calls = fake_bin / "podman.calls"
+    inspect = podman_inspect_json({"containers.bootc": "1"})
+    (fake_bin / "inspect.json").write_text(inspect)
+    script(
+        fake_bin,
+        "podman",
+        f'echo "$@" >> {calls}\n'
+        'case "$1 $2" in\n'
+        f'  "image inspect") cat {fake_bin / "inspect.json"};;\n'
+        f'  "image mount") echo {tree};;\n'
+        '  "image unmount") echo "$3";;\n'
+        "  *) echo '[]';;\n"
+        "esac",
+    )
+    monkeypatch.setenv("BCVK_ACCEL", "tcg")
+    monkeypatch.setenv("QEMU_BIN", str(fake_bin / "qemu"))
+    monkeypatch.setattr("bcvk.virtiofsd.find", lambda explicit=None: None)
+    return fake_bin
+
+
+# A fake QEMU (bash: fds above 9) without a monitor: closing the inherited QMP socket makes
+# bcvk's QMP attempts fail at once, so teardown goes straight to signals.
+NO_QMP = (
+    'for a; do case "$a" in socket,id=qmp,fd=*) n=${a#socket,id=qmp,fd=}; n=${n%%,*}; '
+    'eval "exec $n<&-";; esac; done\n'
+)
+
+
+def podman_calls(fake_bin: Path, verb: str) -> int:
+    lines = (fake_bin / "podman.calls").read_text().splitlines()
+    return sum(1 for line in lines if line.startswith(f"image {verb}"))
+
+
+def test_qemu_dying_is_quoted_and_cleaned_up(
+    fake_host: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script(fake_host, "qemu", 'echo "qemu-system-x86_64: cannot set up guest memory" >&2; exit 1')
+    rc = main(["ephemeral", "run-ssh", IMAGE, "--", "true"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "QEMU exited during boot (status 1): qemu-system-x86_64: cannot set up" in err
+    assert "virtiofsd not found; using --rootfs block" in err
+    assert runtime_entries(isolated_home) == []
+    # The image was mounted once to fill the cache, and unmounted again.
+    assert podman_calls(fake_host, "mount") == podman_calls(fake_host, "unmount") == 1
+
+
+def test_run_ssh_returns_the_remote_status_and_cleans_up(
+    fake_host: Path, isolated_home: Path
+) -> None:
+    argv_log = fake_host / "qemu.argv"
+    script(fake_host, "qemu", NO_QMP + f'echo "$@" > {argv_log}\nexec sleep 60', "/bin/bash")
+    script(fake_host, "ssh", 'for a; do last="$a"; done\n[ "$last" = true ] && exit 0\nexit 42')
+    rc = main(["ephemeral", "run-ssh", "--memory", "1G", "--vcpus", "1", IMAGE, "--", "exit 42"])
+    assert rc == 42
+    argv = argv_log.read_text()
+    assert "-m 1024M" in argv
+    assert "-smp 1" in argv
+    assert "root=LABEL=bcvk-" in argv
+    assert "io.systemd.credential.binary:tmpfiles.extra=" in argv
+    assert runtime_entries(isolated_home) == []
+    # Cached: the second start needs no mount at all.
+    rc = main(["ephemeral", "run-ssh", IMAGE, "--", "exit 42"])
+    assert rc == 42
+    assert podman_calls(fake_host, "mount") == 1
+
+
+def test_python_api_start_ssh_stop(fake_host: Path, isolated_home: Path) -> None:
+    script(fake_host, "qemu", NO_QMP + "exec sleep 60", "/bin/bash")
+    script(fake_host, "ssh", 'for a; do last="$a"; done\necho "ran: $last"')
+    with ephemeral.start(IMAGE, name="api-vm", rootfs="block") as vm:
+        assert vm.alive()
+        assert vm.ssh("uname -r").stdout == "ran: uname -r\n"
+        assert [v.name for v in ephemeral.ps()] == ["api-vm"]
+        qemu_pid = vm.record.qemu.pid if vm.record.qemu else 0
+    assert not vm.alive()
+    assert not Path(f"/proc/{qemu_pid}").exists() or "sleep" not in Path(
+        f"/proc/{qemu_pid}/cmdline"
+    ).read_text(errors="replace")
+    assert ephemeral.ps() == []
+    assert runtime_entries(isolated_home) == []

@@ -169,3 +169,29 @@ def test_lookup_validates_the_name() -> None:
     with pytest.raises(UsageError):
         state.lookup("../etc")
     assert state.lookup("nobody") is None
+
+
+def test_a_vm_is_reaped_once_even_by_two_reapers(runtime: Path) -> None:
+    unmounted: list[str | None] = []
+    state.set_unmounter(lambda rec: unmounted.append(rec.mount))
+    d, record = state.create(
+        "twice",
+        lambda used: VmRecord(name="twice", image="i", mount="id", mount_state="mounted"),
+    )
+    state.reap(d, record)
+    state.reap(d, record)  # e.g. `rm` and the foreground bcvk both cleaning up
+    assert unmounted == ["id"]
+    assert list(runtime.iterdir()) == [runtime / ".lock"]
+
+
+def test_an_abandoned_reaping_claim_is_finished(runtime: Path) -> None:
+    unmounted: list[str | None] = []
+    state.set_unmounter(lambda rec: unmounted.append(rec.mount))
+    d, _ = state.create(
+        "half", lambda used: VmRecord(name="half", image="i", mount="id", mount_state="mounted")
+    )
+    # A reaper that died right after claiming the directory.
+    d.path.rename(runtime / f".half.reaping-{dead_pid()}")
+    assert state.scan() == []
+    assert unmounted == ["id"]
+    assert list(runtime.iterdir()) == [runtime / ".lock"]
