@@ -62,6 +62,9 @@ class Target:
     host: str = "127.0.0.1"
     user: str = "root"
     proxy_jump: str | None = None
+    # A complete ProxyCommand (e.g. through a remote libvirt host), used
+    # instead of proxy_jump when set: -J would hand our `-F none` to the jump.
+    proxy_command: str | None = None
     connect_timeout: int = 5
 
 
@@ -81,7 +84,9 @@ def argv(
     args = [os.fspath(run.find_binary("ssh") or "ssh"), *BASE_OPTIONS]
     args += ["-o", f"ConnectTimeout={target.connect_timeout}"]
     args += ["-i", os.fspath(target.key), "-p", str(target.port)]
-    if target.proxy_jump:
+    if target.proxy_command:
+        args += ["-o", f"ProxyCommand={target.proxy_command}"]
+    elif target.proxy_jump:
         args += ["-J", target.proxy_jump]
     if tty is True:
         args.append("-t")

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from bcvk import to_disk
 
 PREFIX = "bootc-base-"
+XATTR_HASH = "user.bootc.cache_hash"  # what to-disk records (to_disk.XATTR_HASH)
 SUFFIX = ".qcow2"
 
 
@@ -159,12 +160,27 @@ def ensure(
     if directory is not None:
         output = directory / name
         existed = output.exists()
+        volume = pool.volume(name)
+        if existed and volume is not None:
+            if _xattr(os.fspath(output), XATTR_HASH) == expected:
+                logger.info("Reusing base disk %s", name)
+                return BaseDisk(name, volume.path, volume.info().capacity, expected, True)
+            users = references([v.info() for v in pool.volumes()], domain_disk_paths(conn))
+            if users.get(os.fspath(output)):
+                # Rebuilding in place would swap the backing file under those VMs.
+                raise BcvkError(
+                    f"base disk {name} does not carry the expected cache hash, and VM disks "
+                    f"use it ({', '.join(users[os.fspath(output)])})",
+                    hint="remove those VMs, or restore the file; bcvk will not overwrite it",
+                )
         with step(f"Preparing base disk {name}"):
             got = build_local(image, output, opts)
         if got != expected:
+            if not existed:
+                output.unlink(missing_ok=True)
             raise BcvkError(
-                f"base disk {name} has cache hash {got}, expected {expected}",
-                hint="this is a bug in bcvk; `bcvk libvirt base-disks prune` and retry",
+                f"image {image} changed while its base disk was being built",
+                hint="retry once the image is no longer being rebuilt",
             )
         pool.refresh()
         volume = pool.volume(name)
@@ -183,7 +199,10 @@ def ensure(
         with step(f"Building base disk {name} locally"):
             got = build_local(image, output, opts)
         if got != expected:
-            raise BcvkError(f"built base disk has cache hash {got}, expected {expected}")
+            raise BcvkError(
+                f"image {image} changed while its base disk was being built",
+                hint="retry once the image is no longer being rebuilt",
+            )
         volume = upload_file(pool, output, name, "qcow2")
     vinfo = volume.info()
     return BaseDisk(name, vinfo.path, vinfo.capacity, expected, False)
@@ -281,7 +300,7 @@ def list_base_disks(conn: Connection, pool: Pool) -> list[BaseDiskInfo]:
                 mtime=info.mtime,
                 references=tuple(refs.get(info.path, [])),
                 image_digest=_xattr(info.path, "user.bootc.image_digest") if local else None,
-                cache_hash=_xattr(info.path, "user.bootc.cache_hash") if local else None,
+                cache_hash=_xattr(info.path, XATTR_HASH) if local else None,
             )
         )
     return rows

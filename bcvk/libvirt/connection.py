@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import re
+import shlex
 import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from bcvk.errors import BcvkError, NotFoundError, ToolMissingError
 from bcvk.log import logger
@@ -81,6 +82,7 @@ class UriInfo:
     host: str | None
     port: int | None
     path: str  # /system, /session, /default
+    query: tuple[tuple[str, str], ...] = ()
 
     @property
     def remote(self) -> bool:
@@ -105,6 +107,33 @@ class UriInfo:
         jump = f"{self.user}@{self.host}" if self.user else self.host
         return f"{jump}:{self.port}" if self.port else jump
 
+    def param(self, name: str) -> str | None:
+        return next((v for k, v in self.query if k == name), None)
+
+    @property
+    def ssh_proxy_command(self) -> str | None:
+        """A ProxyCommand reaching the libvirt host the way libvirt's ssh transport does.
+
+        It honours the URI's ``keyfile``, ``no_verify`` and ``known_hosts``
+        parameters and the user's own ssh configuration, and forwards to the
+        guest's loopback port on that host (``-W %h:%p``).
+        """
+        if not self.host or self.transport not in ("ssh", "libssh", "libssh2"):
+            return None
+        argv = [self.param("command") or "ssh", "-o", "BatchMode=yes"]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        if self.user:
+            argv += ["-l", self.user]
+        if keyfile := self.param("keyfile"):
+            argv += ["-i", keyfile]
+        if self.param("no_verify") == "1":
+            argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+        elif known_hosts := self.param("known_hosts"):
+            argv += ["-o", f"UserKnownHostsFile={known_hosts}"]
+        argv += ["-W", "%h:%p", self.host]
+        return " ".join(shlex.quote(a) if a != "%h:%p" else a for a in argv)
+
 
 def parse_uri(uri: str) -> UriInfo:
     parts = urlsplit(uri)
@@ -118,6 +147,7 @@ def parse_uri(uri: str) -> UriInfo:
         host=parts.hostname,
         port=parts.port,
         path=parts.path or "/",
+        query=tuple(parse_qsl(parts.query)),
     )
 
 

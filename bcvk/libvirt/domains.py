@@ -214,6 +214,7 @@ class Vm:
     vcpus: int = 0
     uri: str = ""
     ssh_proxy_jump: str | None = None
+    ssh_proxy_command: str | None = None
 
     @property
     def running(self) -> bool:
@@ -231,6 +232,7 @@ class Vm:
             key=Path(md.ssh_private_key_path),
             user=md.ssh_user or "root",
             proxy_jump=self.ssh_proxy_jump,
+            proxy_command=self.ssh_proxy_command,
             connect_timeout=timeout,
         )
 
@@ -265,7 +267,12 @@ class Vm:
 
 
 def vm_from_xml(
-    xml_text: str, state: str, persistent: bool, uri: str = "", jump: str | None = None
+    xml_text: str,
+    state: str,
+    persistent: bool,
+    uri: str = "",
+    jump: str | None = None,
+    proxy_command: str | None = None,
 ) -> Vm | None:
     """A Vm from a domain's XML, or None when bcvk did not create it (pure)."""
     dom = lx.Domain.from_xml(xml_text)
@@ -282,12 +289,18 @@ def vm_from_xml(
         vcpus=dom.vcpus,
         uri=uri,
         ssh_proxy_jump=jump,
+        ssh_proxy_command=proxy_command,
     )
 
 
 def _vm(conn: Connection, dom: DomainRef) -> Vm | None:
     return vm_from_xml(
-        dom.xml(), dom.state(), dom.is_persistent(), conn.requested_uri, conn.info.ssh_jump
+        dom.xml(),
+        dom.state(),
+        dom.is_persistent(),
+        conn.requested_uri,
+        conn.info.ssh_jump,
+        conn.info.ssh_proxy_command,
     )
 
 

@@ -1,0 +1,341 @@
+"""`bcvk libvirt` end to end: real libvirtd, real QEMU (TCG here), real SSH.
+
+One VM carries most checks (upstream's `comprehensive_workflow` idea) so the
+suite boots few guests: run (boot 1) → ssh, binds, forwards, list → a second
+VM defined as a backing-file clone (no boot) → stop → start (boot 2) → rm;
+then a transient VM (boot 3) and the failure paths, none of which boots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO_IMAGE, FIXTURES, bcvk, image_exists
+from tests.integration import libvirt_env as env
+
+PREFIX = f"bcvk-it-{uuid.uuid4().hex[:6]}"
+BOOT_TIMEOUT = "900"  # seconds; TCG on a shared 2-core host
+
+
+def lv(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    return bcvk("libvirt", "-c", env.URI, *args, timeout=timeout)
+
+
+def lv_ok(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    result = lv(*args, timeout=timeout)
+    assert result.returncode == 0, f"bcvk libvirt {' '.join(args)}:\n{result.stderr}"
+    return result
+
+
+def guest(name: str, command: str) -> subprocess.CompletedProcess[str]:
+    return lv("ssh", name, "--", command, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[None]:
+    env.ensure_daemons()
+    if not image_exists(DEMO_IMAGE):
+        pytest.skip(f"{DEMO_IMAGE} not built (run `make images`)")
+    yield
+    env.cleanup(PREFIX)
+    left = {n for n in env.domain_names() if n.startswith(PREFIX)}
+    assert not left, f"domains left behind: {left}"
+
+
+@dataclass
+class Vm:
+    name: str
+    rw: Path
+    ro: Path
+    forward: int
+    info: dict[str, object]
+
+
+@pytest.fixture(scope="module")
+def vm(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
+    shared = tmp_path_factory.mktemp("libvirt-shares")
+    rw = shared / "rw"
+    ro = shared / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (rw / "hello").write_text("hello from the host\n")
+    (ro / "data").write_text("read-only data\n")
+    forward = env.free_port()
+    name = f"{PREFIX}-main"
+    lv_ok(
+        "run", "--name", name, "--label", env.LABEL, "--memory", "1536M",
+        "--bind", f"{rw}:/mnt/rw", "--bind-ro", f"{ro}:/mnt/ro",
+        "-p", f"{forward}:22", "--ssh-wait", "--timeout", BOOT_TIMEOUT, DEMO_IMAGE,
+    )  # fmt: skip
+    info = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
+    yield Vm(name, rw, ro, forward, info)
+    lv("rm", "-f", name)
+
+
+def test_run_gives_a_running_domain_with_a_clone_disk_and_ssh(vm: Vm) -> None:
+    assert env.domstate(vm.name) == "running"
+    md = vm.info["metadata"]
+    assert isinstance(md, dict)
+    disk = Path(str(vm.info["disk_path"]))
+    assert disk.parent == env.POOL_DIR
+    assert disk.name in env.volumes()
+    base = env.POOL_DIR / str(md["base_disk"])
+    assert env.backing_file(disk) == str(base)
+    assert base.name.startswith("bootc-base-")
+    os_release = guest(vm.name, "cat /etc/os-release")
+    assert os_release.returncode == 0, os_release.stderr
+    assert "ID=debian" in os_release.stdout
+    # --disk-size 20G (the default) is what the guest's root filesystem sees.
+    df = guest(vm.name, "df -B1 --output=size / | tail -1")
+    assert int(df.stdout.strip()) > 18 * 1024**3
+
+
+def test_metadata_in_libvirt_and_no_private_key(vm: Vm) -> None:
+    xml = env.virsh("dumpxml", vm.name).stdout
+    assert 'xmlns:bootc="https://github.com/containers/bootc"' in xml
+    assert f"<bootc:source-image>{DEMO_IMAGE}</bootc:source-image>" in xml
+    key = Path(str(vm.info["ssh_private_key_path"]))
+    assert key.read_text() not in xml
+    assert "PRIVATE KEY" not in xml
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert key.parent.stat().st_mode & 0o777 == 0o700
+    # the guest is reached with exactly that key and port
+    assert key.name == "id_ed25519"
+
+
+def test_list_json_has_what_test_frameworks_need(vm: Vm) -> None:
+    rows = json.loads(lv_ok("list", "--format", "json", "--label", env.LABEL).stdout)
+    row = next(r for r in rows if r["name"] == vm.name)
+    assert row["state"] == "running"
+    assert row["ssh_host"] == "127.0.0.1"
+    assert row["ssh_port"] == vm.info["ssh_port"]
+    assert row["ssh_user"] == "root"
+    assert Path(row["ssh_private_key_path"]).is_file()
+    assert row["image"] == DEMO_IMAGE
+    assert row["labels"] == [env.LABEL]
+    table = lv_ok("list").stdout
+    assert vm.name in table
+
+
+def test_ssh_propagates_exit_status(vm: Vm) -> None:
+    assert guest(vm.name, "exit 42").returncode == 42
+    result = lv("ssh", vm.name, "--", "echo", "two words")
+    assert result.stdout == "two words\n"
+
+
+def test_bind_mounts_are_visible_writable_and_read_only(vm: Vm) -> None:
+    assert guest(vm.name, "cat /mnt/rw/hello").stdout == "hello from the host\n"
+    assert guest(vm.name, "echo from-guest > /mnt/rw/written").returncode == 0
+    assert (vm.rw / "written").read_text() == "from-guest\n"
+    assert guest(vm.name, "cat /mnt/ro/data").stdout == "read-only data\n"
+    assert guest(vm.name, "touch /mnt/ro/nope").returncode != 0
+    status = json.loads(lv_ok("status", "--format", "json").stdout)
+    enforcement = vm.info["metadata"]["readonly_enforcement"]  # type: ignore[index]
+    assert enforcement == status["readonly_bind_enforcement"]
+    if enforcement == "host":
+        # Even root remounting it read-write in the guest cannot write: virtiofsd refuses.
+        remount = guest(vm.name, "mount -o remount,rw /mnt/ro && touch /mnt/ro/nope2")
+        assert remount.returncode != 0
+    assert not (vm.ro / "nope").exists()
+    assert not (vm.ro / "nope2").exists()
+
+
+def test_port_forward_carries_real_traffic_on_loopback_only(vm: Vm) -> None:
+    key = str(vm.info["ssh_private_key_path"])
+    ssh = subprocess.run(
+        [
+            "ssh", "-F", "none", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=30", "-i", key, "-p", str(vm.forward),
+            "root@127.0.0.1", "cat /etc/hostname",
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert ssh.returncode == 0, ssh.stderr
+    assert ssh.stdout.strip()
+    listeners = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{vm.forward}"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"127.0.0.1:{vm.forward}" in listeners
+    assert f"0.0.0.0:{vm.forward}" not in listeners
+
+
+def test_second_vm_of_the_image_is_a_backing_file_clone(vm: Vm) -> None:
+    md = vm.info["metadata"]
+    assert isinstance(md, dict)
+    base = env.POOL_DIR / str(md["base_disk"])
+    before = base.stat().st_mtime_ns
+    name = f"{PREFIX}-clone"
+    created = lv_ok("create", "--name", name, "--label", env.LABEL, DEMO_IMAGE)
+    assert "Reusing" in created.stderr
+    assert env.domstate(name) == "shut off"
+    clone = env.POOL_DIR / f"{name}.qcow2"
+    assert env.backing_file(clone) == str(base)
+    assert base.stat().st_mtime_ns == before  # reused, not rebuilt
+    assert clone.stat().st_blocks * 512 < 10 * 1024**2  # an overlay, not a copy
+    rows = json.loads(lv_ok("base-disks", "list", "--format", "json").stdout)
+    row = next(r for r in rows if r["name"] == base.name)
+    assert row["references"] >= 2
+    assert f"{name}.qcow2" in row["referenced_by"]
+    pruned = lv_ok("base-disks", "prune", "--dry-run").stdout
+    assert base.name not in pruned
+    # name taken without --replace
+    again = lv("create", "--name", name, DEMO_IMAGE)
+    assert again.returncode != 0
+    assert "already exists" in again.stderr
+    assert "--replace" in again.stderr
+    lv_ok("rm", name)  # stopped: no --force needed off a TTY
+    assert name not in env.domain_names()
+    assert not clone.exists()
+
+
+def test_stop_then_start_keeps_disk_and_mounts(vm: Vm) -> None:
+    disk = Path(str(vm.info["disk_path"]))
+    lv_ok("stop", vm.name, "--timeout", "180")
+    assert env.domstate(vm.name) == "shut off"
+    assert disk.exists()
+    down = lv("ssh", vm.name, "--", "true")
+    assert down.returncode != 0
+    assert "not running" in down.stderr
+    lv_ok("start", vm.name, "--ssh-wait", "--timeout", BOOT_TIMEOUT)
+    assert env.domstate(vm.name) == "running"
+    assert guest(vm.name, "cat /mnt/rw/hello").stdout == "hello from the host\n"
+    assert guest(vm.name, "touch /mnt/ro/nope").returncode != 0
+
+
+def test_rm_removes_domain_disk_and_key(vm: Vm) -> None:
+    disk = Path(str(vm.info["disk_path"]))
+    key = Path(str(vm.info["ssh_private_key_path"]))
+    refused = lv("rm", vm.name)
+    assert refused.returncode != 0
+    assert "is running" in refused.stderr
+    lv_ok("rm", "-f", vm.name)
+    assert vm.name not in env.domain_names()
+    assert not disk.exists()
+    assert not key.parent.exists()
+    assert (vm.rw / "hello").exists()  # shared host directories are untouched
+    gone = lv("inspect", vm.name)
+    assert gone.returncode != 0
+    assert "no domain named" in gone.stderr
+
+
+def test_transient_vm_vanishes_when_stopped(libvirtd: None) -> None:
+    name = f"{PREFIX}-transient"
+    before = env.volumes()
+    lv_ok("run", "--transient", "--name", name, "--memory", "1536M", "--disable-tpm",
+          "--ssh-wait", "--timeout", BOOT_TIMEOUT, DEMO_IMAGE)  # fmt: skip
+    dominfo = env.virsh("dominfo", name).stdout
+    assert any(ln.split() == ["Persistent:", "no"] for ln in dominfo.splitlines()), dominfo
+    assert guest(name, "true").returncode == 0
+    assert env.volumes() == before  # no per-VM disk: a QEMU-side overlay
+    lv_ok("stop", name, "--force")
+    assert name not in env.domain_names()
+    assert lv("list", "--all", "--format", "json").stdout.count(name) == 0
+
+
+# ------------------------------------------------------------------ failure paths
+
+
+def test_failed_run_leaves_nothing_behind(libvirtd: None, tmp_path: Path) -> None:
+    name = f"{PREFIX}-broken"
+    keys = Path.home() / ".local" / "share" / "bcvk" / "libvirt"
+    keys_before = set(keys.iterdir()) if keys.exists() else set()
+    result = lv(
+        "run", "--name", name, "--console-log", str(tmp_path / "missing" / "dir" / "c.log"),
+        DEMO_IMAGE,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") or "\nerror: " in result.stderr
+    assert name not in env.domain_names()
+    assert f"{name}.qcow2" not in env.volumes()
+    keys_after = set(keys.iterdir()) if keys.exists() else set()
+    assert keys_after == keys_before
+
+
+def test_not_bootc_image_is_refused(libvirtd: None) -> None:
+    if not image_exists(FIXTURES["unlabelled"]):
+        pytest.skip("fixture images not built (run `make images`)")
+    result = lv("run", "--name", f"{PREFIX}-nb", FIXTURES["unlabelled"])
+    assert result.returncode == 1
+    assert "is not a bootc image" in result.stderr
+    assert "hint: " in result.stderr
+    assert f"{PREFIX}-nb" not in env.domain_names()
+
+
+def test_port_in_use_is_refused(libvirtd: None) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = lv("create", "--name", f"{PREFIX}-port", "-p", f"{port}:80", DEMO_IMAGE)
+    assert result.returncode == 1
+    assert f"host port {port} is already in use" in result.stderr
+    assert f"{PREFIX}-port" not in env.domain_names()
+
+
+def test_unknown_domains(libvirtd: None) -> None:
+    for args in (["ssh", "nope-x", "--", "true"], ["rm", "-f", "nope-x"], ["start", "nope-x"]):
+        result = lv(*args)
+        assert result.returncode == 1
+        assert "no domain named 'nope-x'" in result.stderr
+
+
+def test_foreign_domains_are_never_touched(libvirtd: None, tmp_path: Path) -> None:
+    name = f"{PREFIX}-foreign"
+    xml = tmp_path / "foreign.xml"
+    xml.write_text(
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+    )
+    env.virsh("define", str(xml))
+    try:
+        for args in (["rm", "-f", name], ["stop", name], ["ssh", name, "--", "true"]):
+            result = lv(*args)
+            assert result.returncode == 1
+            assert "not created by bcvk" in result.stderr
+        lv_ok("rm-all", "-f", "--label", "none-such")
+        assert name in env.domain_names()
+        assert name not in lv_ok("list", "--all").stdout
+    finally:
+        env.virsh("undefine", name, check=False)
+
+
+def test_domain_deleted_behind_our_back(libvirtd: None) -> None:
+    name = f"{PREFIX}-vanish"
+    lv_ok("create", "--name", name, DEMO_IMAGE)
+    env.virsh("undefine", name, "--nvram")
+    listed = lv_ok("list", "--all", "--format", "json")
+    assert name not in listed.stdout
+    result = lv("rm", "-f", name)
+    assert result.returncode == 1
+    assert "no domain named" in result.stderr
+    env.virsh("vol-delete", "--pool", "default", f"{name}.qcow2", check=False)
+
+
+def test_base_disk_deleted_behind_our_back_is_rebuilt(libvirtd: None) -> None:
+    name = f"{PREFIX}-rebuilt"
+    lv_ok("create", "--name", name, DEMO_IMAGE)
+    info = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
+    base = env.POOL_DIR / info["metadata"]["base_disk"]
+    lv_ok("rm", name)
+    # no VM references it now; delete it like an admin would
+    os.unlink(base)
+    name2 = f"{PREFIX}-rebuilt2"
+    lv_ok("create", "--name", name2, DEMO_IMAGE)
+    assert base.exists()
+    assert env.backing_file(env.POOL_DIR / f"{name2}.qcow2") == str(base)
+    lv_ok("rm", name2)
+
+
+def test_nothing_left_behind(libvirtd: None) -> None:
+    assert not {n for n in env.domain_names() if n.startswith(PREFIX)}
+    assert not {v for v in env.volumes() if v.startswith(PREFIX)}
