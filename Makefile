@@ -45,6 +45,7 @@ virtiofsd:
 images: venv
 	@$(TIMED) images scripts/build-images.sh
 	@$(TIMED) rootless-user scripts/setup-rootless-user.sh
+	@$(TIMED) rootless-venv scripts/setup-rootless-venv.sh
 
 build/man/.stamp: $(VENV)/.stamp $(wildcard bcvk/cli/*.py)
 	@$(TIMED) man $(VENV)/bin/python -m bcvk.cli.manpage build/man

@@ -8,6 +8,7 @@ is a failure, because CI installs every capability.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -102,13 +103,28 @@ def bcvk(
     return result
 
 
+@functools.cache
+def user_bin_dir(user: str) -> Path:
+    """Where USER finds bcvk: this checkout's venv, or the copy made for it
+    by scripts/setup-rootless-venv.sh when the checkout is private."""
+    own = ROOT / ".venv" / "bin"
+    probe = ["runuser", "-u", user, "--", "test", "-r", str(ROOT / "bcvk" / "__init__.py")]
+    if subprocess.run(probe, check=False).returncode == 0:
+        return own
+    return Path("/opt/bcvk/test-venv/bin")
+
+
 def as_user(user: str, argv: Sequence[str]) -> list[str]:
     """ARGV run as USER with a login-like environment but no logind session."""
     home = f"/home/{user}"
+    bindir = user_bin_dir(user)
+    argv = list(argv)
+    if argv and argv[0] == bcvk_bin():
+        argv[0] = str(bindir / "bcvk")
     return [
         "runuser", "-u", user, "--",
         "env", "-i", f"HOME={home}", f"USER={user}", f"LOGNAME={user}",
-        f"PATH={ROOT / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        f"PATH={bindir}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "LANG=C.UTF-8",
         RUN_TOKEN,
         *argv,
