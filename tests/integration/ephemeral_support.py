@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,14 +143,26 @@ class Session:
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         argv = [bcvk_bin(), *args]
+        env = {**os.environ, **self.env}
+        if self.user is not None:
+            argv = as_user(self.user, ["env", *(f"{k}={v}" for k, v in self.env.items()), *argv])
         return subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **self.env},
-            cwd=ROOT,
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
         )
+
+    def wait_for_processes(
+        self, name: str, roles: set[str], timeout: float = 180
+    ) -> dict[str, Any]:
+        """The VM's record once it lists processes with all ROLES."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = self.vm_record(name) or {}
+            have = {"qemu"} if record.get("qemu") else set()
+            have |= {h["role"] for h in record.get("helpers") or []}
+            if roles <= have:
+                return record
+            time.sleep(0.2)
+        raise AssertionError(f"{roles} of {name} did not start; record: {self.vm_record(name)}")
 
     def state_dirs(self) -> list[str]:
         base = self.ephemeral_dir
@@ -163,7 +176,7 @@ class Session:
             return out.split()
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
-    def vm_record(self, name: str) -> dict[str, object] | None:
+    def vm_record(self, name: str) -> dict[str, Any] | None:
         path = self.ephemeral_dir / name / "vm.json"
         try:
             data = json.loads(path.read_text())

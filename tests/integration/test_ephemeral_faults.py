@@ -127,18 +127,6 @@ def test_unlabelled_image_warns_and_proceeds(images: dict[str, str], session: Se
     assert session.leftovers() == []
 
 
-def wait_for_processes(session: Session, name: str, roles: set[str], timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = session.vm_record(name) or {}
-        have = {"qemu"} if record.get("qemu") else set()
-        have |= {h["role"] for h in record.get("helpers") or []}  # type: ignore[attr-defined]
-        if roles <= have:
-            return record
-        time.sleep(0.2)
-    raise AssertionError(f"{roles} of {name} did not start; record: {session.vm_record(name)}")
-
-
 def test_sigkill_of_bcvk_during_boot_leaves_no_orphans(
     images: dict[str, str], session: Session
 ) -> None:
@@ -147,7 +135,7 @@ def test_sigkill_of_bcvk_during_boot_leaves_no_orphans(
         "ephemeral", "run-ssh", "--rootfs", "virtiofs", "--name", name, images["demo"], "--", "true"
     )
     try:
-        wait_for_processes(session, name, {"qemu", "virtiofsd"})
+        session.wait_for_processes(name, {"qemu", "virtiofsd"})
         time.sleep(1)
     finally:
         proc.kill()
@@ -171,7 +159,7 @@ def test_signals_during_boot_tear_down(
     name = unique("signalled")
     proc = session.popen("ephemeral", "run-ssh", "--name", name, images["demo"], "--", "true")
     try:
-        wait_for_processes(session, name, {"qemu"})
+        session.wait_for_processes(name, {"qemu"})
         time.sleep(1)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)

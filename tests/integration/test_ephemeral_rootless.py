@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import DEMO_IMAGE
-from tests.integration.ephemeral_support import SSH_TIMEOUT, Session, mount_counts, unique
+from tests.integration.ephemeral_support import (
+    SSH_TIMEOUT,
+    Session,
+    marked_processes,
+    mount_counts,
+    unique,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -60,4 +69,23 @@ def test_block_transport_as_unprivileged_user(user_session: Session) -> None:
     cached = json.loads(user_session.bcvk("cache", "list", "--format", "json").stdout)
     assert any(e["rootfs"] and e["in_use"] for e in cached), cached
     assert user_session.bcvk("ephemeral", "rm", "-f", name).returncode == 0
+    assert user_session.leftovers() == []
+
+
+def test_sigkill_of_rootless_bcvk_leaves_no_orphans(user_session: Session) -> None:
+    """QEMU and the virtiofsd inside `podman unshare` die with a SIGKILLed bcvk."""
+    name = unique("rootless-kill")
+    proc = user_session.popen("ephemeral", "run-ssh", "--name", name, DEMO_IMAGE, "--", "true")
+    try:
+        record = user_session.wait_for_processes(name, {"qemu", "virtiofsd"})
+        time.sleep(2)
+        os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while marked_processes(user_session.token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marked_processes(user_session.token) == []
+    listed = user_session.bcvk("ephemeral", "ps", "--format", "json")
+    assert (listed.returncode, json.loads(listed.stdout)) == (0, [])
     assert user_session.leftovers() == []

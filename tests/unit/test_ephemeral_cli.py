@@ -439,3 +439,24 @@ def test_python_api_start_ssh_stop(fake_host: Path, isolated_home: Path) -> None
     ).read_text(errors="replace")
     assert ephemeral.ps() == []
     assert runtime_entries(isolated_home) == []
+
+
+def test_progress_line_shows_elapsed_time_and_the_last_console_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from bcvk.ephemeral import _Progress
+
+    console = tmp_path / "console.log"
+    console.write_bytes(b"[  1.0] early\r\n\x1b[0;32m  OK  \x1b[0m] Reached target Network.\r\n")
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    bar = _Progress(True, "Booting vm…", console)
+    bar.update()
+    bar.clear()
+    assert err.getvalue().startswith("\r\x1b[KBooting vm…    0s  OK  ] Reached target Network.")
+    assert err.getvalue().endswith("\r\x1b[K")
+    quiet = _Progress(False, "x", console)
+    quiet.update()
+    assert err.getvalue().count("Booting") == 1
