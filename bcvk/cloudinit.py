@@ -1,0 +1,79 @@
+"""NoCloud seed ISOs from a user's cloud-init directory (``bcvk pb run --cloudinit DIR``).
+
+cloud-init's NoCloud datasource finds its seed on any filesystem labelled
+``cidata`` holding ``user-data`` and ``meta-data`` (and optionally
+``network-config`` / ``vendor-data``).  podman-bootc packs the directory
+with ``xorrisofs -volid cidata -joliet -rock``; bcvk does the same with
+``xorriso -as mkisofs``.  A missing ``meta-data`` is generated (cloud-init
+refuses a seed without one) so that a directory with only ``user-data``
+works, as users expect.
+
+``credentials.py`` only has bcvk's own key-injection user-data; this
+module packs a directory the user wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from bcvk import run
+from bcvk.errors import NotFoundError, UsageError
+
+VOLUME_ID = "cidata"
+SEED_FILES = ("user-data", "meta-data", "network-config", "vendor-data")
+
+
+def check_dir(directory: Path) -> Path:
+    """DIRECTORY resolved, or a clear error when it is not a usable seed directory."""
+    path = directory.expanduser()
+    if not path.is_dir():
+        raise NotFoundError(
+            f"--cloudinit {directory}: no such directory",
+            hint="pass a directory that holds a user-data file (and optionally meta-data)",
+        )
+    if not (path / "user-data").is_file():
+        raise UsageError(
+            f"--cloudinit {directory} has no user-data file",
+            hint="cloud-init's NoCloud seed needs DIR/user-data (e.g. a #cloud-config file)",
+        )
+    return path.resolve()
+
+
+def meta_data(instance_id: str, hostname: str) -> str:
+    """A minimal NoCloud meta-data document (pure)."""
+    return f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
+
+
+def xorriso_argv(xorriso: str | os.PathLike[str], source: Path, output: Path) -> list[str]:
+    """The command that packs SOURCE into an ISO labelled cidata (pure)."""
+    return [
+        os.fspath(xorriso), "-as", "mkisofs", "-quiet",
+        "-output", os.fspath(output),
+        "-volid", VOLUME_ID, "-joliet", "-rock",
+        os.fspath(source),
+    ]  # fmt: skip
+
+
+def build_seed(directory: Path, output: Path, *, instance_id: str, hostname: str) -> Path:
+    """Write a NoCloud seed ISO of DIRECTORY to OUTPUT (atomically) and return OUTPUT."""
+    source = check_dir(directory)
+    xorriso = run.require("xorriso", why="to build the cloud-init seed ISO")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bcvk-cidata-") as tmp:
+        staging = Path(tmp) / "seed"
+        staging.mkdir()
+        # Only the files cloud-init reads; anything else in DIR stays out.
+        for name in SEED_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staging / name)
+        if not (staging / "meta-data").exists():
+            (staging / "meta-data").write_text(meta_data(instance_id, hostname))
+        partial = output.with_name(output.name + ".partial")
+        partial.unlink(missing_ok=True)
+        run.run(xorriso_argv(xorriso, staging, partial))
+        partial.chmod(0o644)
+        partial.replace(output)
+    return output

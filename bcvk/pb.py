@@ -1,0 +1,1118 @@
+"""``bcvk pb``: podman-bootc's commands on bcvk's libvirt layer, and their Python API.
+
+A pb VM is an ordinary bcvk libvirt domain whose bcvk metadata carries one
+more element, ``<bootc:podman-bootc id=… name=… image-id=… …/>``.  libvirt is
+the single source of truth: ``list`` reads the domains, there is no side
+registry that could drift.
+
+Identity, as in podman-bootc: without ``--name`` there is one VM per image;
+its ID is the first 12 hex digits of the image ID and its domain is
+``podman-bootc-<ID>``.  ``--name NAME`` creates an additional VM whose
+domain is NAME, with an ID of its own.  Every command takes an ID, a unique
+ID prefix or a name.
+
+Locking, as in podman-bootc: a ``run``/``ssh`` session holds a shared
+``flock`` on ``<runtime dir>/pb/<ID>.lock`` for as long as it lasts;
+``stop`` and ``rm`` need an exclusive one, so they refuse while a session is
+open (even with ``-f``).  A lock dies with its process: a crashed bcvk never
+blocks anything.
+
+Python API::
+
+    from bcvk import pb
+    vm = pb.run("localhost/bcvk/debian-bootc:12")          # like `pb run -B`
+    print(pb.ssh(vm.id, ["cat", "/etc/os-release"]).stdout)
+    pb.stop(vm.id); pb.start(vm.id); pb.rm(vm.id, force=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from bcvk import credentials, paths, podman
+from bcvk import run as proc
+from bcvk import ssh as sshlib
+from bcvk.config import GIB, MIB
+from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.libvirt import basedisks, domains
+from bcvk.libvirt import xml as lx
+from bcvk.libvirt.connection import Connection, DomainNotFound, connect, ensure_dir_pool
+from bcvk.log import logger, step
+from bcvk.wait import Deadline, wait_until
+
+DOMAIN_PREFIX = "podman-bootc-"
+ID_LENGTH = 12
+MIN_DISK_SIZE = 10 * GIB  # podman-bootc: max(2 x image size, 10 GiB, --disk-size)
+DEFAULT_MEMORY = 2048 * MIB
+DEFAULT_CPUS = 2
+SSH_TIMEOUT = domains.SSH_TIMEOUT
+SESSION_POOL = "podman-bootc"
+SYSTEM_POOL = "default"
+LOCK_WAIT = 30.0  # a session waits this long for a stop/rm that holds the lock
+CONTROL_PERSIST = "600"  # seconds an idle shared SSH connection stays up
+# sun_path holds 108 bytes with the NUL; ssh binds "<ControlPath>.<16 random>" first.
+MAX_CONTROL_PATH = 107 - 17
+ELEMENT = "podman-bootc"
+_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+# ------------------------------------------------------------------ pure model
+
+
+@dataclass(frozen=True)
+class PbInfo:
+    """What pb adds to a domain's bcvk metadata."""
+
+    id: str
+    name: str | None  # --name; None for the image's own VM
+    image_id: str
+    repository: str
+    user: str = "root"
+    disk_size: int = 0  # bytes; the disk inputs below are what `run` compares
+    filesystem: str | None = None
+    root_size: int | None = None
+    cloudinit_iso: str | None = None
+
+    def to_element(self) -> ET.Element:
+        attrs = {
+            "id": self.id,
+            "image-id": self.image_id,
+            "repository": self.repository,
+            "user": self.user,
+            "disk-size": str(self.disk_size),
+        }
+        optional = {
+            "name": self.name,
+            "filesystem": self.filesystem,
+            "root-size": str(self.root_size) if self.root_size is not None else None,
+            "cloudinit-iso": self.cloudinit_iso,
+        }
+        attrs.update({k: v for k, v in optional.items() if v is not None})
+        return ET.Element(f"{{{lx.BOOTC_NS}}}{ELEMENT}", dict(sorted(attrs.items())))
+
+    @classmethod
+    def from_element(cls, el: ET.Element) -> PbInfo | None:
+        vm_id = el.get("id", "")
+        if not _ID_RE.match(vm_id):
+            return None
+        root_size = el.get("root-size")
+        return cls(
+            id=vm_id,
+            name=el.get("name"),
+            image_id=el.get("image-id", ""),
+            repository=el.get("repository", ""),
+            user=el.get("user", "root"),
+            disk_size=int(el.get("disk-size", "0") or 0),
+            filesystem=el.get("filesystem"),
+            root_size=int(root_size) if root_size and root_size.isdigit() else None,
+            cloudinit_iso=el.get("cloudinit-iso"),
+        )
+
+
+def pb_info_from_xml(xml_text: str) -> PbInfo | None:
+    """The pb element of a domain's XML, or None for a domain that is not a pb VM."""
+    root = ET.fromstring(xml_text)
+    container = root.find(f"metadata/{{{lx.BOOTC_NS}}}container")
+    if container is None:
+        return None
+    el = container.find(f"{{{lx.BOOTC_NS}}}{ELEMENT}")
+    return PbInfo.from_element(el) if el is not None else None
+
+
+def patch_domain_xml(
+    xml_text: str,
+    info: PbInfo,
+    *,
+    seed_iso: str | None = None,
+    tmpfiles_credential: str | None = None,
+) -> str:
+    """The domain XML with the pb element, the cloud-init CD-ROM and the user's key (pure)."""
+    root = ET.fromstring(xml_text)
+    container = root.find(f"metadata/{{{lx.BOOTC_NS}}}container")
+    if container is None:
+        raise BcvkError(f"domain {root.findtext('name')} has no bcvk metadata to mark as pb")
+    for old in container.findall(f"{{{lx.BOOTC_NS}}}{ELEMENT}"):
+        container.remove(old)
+    container.append(info.to_element())
+    devices = root.find("devices")
+    if devices is None:
+        devices = ET.SubElement(root, "devices")
+    if seed_iso:
+        cdrom = ET.SubElement(devices, "disk", {"type": "file", "device": "cdrom"})
+        ET.SubElement(cdrom, "driver", {"name": "qemu", "type": "raw"})
+        ET.SubElement(cdrom, "source", {"file": seed_iso})
+        ET.SubElement(cdrom, "target", {"dev": "sda", "bus": "sata"})
+        ET.SubElement(cdrom, "readonly")
+    if tmpfiles_credential:
+        prefix = f"io.systemd.credential.binary:{credentials.TMPFILES_CREDENTIAL}="
+        entries = root.findall("sysinfo/oemStrings/entry")
+        target = next((e for e in entries if (e.text or "").startswith(prefix)), None)
+        if target is None:
+            raise BcvkError("the domain carries no SSH key credential to extend")
+        target.text = tmpfiles_credential
+    return ET.tostring(root, encoding="unicode")
+
+
+def user_home(user: str) -> str:
+    return "/root" if user == "root" else f"/home/{user}"
+
+
+def key_credential(public_key: str, user: str) -> str:
+    """An SMBIOS credential installing PUBLIC_KEY for root and USER (pure)."""
+    content = credentials.tmpfiles_authorized_key(public_key)
+    if user != "root":
+        content += credentials.tmpfiles_authorized_key(public_key, user, user_home(user))
+    return credentials.smbios_value(credentials.TMPFILES_CREDENTIAL, content)
+
+
+def default_disk_size(image_size: int, requested: int | None) -> int:
+    """podman-bootc's rule: max(2 x image size, 10 GiB, --disk-size), in whole MiB."""
+    size = max(2 * image_size, MIN_DISK_SIZE, requested or 0)
+    return -(-size // MIB) * MIB
+
+
+def image_vm_id(image_id: str) -> str:
+    hexid = image_id.removeprefix("sha256:")
+    if not re.match(r"^[0-9a-f]{12}", hexid):
+        raise BcvkError(f"unexpected image ID {image_id!r}")
+    return hexid[:ID_LENGTH]
+
+
+def new_id(taken: set[str]) -> str:
+    while True:
+        candidate = secrets.token_hex(ID_LENGTH // 2)
+        if candidate not in taken:
+            return candidate
+
+
+def domain_name(vm_id: str, name: str | None) -> str:
+    return domains.validate_name(name) if name else DOMAIN_PREFIX + vm_id
+
+
+@dataclass(frozen=True)
+class PbVm:
+    """A pb VM as `list`/`inspect` show it."""
+
+    info: PbInfo
+    vm: domains.Vm
+    in_use: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def name(self) -> str:
+        return self.vm.name
+
+    @property
+    def running(self) -> bool:
+        return self.vm.running
+
+    @property
+    def ssh_port(self) -> int | None:
+        return self.vm.metadata.ssh_port
+
+    @property
+    def created(self) -> str:
+        return self.vm.metadata.created
+
+    @property
+    def image(self) -> str:
+        return self.info.repository or self.vm.metadata.source_image
+
+    def target(self, user: str | None = None) -> sshlib.Target:
+        return dataclasses.replace(self.vm.ssh_target(), user=user or self.info.user)
+
+    def to_json(self) -> dict[str, object]:
+        md = self.vm.metadata
+        return {
+            "id": self.id,
+            "name": self.name,
+            "image": self.image,
+            "image_id": self.info.image_id,
+            "running": self.running,
+            "state": self.vm.state,
+            "in_use": self.in_use,
+            "ssh_port": self.ssh_port,
+            "ssh_user": self.info.user,
+            "ssh_private_key_path": md.ssh_private_key_path,
+            "ports": [str(p) for p in md.ports],
+            "volumes": [f"{m.source}:{m.target}" for m in md.mounts],
+            "created": self.created or None,
+            "disk_size": self.info.disk_size,
+            "disk_path": self.vm.disks[0] if self.vm.disks else None,
+            "filesystem": self.info.filesystem,
+            "cloudinit_iso": self.info.cloudinit_iso,
+            "memory_mb": self.vm.memory_mib or md.memory_mb,
+            "vcpus": self.vm.vcpus or md.vcpus,
+            "uri": self.vm.uri,
+        }
+
+
+def resolve(vms: Sequence[PbVm], ref: str) -> PbVm:
+    """The VM REF names: an ID, a name (domain or --name), or a unique ID prefix."""
+    for vm in vms:
+        if ref in (vm.id, vm.name, vm.info.name):
+            return vm
+    matches = [vm for vm in vms if ref and vm.id.startswith(ref.lower())]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        listed = ", ".join(f"{m.id} ({m.name})" for m in sorted(matches, key=lambda m: m.id))
+        raise UsageError(
+            f"ID prefix {ref!r} is ambiguous: it matches {listed}",
+            hint="give more digits of the ID, or the VM's name",
+        )
+    raise NotFoundError(f"no podman-bootc VM {ref!r}", hint="`bcvk pb list` shows the VMs")
+
+
+def find(vms: Sequence[PbVm], ref: str) -> PbVm | None:
+    try:
+        return resolve(vms, ref)
+    except NotFoundError:
+        return None
+
+
+def latest(vms: Sequence[PbVm]) -> PbVm:
+    if not vms:
+        raise NotFoundError("there are no podman-bootc VMs", hint="create one with `bcvk pb run`")
+    return max(vms, key=lambda v: (v.created, v.id))
+
+
+def control_path(vm_id: str, port: int, user: str, directory: Path | None = None) -> Path | None:
+    """Where the shared SSH connection's socket lives; None when the path is too long."""
+    base = directory or lock_dir()
+    suffix = "" if user == "root" else "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", user)[:32]
+    path = base / f"{vm_id}-{port}{suffix}.ssh"
+    return path if len(os.fsencode(path)) <= MAX_CONTROL_PATH else None
+
+
+# ------------------------------------------------------------------ locks
+
+
+def lock_dir() -> Path:
+    paths.ensure_private_dir(paths.runtime_dir())
+    return paths.ensure_private_dir(paths.runtime_dir() / "pb")
+
+
+def lock_path(vm_id: str) -> Path:
+    return lock_dir() / f"{vm_id}.lock"
+
+
+class InUseError(BcvkError):
+    pass
+
+
+def _in_use_error(vm_id: str, name: str, what: str) -> InUseError:
+    return InUseError(
+        f"cannot {what} VM {vm_id} ({name}): an SSH session (`pb run` or `pb ssh`) is open",
+        hint="close that session first; -f does not override this",
+    )
+
+
+class VmLock:
+    """The per-VM flock: shared for sessions, exclusive (never waiting) for stop/rm."""
+
+    def __init__(self, vm_id: str) -> None:
+        self.vm_id = vm_id
+        self.path = lock_path(vm_id)
+        self.fd: int | None = None
+
+    def _open(self) -> int:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self.fd
+
+    def shared(self, wait: float = LOCK_WAIT) -> None:
+        fd = self._open()
+
+        def take() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        wait_until(take, Deadline(wait), f"the lock of VM {self.vm_id}", interval=0.2)
+
+    def try_exclusive(self) -> bool:
+        """Take (or upgrade to) the exclusive lock; False when a session holds it."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> VmLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def locked_inodes(proc_locks: str) -> set[tuple[int, int, int]]:
+    """(major, minor, inode) of every flock in /proc/locks text (pure)."""
+    found: set[tuple[int, int, int]] = set()
+    for line in proc_locks.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or "FLOCK" not in fields[1:3]:
+            continue
+        ident = next((f for f in fields if f.count(":") == 2), None)
+        if ident is None:
+            continue
+        major, minor, inode = ident.split(":")
+        with contextlib.suppress(ValueError):
+            found.add((int(major, 16), int(minor, 16), int(inode)))
+    return found
+
+
+def in_use(vm_id: str, locks: set[tuple[int, int, int]] | None = None) -> bool:
+    """Whether any process holds VM_ID's lock, read from /proc/locks without locking."""
+    try:
+        st = lock_path(vm_id).stat()
+    except OSError:
+        return False
+    if locks is None:
+        try:
+            locks = locked_inodes(Path("/proc/locks").read_text())
+        except OSError:
+            return False
+    return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locks
+
+
+# ------------------------------------------------------------------ listing
+
+
+def _pb_vms(conn: Connection, *, with_use: bool = False) -> list[PbVm]:
+    locks: set[tuple[int, int, int]] | None = None
+    if with_use:
+        try:
+            locks = locked_inodes(Path("/proc/locks").read_text())
+        except OSError:
+            locks = set()
+    found: list[PbVm] = []
+    for dom in conn.domains():
+        try:
+            xml_text = dom.xml()
+            info = pb_info_from_xml(xml_text)
+            if info is None:
+                continue
+            vm = domains.vm_from_xml(
+                xml_text,
+                dom.state(),
+                dom.is_persistent(),
+                conn.requested_uri,
+                conn.info.ssh_jump,
+                conn.info.ssh_proxy_command,
+            )
+        except DomainNotFound:
+            continue
+        if vm is None:
+            continue
+        busy = in_use(info.id, locks) if with_use else False
+        found.append(PbVm(info, vm, busy))
+    return sorted(found, key=lambda v: (v.created, v.id))
+
+
+def list_vms(uri: str | None = None) -> list[PbVm]:
+    """Every pb VM at URI, oldest first, with whether a session holds it."""
+    with connect(uri) as conn:
+        return _pb_vms(conn, with_use=True)
+
+
+def inspect(ref: str, uri: str | None = None) -> PbVm:
+    with connect(uri) as conn:
+        return resolve(_pb_vms(conn, with_use=True), ref)
+
+
+def images() -> list[object]:
+    """bootc images in podman's store (``pb images``)."""
+    from bcvk import images as core
+
+    return list(core.list_bootc())
+
+
+# ------------------------------------------------------------------ shared SSH connection
+
+
+def _socket_alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(os.fspath(path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                with contextlib.suppress(OSError):
+                    path.unlink()  # a master that died without cleaning up
+            return False
+    return True
+
+
+def _mux_options(path: Path) -> list[str]:
+    return ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
+
+
+def ensure_master(target: sshlib.Target, vm_id: str) -> Path | None:
+    """A shared SSH connection to TARGET (started if needed); None when unavailable.
+
+    The master runs detached with /dev/null as stdio, so that callers capturing
+    our output are never held open by it; it exits after CONTROL_PERSIST idle
+    seconds, when the guest goes away, or on `pb stop`/`pb rm`.
+    """
+    path = control_path(vm_id, target.port, target.user)
+    if path is None:
+        logger.debug("runtime dir path too long for an SSH control socket; not sharing")
+        return None
+    if path.exists() and _socket_alive(path):
+        return path
+    argv = sshlib.argv(
+        target,
+        (),
+        extra=[
+            "-M", "-N", "-f",
+            "-o", f"ControlPath={path}",
+            "-o", f"ControlPersist={CONTROL_PERSIST}",
+        ],
+    )  # fmt: skip
+    master = proc.spawn(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        die_with_parent=False,
+        new_session=True,
+    )
+    try:
+        status = master.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        master.kill()
+        master.wait()
+        return None
+    if status != 0 or not path.exists():
+        logger.debug("could not start a shared SSH connection (exit %s)", status)
+        return None
+    return path
+
+
+def close_masters(vm_id: str) -> None:
+    """End every shared SSH connection to VM_ID."""
+    directory = paths.runtime_dir() / "pb"
+    if not directory.is_dir():
+        return
+    ssh_bin = proc.find_binary("ssh")
+    for path in directory.glob(f"{vm_id}-*.ssh"):
+        if ssh_bin is not None and _socket_alive(path):
+            proc.run(
+                [ssh_bin, "-F", "none", "-o", f"ControlPath={path}", "-O", "exit", "x"],
+                check=False,
+                timeout=10,
+            )
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _ssh_argv(
+    vm: PbVm, command: Sequence[str], *, user: str | None, tty: bool | None, share: bool
+) -> list[str]:
+    target = vm.target(user)
+    extra: list[str] = []
+    if share:
+        path = ensure_master(target, vm.id)
+        if path is not None:
+            extra = _mux_options(path)
+    return sshlib.argv(target, command, tty=tty, extra=extra)
+
+
+# ------------------------------------------------------------------ console
+
+
+class ConsoleFollower:
+    """Copies what the guest writes to its serial console log to STREAM while it runs."""
+
+    def __init__(self, path: str | None, stream: IO[str]) -> None:
+        self.path = Path(path) if path else None
+        self.stream = stream
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.offset = 0
+
+    def __enter__(self) -> ConsoleFollower:
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.offset = self.path.stat().st_size
+            self.thread = threading.Thread(target=self._follow, daemon=True)
+            self.thread.start()
+        return self
+
+    def _copy(self) -> None:
+        assert self.path is not None
+        try:
+            with self.path.open("rb") as fh:
+                if fh.seek(0, os.SEEK_END) < self.offset:
+                    self.offset = 0  # the log was truncated
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return
+        if data:
+            self.offset += len(data)
+            text = data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "")
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.write(text)
+                self.stream.flush()
+
+    def _follow(self) -> None:
+        while not self.stop_event.wait(0.3):
+            self._copy()
+        self._copy()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=2)
+
+
+# ------------------------------------------------------------------ run
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """``pb run``'s choices; sizes in bytes."""
+
+    user: str = "root"
+    cloudinit: Path | None = None
+    filesystem: str | None = None
+    root_size_max: int | None = None
+    disk_size: int | None = None
+    name: str | None = None
+    memory: int = DEFAULT_MEMORY
+    cpus: int = DEFAULT_CPUS
+    ports: tuple[lx.PortForward, ...] = ()
+    volumes: tuple[str, ...] = ()  # HOST:GUEST (libvirt's --bind)
+    ssh_key: Path | None = None
+    quiet: bool = True
+    timeout: float = SSH_TIMEOUT
+    pool: str | None = None  # default: "default" (system) / "podman-bootc" (session)
+
+
+def validate(opts: RunOptions) -> None:
+    """Checks that need no podman and no libvirt."""
+    if not re.match(r"^[a-z_][a-z0-9_.-]{0,31}$", opts.user):
+        raise UsageError(f"invalid user name {opts.user!r}")
+    if opts.name is not None:
+        domains.validate_name(opts.name)
+        if opts.name.startswith(DOMAIN_PREFIX):
+            raise UsageError(
+                f"--name {opts.name!r}: {DOMAIN_PREFIX}… names belong to the images' own VMs",
+                hint="choose another name",
+            )
+    if opts.cloudinit is not None:
+        from bcvk import cloudinit
+
+        cloudinit.check_dir(opts.cloudinit)
+    for text in opts.volumes:
+        domains.parse_bind(text, lx.MountKind.bind)
+
+
+def pool_name(conn: Connection, opts: RunOptions) -> str:
+    """The pool holding pb disks: qemu:///session's under the podman-bootc cache dir."""
+    if opts.pool:
+        return opts.pool
+    if conn.info.session and not conn.info.remote:
+        ensure_dir_pool(conn, SESSION_POOL, disks_dir())
+        return SESSION_POOL
+    return SYSTEM_POOL
+
+
+def disks_dir() -> Path:
+    """``$XDG_CACHE_HOME/bootc-kit/podman-bootc/disks`` (qemu:///session's pool)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "bootc-kit" / "podman-bootc" / "disks"
+
+
+@contextlib.contextmanager
+def _install_log() -> Iterator[None]:
+    """BOOTC_INSTALL_LOG set: the disk build logs every step and command it runs."""
+    if not os.environ.get("BOOTC_INSTALL_LOG"):
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class _Identity:
+    vm_id: str
+    domain: str
+    image: str | None  # None: an existing VM named by ID/name
+    info: podman.ImageInfo | None
+    existing: PbVm | None
+
+
+def _identify(conn: Connection, ref: str, opts: RunOptions) -> _Identity:
+    vms = _pb_vms(conn)
+    if opts.name is None:
+        vm = find(vms, ref) if _looks_like_vm_ref(ref) else None
+        if vm is not None:
+            return _Identity(vm.id, vm.name, None, None, vm)
+    image = podman.validate_reference(ref.removeprefix("containers-storage:"))
+    info = podman.ensure_image(image)  # pulls a missing image, as podman-bootc does
+    if not info.is_bootc:
+        raise BcvkError(
+            f"image {image} is not a bootc image: it has no {podman.BOOTC_LABEL}=1 label",
+            hint="build it FROM a bootc base image, or add LABEL containers.bootc=1",
+        )
+    if info.id.startswith(image.removeprefix("sha256:")) and info.names:
+        image = info.names[0]  # named by image ID: record (and cache by) its tag
+    if opts.name is None:
+        vm_id = image_vm_id(info.id)
+        existing = next((v for v in vms if v.id == vm_id), None)
+        return _Identity(vm_id, domain_name(vm_id, None), image, info, existing)
+    existing = next((v for v in vms if v.name == opts.name), None)
+    vm_id = existing.id if existing else new_id({v.id for v in vms})
+    return _Identity(vm_id, domain_name(vm_id, opts.name), image, info, existing)
+
+
+def _looks_like_vm_ref(ref: str) -> bool:
+    # An image reference with a registry, path or tag is never a VM reference.
+    return "/" not in ref and ":" not in ref and "@" not in ref
+
+
+def _check_reuse(vm: PbVm, ident: _Identity, opts: RunOptions, disk_size: int | None) -> None:
+    """Refuse to reuse a VM whose disk was built from other inputs (podman-bootc #31)."""
+    problems = []
+    if ident.info is not None and vm.info.image_id and ident.info.id != vm.info.image_id:
+        problems.append("it was made from another version of the image")
+    if disk_size is not None and disk_size != vm.info.disk_size:
+        problems.append(f"its disk is {vm.info.disk_size // MIB} MiB, not {disk_size // MIB} MiB")
+    if opts.filesystem is not None and opts.filesystem != vm.info.filesystem:
+        problems.append(f"its root filesystem is {vm.info.filesystem or 'the image default'}")
+    if opts.root_size_max is not None and opts.root_size_max != vm.info.root_size:
+        problems.append("its root partition has another size")
+    if problems:
+        raise BcvkError(
+            f"VM {vm.id} ({vm.name}) exists and " + "; ".join(problems),
+            hint=f"remove it with `bcvk pb rm {vm.id}` to build a new disk, "
+            "or run it without those options",
+        )
+
+
+def _create(conn: Connection, ident: _Identity, opts: RunOptions) -> None:
+    """Define the pb VM (not started): disk, key, metadata, optional seed ISO."""
+    assert ident.image is not None
+    assert ident.info is not None
+    disk_size = default_disk_size(ident.info.size, opts.disk_size)
+    pool = pool_name(conn, opts)
+    lopts = domains.RunOptions(
+        name=ident.domain,
+        memory=opts.memory,
+        vcpus=opts.cpus,
+        disk_size=disk_size,
+        filesystem=opts.filesystem,
+        root_size=opts.root_size_max,
+        ports=opts.ports,
+        binds=opts.volumes,
+        ssh_key=opts.ssh_key,
+        start=False,
+        ssh_wait=False,
+        timeout=opts.timeout,
+        pool=pool,
+    )
+    with _install_log():
+        vm = domains.create_vm(conn, ident.image, lopts)
+    seed_volume = None
+    try:
+        seed = None
+        if opts.cloudinit is not None:
+            seed_volume = _seed_volume(conn, pool, ident.vm_id, opts.cloudinit)
+            seed = seed_volume[1]
+        key = vm.metadata.ssh_private_key_path
+        assert key is not None
+        public = Path(key + ".pub").read_text().strip()
+        info = PbInfo(
+            id=ident.vm_id,
+            name=opts.name,
+            image_id=ident.info.id,
+            repository=ident.image,
+            user=opts.user,
+            disk_size=disk_size,
+            filesystem=opts.filesystem,
+            root_size=opts.root_size_max,
+            cloudinit_iso=seed,
+        )
+        dom = conn.get(ident.domain)
+        patched = patch_domain_xml(
+            dom.xml(inactive=True),
+            info,
+            seed_iso=seed,
+            tmpfiles_credential=key_credential(public, opts.user) if opts.user != "root" else None,
+        )
+        conn.define(patched)
+    except BaseException:
+        with contextlib.suppress(BcvkError):
+            domains.remove(conn, ident.domain, force=True)
+        if seed_volume is not None:
+            _delete_volume(conn, pool, seed_volume[0])
+        raise
+
+
+def _seed_volume(conn: Connection, pool_name_: str, vm_id: str, source: Path) -> tuple[str, str]:
+    """Build the NoCloud seed ISO into the pool (where QEMU can read it): (volume, path)."""
+    from bcvk import cloudinit
+
+    pool = conn.ensure_pool(pool_name_)
+    name = f"{DOMAIN_PREFIX}{vm_id}-cidata.iso"
+    directory = basedisks.pool_writable(conn, pool)
+    with step("Building the cloud-init seed ISO"):
+        if directory is not None:
+            path = cloudinit.build_seed(
+                source, directory / name, instance_id=f"pb-{vm_id}", hostname=f"pb-{vm_id}"
+            )
+            pool.refresh()
+            return name, os.fspath(path)
+        with basedisks._scratch_dir() as tmp:
+            iso = cloudinit.build_seed(
+                source, tmp / name, instance_id=f"pb-{vm_id}", hostname=f"pb-{vm_id}"
+            )
+            volume = basedisks.upload_file(pool, iso, name, "raw")
+            return name, volume.path
+
+
+def _delete_volume(conn: Connection, pool_name_: str, name: str) -> None:
+    pool = conn.pool(pool_name_)
+    if pool is None:
+        return
+    with contextlib.suppress(BcvkError):
+        pool.refresh()
+        volume = pool.volume(name)
+        if volume is not None:
+            volume.delete()
+
+
+def _get(conn: Connection, vm_id: str) -> PbVm:
+    vm = next((v for v in _pb_vms(conn) if v.id == vm_id), None)
+    if vm is None:
+        raise NotFoundError(f"VM {vm_id} disappeared", hint="`bcvk pb list` shows what is left")
+    return vm
+
+
+def _boot(conn: Connection, vm: PbVm, opts: RunOptions) -> PbVm:
+    """Start VM (when stopped), wait for SSH, mount shares; returns the fresh view."""
+    dom = conn.get(vm.name)
+    close_masters(vm.id)
+    stream = None if opts.quiet else sys.stderr
+    with ConsoleFollower(vm.vm.metadata.console_log if stream else None, stream or sys.stderr):
+        if not dom.is_active():
+            with step(f"Starting VM {vm.id} ({vm.name})"):
+                dom.start()
+        fresh = _get(conn, vm.id)
+        domains.wait_for_ssh(dom, fresh.vm, opts.timeout)
+    mounts = fresh.vm.metadata.mounts
+    oem = lx.Domain.from_xml(dom.xml()).oem_strings
+    if mounts and not any("systemd.extra-unit" in s for s in oem):
+        domains.apply_guest_mounts(fresh.vm)
+    return fresh
+
+
+@dataclass
+class Launched:
+    """A pb VM made ready by `launch`, with the session lock held."""
+
+    vm: PbVm
+    created: bool  # this run defined it
+    started: bool  # this run started it
+    lock: VmLock
+    uri: str | None
+
+
+@contextlib.contextmanager
+def launch(ref: str, opts: RunOptions, uri: str | None = None) -> Iterator[Launched]:
+    """Find or create REF's VM, boot it, wait for SSH; hold its session lock in the block."""
+    validate(opts)
+    with connect(uri) as conn:
+        ident = _identify(conn, ref, opts)
+        with VmLock(ident.vm_id) as lock:
+            lock.shared()
+            created = started = False
+            existing = ident.existing
+            if existing is not None:
+                if existing.running:
+                    raise BcvkError(
+                        f"VM {existing.id} ({existing.name}) is already running",
+                        hint=f"connect with `bcvk pb ssh {existing.id}`, "
+                        f"or stop it with `bcvk pb stop {existing.id}`",
+                    )
+                disk = (
+                    default_disk_size(ident.info.size, opts.disk_size)
+                    if ident.info is not None and opts.disk_size is not None
+                    else None
+                )
+                _check_reuse(existing, ident, opts, disk)
+                vm = existing
+            else:
+                _create(conn, ident, opts)
+                created = True
+                vm = _get(conn, ident.vm_id)
+            try:
+                vm = _boot(conn, vm, opts)
+                started = True
+            except BaseException:
+                if created:
+                    logger.info("Removing VM %s, which did not come up", ident.vm_id)
+                    with contextlib.suppress(BcvkError):
+                        _remove(conn, _get(conn, ident.vm_id))
+                else:
+                    with contextlib.suppress(BcvkError):
+                        domains.stop_domain(conn.get(vm.name), force=True)
+                raise
+            ensure_master(vm.target(), vm.id)
+            logger.info("VM %s (%s) is ready: bcvk pb ssh %s", vm.id, vm.name, vm.id)
+            yield Launched(vm, created, started, lock, uri)
+
+
+def run(image: str, options: RunOptions | None = None, *, uri: str | None = None) -> PbVm:
+    """Create (or start) IMAGE's VM and return once SSH works (``pb run -B``)."""
+    with launch(image, options or RunOptions(), uri) as launched:
+        return launched.vm
+
+
+def run_session(
+    ref: str,
+    opts: RunOptions,
+    command: Sequence[str] = (),
+    *,
+    rm: bool = False,
+    background: bool = False,
+    uri: str | None = None,
+) -> tuple[PbVm, int]:
+    """``pb run``: boot, then a session (or CMD); returns (VM, exit status).
+
+    After a CMD, or with --rm, the VM is removed (a VM this run did not create
+    is only stopped after a CMD, so its disk survives); its base disk stays
+    cached.  Otherwise it keeps running.
+    """
+    if rm and background:
+        raise UsageError(
+            "--rm cannot be combined with -B/--background",
+            hint="a background VM has no session whose end could remove it",
+        )
+    with launch(ref, opts, uri) as launched:
+        vm = launched.vm
+        if background:
+            return vm, 0
+        status = _session(vm, command, user=None)
+        if not (rm or command):
+            return vm, status
+        if not launched.lock.try_exclusive():
+            logger.warning("another session of VM %s is open; leaving it running", vm.id)
+            return vm, status
+        with connect(uri) as conn:
+            if rm or launched.created:
+                _remove(conn, _get(conn, vm.id))
+            else:
+                _stop(conn, _get(conn, vm.id))
+        return vm, status
+
+
+def _session(vm: PbVm, command: Sequence[str], *, user: str | None, capture: bool = False) -> int:
+    tty = True if not command and sys.stdin.isatty() else None
+    argv = _ssh_argv(vm, command, user=user, tty=tty, share=True)
+    result = proc.run(argv, check=False, capture=capture, stdout=1, stdin=0)
+    return int(result.returncode)
+
+
+# ------------------------------------------------------------------ ssh
+
+
+def _running(conn: Connection, ref: str | None) -> PbVm:
+    vms = _pb_vms(conn)
+    vm = resolve(vms, ref) if ref else latest(vms)
+    if not vm.running:
+        raise BcvkError(
+            f"VM {vm.id} ({vm.name}) is not running (state: {vm.vm.state})",
+            hint=f"start it with `bcvk pb start {vm.id}`",
+        )
+    return vm
+
+
+def ssh_session(
+    ref: str | None, command: Sequence[str] = (), *, user: str | None = None, uri: str | None = None
+) -> int:
+    """``pb ssh``: a session (or COMMAND) in a running VM, holding its session lock."""
+    with connect(uri) as conn:
+        vm = _running(conn, ref)
+    with VmLock(vm.id) as lock:
+        lock.shared()
+        return _session(vm, command, user=user)
+
+
+def ssh(
+    ref: str | None,
+    command: Sequence[str],
+    *,
+    user: str | None = None,
+    uri: str | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run COMMAND in VM REF and capture its output (never raises on its exit status)."""
+    with connect(uri) as conn:
+        vm = _running(conn, ref)
+    with VmLock(vm.id) as lock:
+        lock.shared()
+        argv = _ssh_argv(vm, command, user=user, tty=False, share=True)
+        return proc.run(argv, check=False, timeout=timeout)
+
+
+# ------------------------------------------------------------------ start / stop / rm
+
+
+def start(ref: str, *, uri: str | None = None, wait: bool = True, quiet: bool = True) -> PbVm:
+    with connect(uri) as conn:
+        vm = resolve(_pb_vms(conn), ref)
+        if vm.running:
+            logger.info("VM %s is already running", vm.id)
+            return vm
+        if not wait:
+            close_masters(vm.id)
+            conn.get(vm.name).start()
+            return _get(conn, vm.id)
+        return _boot(conn, vm, RunOptions(quiet=quiet))
+
+
+def _stop(conn: Connection, vm: PbVm) -> None:
+    close_masters(vm.id)
+    domains.stop_domain(conn.get(vm.name))
+
+
+def stop(ref: str, *, uri: str | None = None) -> PbVm:
+    """Shut the VM down; its domain and disk stay (unlike podman-bootc)."""
+    with connect(uri) as conn:
+        vm = resolve(_pb_vms(conn), ref)
+        with VmLock(vm.id) as lock:
+            if not lock.try_exclusive():
+                raise _in_use_error(vm.id, vm.name, "stop")
+            _stop(conn, vm)
+        return _get(conn, vm.id)
+
+
+def _remove(conn: Connection, vm: PbVm) -> None:
+    """Domain, its disk and key, seed ISO, shared SSH connections, and an unused base disk."""
+    close_masters(vm.id)
+    md = vm.vm.metadata
+    domains.remove(conn, vm.name, force=True)
+    pool_name_ = md.pool or SYSTEM_POOL
+    if vm.info.cloudinit_iso:
+        _delete_volume(conn, pool_name_, Path(vm.info.cloudinit_iso).name)
+    if md.base_disk and basedisks.is_base_name(md.base_disk):
+        _delete_unused_base(conn, pool_name_, md.base_disk)
+    with contextlib.suppress(OSError):
+        lock_path(vm.id).unlink()
+
+
+def _delete_unused_base(conn: Connection, pool_name_: str, base: str) -> None:
+    """podman-bootc's rm frees the disk: drop the base disk once nothing uses it."""
+    pool = conn.pool(pool_name_)
+    if pool is None:
+        return
+    pool.refresh()
+    infos = [v.info() for v in pool.volumes()]
+    refs = basedisks.references(infos, basedisks.domain_disk_paths(conn))
+    path = next((i.path for i in infos if i.name == base), None)
+    if path is None or refs.get(path):
+        return
+    volume = pool.volume(base)
+    if volume is not None:
+        logger.info("Deleting disk %s (no VM uses it any more)", base)
+        volume.delete()
+
+
+def rm(ref: str, *, force: bool = False, uri: str | None = None) -> PbVm:
+    """Remove VM REF; a running one only with FORCE; never one with an open session."""
+    with connect(uri) as conn:
+        vm = resolve(_pb_vms(conn), ref)
+        with VmLock(vm.id) as lock:
+            if not lock.try_exclusive():
+                raise _in_use_error(vm.id, vm.name, "remove")
+            if vm.running and not force:
+                raise BcvkError(
+                    f"VM {vm.id} ({vm.name}) is running",
+                    hint=f"stop it first (`bcvk pb stop {vm.id}`) or pass -f to stop it",
+                )
+            with step(f"Removing VM {vm.id} ({vm.name})"):
+                _remove(conn, vm)
+        return vm
+
+
+def rm_all(*, force: bool = False, uri: str | None = None) -> tuple[list[PbVm], list[PbVm]]:
+    """Remove every pb VM that is stopped (running ones too with FORCE), skipping those in use.
+
+    Returns (removed, skipped).
+    """
+    removed: list[PbVm] = []
+    skipped: list[PbVm] = []
+    with connect(uri) as conn:
+        for vm in _pb_vms(conn):
+            with VmLock(vm.id) as lock:
+                if not lock.try_exclusive():
+                    logger.warning("Skipping VM %s (%s): an SSH session is open", vm.id, vm.name)
+                    skipped.append(vm)
+                    continue
+                if vm.running and not force:
+                    logger.warning("Skipping running VM %s (%s); -f removes it", vm.id, vm.name)
+                    skipped.append(vm)
+                    continue
+                try:
+                    _remove(conn, vm)
+                except DomainNotFound:
+                    continue
+                logger.info("Removed VM %s (%s)", vm.id, vm.name)
+                removed.append(vm)
+    return removed, skipped
+
+
+__all__ = [
+    "InUseError",
+    "PbInfo",
+    "PbVm",
+    "RunOptions",
+    "images",
+    "inspect",
+    "launch",
+    "list_vms",
+    "rm",
+    "rm_all",
+    "run",
+    "run_session",
+    "ssh",
+    "ssh_session",
+    "start",
+    "stop",
+]
