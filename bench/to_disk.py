@@ -5,11 +5,12 @@
 Per round, interleaved so that host load hits all alike:
   ours   `bcvk to-disk IMAGE out.qcow2` from scratch (podman mount, tree scan,
          mkfs.ext4 -d, debugfs, ESP, partition table, qemu-img convert, unmount)
-  floor  `mkfs.ext4 -d TREE` of the same tree into a file of the same size +
-         `qemu-img convert -O qcow2` of it (TREE: an untimed private copy of the
-         image's tree, in the page cache like the image's own files)
+  floor  `mkfs.ext4 -d TREE` of the image's mounted tree (mounted untimed) into
+         a file of the same size + `qemu-img convert -O qcow2` of it + deleting
+         the intermediate file (bcvk's run also ends with just the qcow2)
   peer   `virt-make-fs --format=qcow2 --type=ext4 --partition=gpt --size=4G TREE`
-         (libguestfs boots an appliance VM: under TCG here, so a TCG figure)
+         of a private copy of the tree (libguestfs tars it into an appliance VM
+         booted under TCG here, so a TCG figure)
 and afterwards the cached reuse: `bcvk to-disk` again with the same options.
 Prints medians, ratios and a Markdown table for docs/PERFORMANCE.md.
 Needs root (reads the image tree for the floor and the peer).
@@ -49,6 +50,16 @@ def timed(argv: Sequence[str | Path], env: dict[str, str] | None = None) -> floa
     if result.returncode != 0:
         sys.exit(f"{argv[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return elapsed
+
+
+def mount(image: str) -> Path:
+    result = subprocess.run(["podman", "image", "mount", image], capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    return Path(result.stdout.strip())
+
+
+def unmount(image: str) -> None:
+    subprocess.run(["podman", "image", "unmount", image], capture_output=True, check=False)
 
 
 def guestfs_env(tree: Path, cache: Path) -> dict[str, str]:
@@ -91,14 +102,13 @@ def main() -> int:
         sys.exit("virt-make-fs not found: apt-get install libguestfs-tools")
 
     work = Path(tempfile.mkdtemp(prefix="bcvk-bench-to-disk-", dir=args.workdir))
-    mounted = Path(subprocess.run(["podman", "image", "mount", args.image], capture_output=True,
-                                  text=True, check=True).stdout.strip())  # fmt: skip
+    mounted = mount(args.image)
     # The floor and the peer read a private copy: a shared image mount can be
     # remounted by other users of the host mid-run (tar then fails with "file
     # changed as we read it").  bcvk mounts the image itself, as users do.
     tree = work / "tree"
     subprocess.run(["cp", "-a", f"{mounted}/.", tree], check=True)
-    subprocess.run(["podman", "image", "unmount", args.image], capture_output=True, check=False)
+    unmount(args.image)
     times: dict[str, list[float]] = {"ours": [], "floor": [], "peer": [], "reuse": []}
     try:
         env = guestfs_env(tree, args.workdir / "bcvk-bench-cache")
@@ -111,15 +121,18 @@ def main() -> int:
             if i < args.runs:
                 ours.unlink(missing_ok=True)
                 times["ours"].append(timed([BCVK, "to-disk", args.image, ours]))
+                # the floor reads the same image mount bcvk reads (mounted untimed)
+                image_tree = mount(args.image)
                 root = work / "floor.img"
                 with open(root, "wb") as f:
                     f.truncate(ROOT_SIZE)
                 start = time.monotonic()
-                timed(["mkfs.ext4", "-q", "-F", "-d", tree, root])
+                timed(["mkfs.ext4", "-q", "-F", "-d", image_tree, root])
                 timed(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", root,
                        work / "floor.qcow2"])  # fmt: skip
+                root.unlink()  # a pipeline leaves one qcow2, as bcvk does
                 times["floor"].append(time.monotonic() - start)
-                root.unlink()
+                unmount(args.image)
                 (work / "floor.qcow2").unlink()
             if i < args.peer_runs:
                 peer = work / "peer.qcow2"

@@ -63,11 +63,13 @@ def booted(disk: Path, key: ssh.KeyPair, workdir: Path, tag: str) -> Iterator[ss
                 raise AssertionError(f"QEMU exited: {qemu.stderr.read()!r}")  # type: ignore[union-attr]
             return ssh.probe(target)
 
+        deadline = Deadline(BOOT_TIMEOUT)
         try:
-            wait_until(ready, Deadline(BOOT_TIMEOUT), f"SSH of {disk.name}", interval=2)
+            wait_until(ready, deadline, f"SSH of {disk.name}", interval=2)
         except Exception as exc:
             tail = console.read_text(errors="replace")[-3000:] if console.exists() else ""
             raise AssertionError(f"{exc}\n--- console tail ---\n{tail}") from exc
+        print(f"{disk.name} ({tag}): SSH answered {deadline.elapsed:.0f}s after QEMU started")
         yield target
     finally:
         if qemu.poll() is None:

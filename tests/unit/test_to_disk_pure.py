@@ -380,3 +380,16 @@ def test_stage_esp_for_a_uki(tmp_path: Path) -> None:
     assert (stage / "EFI" / "Linux" / "6.9.efi").read_bytes() == b"uki"
     assert list((stage / "loader" / "entries").iterdir()) == []
     assert "default" not in (stage / "loader" / "loader.conf").read_text()
+
+
+def test_xattr_probe_explains_an_unsupporting_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    assert to_disk.xattrs_supported(tmp_path) == "Operation not supported"
+    assert list(tmp_path.iterdir()) == []
