@@ -579,7 +579,9 @@ def run_options(image: str, output: Path, opts: Options) -> Result:
                 f"refusing to overwrite {output}: bcvk did not create it",
                 hint="pass --force to replace it, or choose another OUTPUT",
             )
-        if existing == expected and not opts.force:
+        if existing == expected:
+            # --force permits replacing a foreign file; an exact cache hit is
+            # still reused (delete OUTPUT to force a rebuild).
             action = "would-reuse" if opts.dry_run else "reused"
             if not opts.dry_run:
                 logger.info("Reusing existing cached disk image at: %s", output)

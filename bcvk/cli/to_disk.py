@@ -58,7 +58,11 @@ from bcvk.cli import CONTEXT
 @click.option(
     "--dry-run", is_flag=True, help="Print would-reuse or would-regenerate and change nothing."
 )
-@click.option("--force", is_flag=True, help="Replace OUTPUT even if bcvk did not create it.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUTPUT even if bcvk did not create it (an exact cache hit is still reused).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def to_disk(
     image: str,
