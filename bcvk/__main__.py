@@ -28,7 +28,12 @@ def report(exc: BcvkError) -> None:
         logger.info("hint: %s", exc.hint, extra={"fields": {"kind": "hint"}})
 
 
-def main(argv: list[str] | None = None, prog_name: str | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    prog_name: str | None = None,
+    command: click.Command | None = None,
+) -> int:
+    """Run COMMAND (default: the `bcvk` root group; `podman-bootc` passes its own)."""
     from bcvk import log
     from bcvk.cli import root
 
@@ -38,7 +43,8 @@ def main(argv: list[str] | None = None, prog_name: str | None = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     try:
         # Without standalone mode click returns ctx.exit()'s code instead of exiting.
-        result = root.main(args=argv, prog_name=prog_name or "bcvk", standalone_mode=False)
+        cli = command if command is not None else root
+        result = cli.main(args=argv, prog_name=prog_name or "bcvk", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:

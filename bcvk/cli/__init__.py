@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "ssh": ("bcvk.cli.ephemeral", "ssh_cmd", True),
     "to-disk": ("bcvk.cli.to_disk", "to_disk", False),
     "libvirt": ("bcvk.cli.libvirt", "libvirt", False),
+    "pb": ("bcvk.cli.pb", "pb", False),
 }
 
 HELP = {
@@ -35,6 +36,7 @@ HELP = {
     "cache": "List or prune bcvk's per-image cache (kernels, block rootfs images).",
     "to-disk": "Turn a bootc image into a bootable disk image (raw, qcow2, vmdk, vhd, vhdx, ova).",
     "libvirt": "Persistent VMs through libvirt (run, list, ssh, start, stop, rm, upload…).",
+    "pb": "podman-bootc drop-in: run, ssh, list, stop, start, rm, inspect, images.",
 }
 
 

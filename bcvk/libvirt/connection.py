@@ -580,3 +580,36 @@ def connect(uri: str | None = None) -> Iterator[Connection]:
         yield conn
     finally:
         conn.close()
+
+
+# ------------------------------------------------------------------ added for `bcvk pb`
+
+
+def ensure_dir_pool(conn: Connection, name: str, path: Path) -> Pool:
+    """Pool NAME as an active dir pool at PATH, defined (and the directory made) if missing.
+
+    ``bcvk pb`` keeps qemu:///session disks under podman-bootc's cache dir.
+    """
+    pool = conn.pool(name)
+    if pool is None:
+        path.mkdir(parents=True, exist_ok=True)
+        logger.info("Creating storage pool %s at %s", name, path)
+        xml = (
+            f"<pool type='dir'><name>{_xml_escape(name)}</name>"
+            f"<target><path>{_xml_escape(str(path))}</path></target></pool>"
+        )
+        lv = binding()
+        try:
+            raw = conn.raw.storagePoolDefineXML(xml, 0)
+        except lv.libvirtError:
+            pool = conn.pool(name)  # defined by a concurrent bcvk
+            if pool is None:
+                raise
+        else:
+            pool = Pool(conn, raw)
+            with contextlib.suppress(lv.libvirtError):
+                raw.setAutostart(1)
+    if not pool.active():
+        with translate(f"starting storage pool {name}"):
+            pool.raw.create(0)
+    return pool

@@ -421,7 +421,10 @@ def test_not_bootc_and_unknown_ids(conn: Connection, fakes: dict[str, list[str]]
 
 
 def test_cloudinit_seed_is_attached_and_removed(
-    conn: Connection, fakes: dict[str, list[str]], tmp_path: Path
+    conn: Connection,
+    fakes: dict[str, list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pool = conn.pool(POOL) or conn.ensure_pool(POOL)
     seeds = tmp_path / "pool-dir"
@@ -440,14 +443,8 @@ def test_cloudinit_seed_is_attached_and_removed(
         )
         return name, vol.path
 
-    import pytest as _pytest
-
-    mp = _pytest.MonkeyPatch()
-    mp.setattr(pb, "_seed_volume", seed_volume)
-    try:
-        vm = pb.run(IMAGE, opts(cloudinit=ci), uri=URI)
-    finally:
-        mp.undo()
+    monkeypatch.setattr(pb, "_seed_volume", seed_volume)
+    vm = pb.run(IMAGE, opts(cloudinit=ci), uri=URI)
     assert built
     assert vm.info.cloudinit_iso is not None
     xml = conn.get(vm.name).xml()
