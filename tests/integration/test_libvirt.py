@@ -322,18 +322,23 @@ def test_domain_deleted_behind_our_back(libvirtd: None) -> None:
 
 
 def test_base_disk_deleted_behind_our_back_is_rebuilt(libvirtd: None) -> None:
+    # An odd disk size gives this test a base disk of its own: other VMs on
+    # this host (other tests, other engineers) must not lose theirs.
+    size = "7G"
     name = f"{PREFIX}-rebuilt"
-    lv_ok("create", "--name", name, DEMO_IMAGE)
+    lv_ok("create", "--name", name, "--disk-size", size, DEMO_IMAGE)
     info = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
     base = env.POOL_DIR / info["metadata"]["base_disk"]
     lv_ok("rm", name)
-    # no VM references it now; delete it like an admin would
-    os.unlink(base)
+    rows = json.loads(lv_ok("base-disks", "list", "--format", "json").stdout)
+    assert next(r for r in rows if r["name"] == base.name)["references"] == 0
+    os.unlink(base)  # an admin deletes it behind libvirt's back
     name2 = f"{PREFIX}-rebuilt2"
-    lv_ok("create", "--name", name2, DEMO_IMAGE)
+    lv_ok("create", "--name", name2, "--disk-size", size, DEMO_IMAGE)
     assert base.exists()
     assert env.backing_file(env.POOL_DIR / f"{name2}.qcow2") == str(base)
     lv_ok("rm", name2)
+    env.virsh("vol-delete", "--pool", "default", base.name)
 
 
 def test_nothing_left_behind(libvirtd: None) -> None:
