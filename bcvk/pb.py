@@ -43,25 +43,50 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from bcvk import credentials, paths, podman
 from bcvk import run as proc
 from bcvk import ssh as sshlib
 from bcvk.config import GIB, MIB
 from bcvk.errors import BcvkError, NotFoundError, UsageError
-from bcvk.libvirt import basedisks, domains
-from bcvk.libvirt import xml as lx
-from bcvk.libvirt.connection import Connection, DomainNotFound, connect, ensure_dir_pool
 from bcvk.log import logger, step
 from bcvk.wait import Deadline, wait_until
+
+
+class _Lazy:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            import importlib
+
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+if TYPE_CHECKING:
+    from bcvk.libvirt import basedisks, domains
+    from bcvk.libvirt import connection as _connection
+    from bcvk.libvirt import xml as lx
+    from bcvk.libvirt.connection import Connection
+else:
+    # `pb ssh` on a running VM must not pay for the libvirt layer's imports.
+    basedisks = _Lazy("bcvk.libvirt.basedisks")
+    domains = _Lazy("bcvk.libvirt.domains")
+    lx = _Lazy("bcvk.libvirt.xml")
+    _connection = _Lazy("bcvk.libvirt.connection")
 
 DOMAIN_PREFIX = "podman-bootc-"
 ID_LENGTH = 12
 MIN_DISK_SIZE = 10 * GIB  # podman-bootc: max(2 x image size, 10 GiB, --disk-size)
 DEFAULT_MEMORY = 2048 * MIB
 DEFAULT_CPUS = 2
-SSH_TIMEOUT = domains.SSH_TIMEOUT
+SSH_TIMEOUT = 300.0  # as `bcvk libvirt`: TCG boots take minutes on a busy host
 SESSION_POOL = "podman-bootc"
 SYSTEM_POOL = "default"
 LOCK_WAIT = 30.0  # a session waits this long for a stop/rm that holds the lock
@@ -296,12 +321,70 @@ def latest(vms: Sequence[PbVm]) -> PbVm:
     return max(vms, key=lambda v: (v.created, v.id))
 
 
-def control_path(vm_id: str, port: int, user: str, directory: Path | None = None) -> Path | None:
-    """Where the shared SSH connection's socket lives; None when the path is too long."""
+def effective_uri(uri: str | None) -> str:
+    """The URI a connection would use (connection.default_uri's rule, without importing it)."""
+    if uri:
+        return uri
+    env = os.environ.get("LIBVIRT_DEFAULT_URI")
+    if env:
+        return env
+    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+
+
+def control_path(
+    vm_id: str, port: int, user: str, uri: str, directory: Path | None = None
+) -> Path | None:
+    """Where the shared SSH connection's socket lives; None when the path is too long.
+
+    The name carries everything `pb ssh` needs to use it without asking
+    libvirt: ID, port, user and (hashed) URI.
+    """
+    import hashlib
+
     base = directory or lock_dir()
-    suffix = "" if user == "root" else "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", user)[:32]
-    path = base / f"{vm_id}-{port}{suffix}.ssh"
+    safe_user = re.sub(r"[^A-Za-z0-9_.]", "_", user)[:32]
+    uri_hash = hashlib.sha256(uri.encode()).hexdigest()[:6]
+    path = base / f"{vm_id}-{port}-{safe_user}-{uri_hash}.ssh"
     return path if len(os.fsencode(path)) <= MAX_CONTROL_PATH else None
+
+
+_SOCKET_RE = re.compile(
+    r"^(?P<id>[0-9a-f]{12})-(?P<port>\d+)-(?P<user>[A-Za-z0-9_.]+)-(?P<uri>[0-9a-f]{6})\.ssh$"
+)
+
+
+def shared_connection(
+    ref: str | None, user: str | None, uri: str | None, directory: Path | None = None
+) -> tuple[str, int, str, Path] | None:
+    """(ID, port, user, socket) of a live shared connection to VM REF, found without libvirt.
+
+    Only for a full ID (or the podman-bootc-<ID> name) with exactly one live
+    connection for that user and URI; anything else takes the libvirt path.
+    A live master means a running guest: it exits when the guest's side
+    closes, and stop/rm end it.
+    """
+    if ref is None:
+        return None
+    vm_id = ref.removeprefix(DOMAIN_PREFIX)
+    if not _ID_RE.match(vm_id):
+        return None
+    base = directory or paths.runtime_dir() / "pb"
+    if not base.is_dir():
+        return None
+    import hashlib
+
+    uri_hash = hashlib.sha256(effective_uri(uri).encode()).hexdigest()[:6]
+    found = []
+    for path in base.glob(f"{vm_id}-*.ssh"):
+        match = _SOCKET_RE.match(path.name)
+        if match is None or match["uri"] != uri_hash:
+            continue
+        if user is not None and match["user"] != user:
+            continue
+        found.append((vm_id, int(match["port"]), match["user"], path))
+    if len(found) != 1 or not _socket_alive(found[0][3]):
+        return None
+    return found[0]
 
 
 # ------------------------------------------------------------------ locks
@@ -428,7 +511,7 @@ def _pb_vms(conn: Connection, *, with_use: bool = False) -> list[PbVm]:
                 conn.info.ssh_jump,
                 conn.info.ssh_proxy_command,
             )
-        except DomainNotFound:
+        except _connection.DomainNotFound:
             continue
         if vm is None:
             continue
@@ -439,12 +522,12 @@ def _pb_vms(conn: Connection, *, with_use: bool = False) -> list[PbVm]:
 
 def list_vms(uri: str | None = None) -> list[PbVm]:
     """Every pb VM at URI, oldest first, with whether a session holds it."""
-    with connect(uri) as conn:
+    with _connection.connect(uri) as conn:
         return _pb_vms(conn, with_use=True)
 
 
 def inspect(ref: str, uri: str | None = None) -> PbVm:
-    with connect(uri) as conn:
+    with _connection.connect(uri) as conn:
         return resolve(_pb_vms(conn, with_use=True), ref)
 
 
@@ -475,21 +558,23 @@ def _mux_options(path: Path) -> list[str]:
     return ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
 
 
-def ensure_master(target: sshlib.Target, vm_id: str) -> Path | None:
+def ensure_master(target: sshlib.Target, vm_id: str, uri: str | None) -> Path | None:
     """A shared SSH connection to TARGET (started if needed); None when unavailable.
 
     The master runs detached with /dev/null as stdio, so that callers capturing
     our output are never held open by it; it exits after CONTROL_PERSIST idle
     seconds, when the guest goes away, or on `pb stop`/`pb rm`.
     """
-    path = control_path(vm_id, target.port, target.user)
+    path = control_path(vm_id, target.port, target.user, effective_uri(uri))
     if path is None:
         logger.debug("runtime dir path too long for an SSH control socket; not sharing")
         return None
     if path.exists() and _socket_alive(path):
         return path
+    # A loaded TCG guest can take many seconds to send its SSH banner.
+    slow = dataclasses.replace(target, connect_timeout=60)
     argv = sshlib.argv(
-        target,
+        slow,
         (),
         extra=[
             "-M", "-N", "-f",
@@ -497,24 +582,25 @@ def ensure_master(target: sshlib.Target, vm_id: str) -> Path | None:
             "-o", f"ControlPersist={CONTROL_PERSIST}",
         ],
     )  # fmt: skip
-    master = proc.spawn(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        die_with_parent=False,
-        new_session=True,
-    )
-    try:
-        status = master.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        master.kill()
-        master.wait()
-        return None
-    if status != 0 or not path.exists():
-        logger.debug("could not start a shared SSH connection (exit %s)", status)
-        return None
-    return path
+    for attempt in (1, 2):
+        master = proc.spawn(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            die_with_parent=False,
+            new_session=True,
+        )
+        try:
+            status = master.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            master.kill()
+            master.wait()
+            status = -9
+        if status == 0 and path.exists():
+            return path
+        logger.debug("shared SSH connection attempt %d failed (exit %s)", attempt, status)
+    return None
 
 
 def close_masters(vm_id: str) -> None:
@@ -540,7 +626,7 @@ def _ssh_argv(
     target = vm.target(user)
     extra: list[str] = []
     if share:
-        path = ensure_master(target, vm.id)
+        path = ensure_master(target, vm.id, vm.vm.uri or None)
         if path is not None:
             extra = _mux_options(path)
     return sshlib.argv(target, command, tty=tty, extra=extra)
@@ -642,7 +728,7 @@ def pool_name(conn: Connection, opts: RunOptions) -> str:
     if opts.pool:
         return opts.pool
     if conn.info.session and not conn.info.remote:
-        ensure_dir_pool(conn, SESSION_POOL, disks_dir())
+        _connection.ensure_dir_pool(conn, SESSION_POOL, disks_dir())
         return SESSION_POOL
     return SYSTEM_POOL
 
@@ -857,7 +943,7 @@ class Launched:
 def launch(ref: str, opts: RunOptions, uri: str | None = None) -> Iterator[Launched]:
     """Find or create REF's VM, boot it, wait for SSH; hold its session lock in the block."""
     validate(opts)
-    with connect(uri) as conn:
+    with _connection.connect(uri) as conn:
         ident = _identify(conn, ref, opts)
         with VmLock(ident.vm_id) as lock:
             lock.shared()
@@ -893,7 +979,7 @@ def launch(ref: str, opts: RunOptions, uri: str | None = None) -> Iterator[Launc
                     with contextlib.suppress(BcvkError):
                         domains.stop_domain(conn.get(vm.name), force=True)
                 raise
-            ensure_master(vm.target(), vm.id)
+            ensure_master(vm.target(), vm.id, uri)
             logger.info("VM %s (%s) is ready: bcvk pb ssh %s", vm.id, vm.name, vm.id)
             yield Launched(vm, created, started, lock, uri)
 
@@ -934,7 +1020,7 @@ def run_session(
         if not launched.lock.try_exclusive():
             logger.warning("another session of VM %s is open; leaving it running", vm.id)
             return vm, status
-        with connect(uri) as conn:
+        with _connection.connect(uri) as conn:
             if rm or launched.created:
                 _remove(conn, _get(conn, vm.id))
             else:
@@ -963,11 +1049,31 @@ def _running(conn: Connection, ref: str | None) -> PbVm:
     return vm
 
 
+def _fast_argv(
+    ref: str | None, command: Sequence[str], user: str | None, uri: str | None, tty: bool | None
+) -> tuple[str, list[str]] | None:
+    """(ID, ssh argv) through a live shared connection, or None to ask libvirt."""
+    found = shared_connection(ref, user, uri)
+    if found is None:
+        return None
+    vm_id, port, login, path = found
+    # The key is never read: the master holds the authenticated connection.
+    target = sshlib.Target(port=port, key=Path(os.devnull), user=login)
+    return vm_id, sshlib.argv(target, command, tty=tty, extra=_mux_options(path))
+
+
 def ssh_session(
     ref: str | None, command: Sequence[str] = (), *, user: str | None = None, uri: str | None = None
 ) -> int:
     """``pb ssh``: a session (or COMMAND) in a running VM, holding its session lock."""
-    with connect(uri) as conn:
+    tty = True if not command and sys.stdin.isatty() else None
+    fast = _fast_argv(ref, command, user, uri, tty)
+    if fast is not None:
+        vm_id, argv = fast
+        with VmLock(vm_id) as lock:
+            lock.shared()
+            return int(proc.run(argv, check=False, capture=False, stdout=1, stdin=0).returncode)
+    with _connection.connect(uri) as conn:
         vm = _running(conn, ref)
     with VmLock(vm.id) as lock:
         lock.shared()
@@ -983,11 +1089,16 @@ def ssh(
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run COMMAND in VM REF and capture its output (never raises on its exit status)."""
-    with connect(uri) as conn:
-        vm = _running(conn, ref)
-    with VmLock(vm.id) as lock:
-        lock.shared()
+    fast = _fast_argv(ref, command, user, uri, False)
+    if fast is not None:
+        vm_id, argv = fast
+    else:
+        with _connection.connect(uri) as conn:
+            vm = _running(conn, ref)
+        vm_id = vm.id
         argv = _ssh_argv(vm, command, user=user, tty=False, share=True)
+    with VmLock(vm_id) as lock:
+        lock.shared()
         return proc.run(argv, check=False, timeout=timeout)
 
 
@@ -995,7 +1106,7 @@ def ssh(
 
 
 def start(ref: str, *, uri: str | None = None, wait: bool = True, quiet: bool = True) -> PbVm:
-    with connect(uri) as conn:
+    with _connection.connect(uri) as conn:
         vm = resolve(_pb_vms(conn), ref)
         if vm.running:
             logger.info("VM %s is already running", vm.id)
@@ -1014,7 +1125,7 @@ def _stop(conn: Connection, vm: PbVm) -> None:
 
 def stop(ref: str, *, uri: str | None = None) -> PbVm:
     """Shut the VM down; its domain and disk stay (unlike podman-bootc)."""
-    with connect(uri) as conn:
+    with _connection.connect(uri) as conn:
         vm = resolve(_pb_vms(conn), ref)
         with VmLock(vm.id) as lock:
             if not lock.try_exclusive():
@@ -1056,7 +1167,7 @@ def _delete_unused_base(conn: Connection, pool_name_: str, base: str) -> None:
 
 def rm(ref: str, *, force: bool = False, uri: str | None = None) -> PbVm:
     """Remove VM REF; a running one only with FORCE; never one with an open session."""
-    with connect(uri) as conn:
+    with _connection.connect(uri) as conn:
         vm = resolve(_pb_vms(conn), ref)
         with VmLock(vm.id) as lock:
             if not lock.try_exclusive():
@@ -1078,7 +1189,7 @@ def rm_all(*, force: bool = False, uri: str | None = None) -> tuple[list[PbVm], 
     """
     removed: list[PbVm] = []
     skipped: list[PbVm] = []
-    with connect(uri) as conn:
+    with _connection.connect(uri) as conn:
         for vm in _pb_vms(conn):
             with VmLock(vm.id) as lock:
                 if not lock.try_exclusive():
@@ -1091,7 +1202,7 @@ def rm_all(*, force: bool = False, uri: str | None = None) -> tuple[list[PbVm], 
                     continue
                 try:
                     _remove(conn, vm)
-                except DomainNotFound:
+                except _connection.DomainNotFound:
                     continue
                 logger.info("Removed VM %s (%s)", vm.id, vm.name)
                 removed.append(vm)

@@ -149,14 +149,74 @@ def test_patch_keeps_the_libvirt_view_and_adds_pb_cdrom_and_user_key() -> None:
 
 def test_control_path_stays_short(tmp_path: Path) -> None:
     short = Path("/run/user/0/bcvk/pb")
-    path = pb.control_path("0123456789ab", 2345, "root", short)
-    assert path == short / "0123456789ab-2345.ssh"
-    user = pb.control_path("0123456789ab", 2345, "core", short)
+    uri = "qemu:///system"
+    path = pb.control_path("0123456789ab", 2345, "root", uri, short)
+    assert path is not None
+    assert path.parent == short
+    assert path.name.startswith("0123456789ab-2345-root-")
+    user = pb.control_path("0123456789ab", 2345, "core", uri, short)
     assert user is not None
-    assert user.name == "0123456789ab-2345-core.ssh"
+    assert user.name.startswith("0123456789ab-2345-core-")
+    other_uri = pb.control_path("0123456789ab", 2345, "root", "qemu:///session", short)
+    assert other_uri != path
     # ssh binds "<path>.<16 random chars>" first: that too must fit sun_path (108).
     assert len(os.fsencode(path)) + 17 < 108
-    assert pb.control_path("0123456789ab", 2345, "root", Path("/" + "x" * 80)) is None
+    longest = pb.control_path("0123456789ab", 65535, "u" * 40, uri, Path("/tmp/bcvk-65534/pb"))
+    assert longest is not None
+    assert len(os.fsencode(longest)) + 17 < 108
+    assert pb.control_path("0123456789ab", 2345, "root", uri, Path("/" + "x" * 80)) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "uid_root"),
+    [({}, True), ({"LIBVIRT_DEFAULT_URI": "test:///default"}, True), ({}, False)],
+)
+def test_effective_uri_matches_the_connection_default(
+    env: dict[str, str], uid_root: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bcvk.libvirt import connection
+
+    monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "geteuid", lambda: 0 if uid_root else 1000)
+    assert pb.effective_uri(None) == connection.default_uri()
+    assert pb.effective_uri("qemu:///x") == "qemu:///x"
+
+
+def test_shared_connection_is_found_without_libvirt_only_when_unique_and_live(
+    tmp_path: Path,
+) -> None:
+    import socket as sk
+
+    directory = Path(f"/tmp/pbs-{os.getpid()}")
+    directory.mkdir(mode=0o700, exist_ok=True)
+    uri = "qemu:///system"
+    try:
+        path = pb.control_path("0123456789ab", 2345, "core", uri, directory)
+        assert path is not None
+        assert pb.shared_connection("0123456789ab", None, uri, directory) is None  # no socket
+        with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as server:
+            server.bind(os.fspath(path))
+            server.listen()
+            found = pb.shared_connection("0123456789ab", None, uri, directory)
+            assert found == ("0123456789ab", 2345, "core", path)
+            by_name = pb.shared_connection("podman-bootc-0123456789ab", "core", uri, directory)
+            assert by_name == found
+            assert pb.shared_connection("0123456789ab", "root", uri, directory) is None
+            assert pb.shared_connection("0123456789ab", None, "qemu:///session", directory) is None
+            assert pb.shared_connection("0123", None, uri, directory) is None  # prefixes: libvirt
+            assert pb.shared_connection("web", None, uri, directory) is None  # names: libvirt
+            second = pb.control_path("0123456789ab", 2345, "root", uri, directory)
+            assert second is not None
+            second.touch()
+            assert pb.shared_connection("0123456789ab", None, uri, directory) is None  # two
+            second.unlink()
+        # a dead master's socket is not used, and is cleaned up
+        assert pb.shared_connection("0123456789ab", None, uri, directory) is None
+        assert not path.exists()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_validate_rejects_bad_input(tmp_path: Path) -> None:
@@ -326,7 +386,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch, conn: Connection) -> dict[str, list[s
     monkeypatch.setattr(
         domains, "wait_for_ssh", lambda dom, v, timeout=0: calls["waited"].append(v.name)
     )
-    monkeypatch.setattr(pb, "ensure_master", lambda t, i: calls["masters"].append(i))
+    monkeypatch.setattr(pb, "ensure_master", lambda t, i, u: calls["masters"].append(i))
     return calls
 
 

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Benchmarks for `bcvk pb` (results go to docs/PERFORMANCE.md, section "pb").
+
+    .venv/bin/python bench/pb.py all --runs 3 --ssh-runs 9 --image localhost/bcvk/debian-bootc:12
+
+podman-bootc itself cannot run on these hosts (it needs a rootful podman
+machine and a registry), so the seed's "within 20 % of podman-bootc" is
+measured against stand-ins:
+
+  ready  `bcvk pb run -B IMAGE` to a working SSH login against
+         `bcvk libvirt run --ssh-wait` of the same image with the same memory,
+         vCPUs and disk inputs (so the same warm base disk), alternated A/B in
+         one run so host load hits both alike.  Same machinery: ratio ≤ 1.05.
+  cold   `bcvk pb run -B IMAGE` with no cached disk: the disk build itself
+         (the figure to-disk logs) and the whole run.
+  ssh    `bcvk pb ssh ID -- true` on a running VM (shared SSH connection)
+         against `bcvk libvirt ssh NAME -- true` on the same VM (a full SSH
+         handshake each time); median of --ssh-runs.
+
+Needs root (qemu:///system) and libvirtd running (`virtlogd -d; libvirtd -d`).
+TCG timings swing with host load: the load average is printed with each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BCVK = str(ROOT / ".venv" / "bin" / "bcvk")
+URI = "qemu:///system"
+MEMORY = "2048"
+TIMEOUT = "1200"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def run(argv: list[str], timeout: float = 2400) -> tuple[float, subprocess.CompletedProcess[str]]:
+    start = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    elapsed = time.monotonic() - start
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return elapsed, result
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    m, lo, hi = median(values), min(values), max(values)
+    return f"{m:.{digits}f} s (min {lo:.{digits}f}, max {hi:.{digits}f}, n={len(values)})"
+
+
+def pb(*args: str) -> list[str]:
+    return [BCVK, "pb", "-c", URI, *args]
+
+
+def pb_run(image: str, name: str) -> tuple[float, str, str]:
+    elapsed, result = run(
+        pb("run", "-B", "--quiet", "--name", name, "--memory", MEMORY, "--timeout", TIMEOUT, image)
+    )
+    return elapsed, result.stdout.strip(), result.stderr
+
+
+def pb_rm(ref: str) -> None:
+    subprocess.run(pb("rm", "-f", ref), capture_output=True, check=False)
+
+
+def lv_run(image: str, name: str) -> float:
+    elapsed, _ = run(
+        [
+            BCVK, "libvirt", "-c", URI, "run", "--name", name, "--memory", f"{MEMORY}M",
+            "--cpus", "2", "--disk-size", "10G", "--ssh-wait", "--timeout", TIMEOUT, image,
+        ]
+    )  # fmt: skip
+    return elapsed
+
+
+def lv_rm(name: str) -> None:
+    subprocess.run([BCVK, "libvirt", "-c", URI, "rm", "-f", name], capture_output=True, check=False)
+
+
+def bench_ready(image: str, runs: int) -> dict[str, object]:
+    tag = uuid.uuid4().hex[:6]
+    log("warming the base disk (untimed)…")
+    _, warm_id, _ = pb_run(image, f"bench-pb-{tag}-warm")
+    pbs: list[float] = []
+    lvs: list[float] = []
+    loads: list[float] = []
+    try:
+        for i in range(runs):
+            loads.append(load())
+            order = ("pb", "lv") if i % 2 == 0 else ("lv", "pb")
+            for which in order:
+                name = f"bench-{which}-{tag}-{i}"
+                if which == "pb":
+                    seconds, vm_id, _ = pb_run(image, name)
+                    pb_rm(vm_id)
+                    pbs.append(seconds)
+                else:
+                    seconds = lv_run(image, name)
+                    lv_rm(name)
+                    lvs.append(seconds)
+                log(f"  run {i + 1}: {which} {seconds:.1f} s (load {load():.1f})")
+    finally:
+        pb_rm(warm_id)
+    return {
+        "pb_run_B": pbs,
+        "libvirt_run_ssh_wait": lvs,
+        "ratio": median(pbs) / median(lvs),
+        "load": loads,
+    }
+
+
+def bench_cold(image: str) -> dict[str, object]:
+    tag = uuid.uuid4().hex[:6]
+    pools = Path("/var/lib/libvirt/images")
+    before = {p.name for p in pools.glob("bootc-base-*.qcow2")}
+    seconds, vm_id, err = pb_run(image, f"bench-pb-{tag}-cold")
+    built = re.search(r"Wrote \S+ \(qcow2, \w+, ([\d.]+)s\)", err)
+    new = {p.name for p in pools.glob("bootc-base-*.qcow2")} - before
+    pb_rm(vm_id)  # the last user of the base disk: rm deletes it again
+    if not new or built is None:
+        sys.exit("the cold run reused a base disk: remove pb/libvirt VMs of the image first")
+    return {"run_seconds": seconds, "disk_build_seconds": float(built.group(1)), "load": load()}
+
+
+def bench_ssh(image: str, runs: int) -> dict[str, object]:
+    tag = uuid.uuid4().hex[:6]
+    name = f"bench-pb-{tag}-ssh"
+    _, vm_id, _ = pb_run(image, name)
+    shared: list[float] = []
+    full: list[float] = []
+    try:
+        run(pb("ssh", vm_id, "--", "true"))  # untimed: the first call may open the connection
+        for _ in range(runs):
+            shared.append(run(pb("ssh", vm_id, "--", "true"))[0])
+            full.append(run([BCVK, "libvirt", "-c", URI, "ssh", name, "--", "true"])[0])
+    finally:
+        pb_rm(vm_id)
+    return {"pb_ssh_true": shared, "libvirt_ssh_true": full, "load": load()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("section", choices=["ready", "cold", "ssh", "all"])
+    parser.add_argument("--image", default="localhost/bcvk/debian-bootc:12")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--ssh-runs", type=int, default=9)
+    args = parser.parse_args()
+    results: dict[str, object] = {"load_at_start": load()}
+    if args.section in ("cold", "all"):
+        cold = bench_cold(args.image)
+        results["cold"] = cold
+        log(f"cold: disk build {cold['disk_build_seconds']:.1f} s, run {cold['run_seconds']:.1f} s")
+    if args.section in ("ready", "all"):
+        ready = bench_ready(args.image, args.runs)
+        results["ready"] = ready
+        log(f"pb run -B:              {fmt(ready['pb_run_B'])}")  # type: ignore[arg-type]
+        log(f"libvirt run --ssh-wait: {fmt(ready['libvirt_run_ssh_wait'])}")  # type: ignore[arg-type]
+        log(f"ratio: {ready['ratio']:.3f}")
+    if args.section in ("ssh", "all"):
+        ssh = bench_ssh(args.image, args.ssh_runs)
+        results["ssh"] = ssh
+        log(f"pb ssh -- true:      {fmt(ssh['pb_ssh_true'], 2)}")  # type: ignore[arg-type]
+        log(f"libvirt ssh -- true: {fmt(ssh['libvirt_ssh_true'], 2)}")  # type: ignore[arg-type]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
