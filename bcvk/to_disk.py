@@ -24,15 +24,14 @@ import os
 import platform
 import secrets
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bcvk import __version__, bootloader, diskfs, ovf, podman, populate, run
+from bcvk import __version__, podman, run
 from bcvk.config import format_size, parse_size
 from bcvk.disk import (
     ESP_MOUNTPOINT,
@@ -49,6 +48,11 @@ from bcvk.disk import (
 from bcvk.disk import LAYOUT_VERSION as LAYOUT_VERSION
 from bcvk.errors import BcvkError, CommandError, NotFoundError, UsageError
 from bcvk.log import logger, step
+
+if TYPE_CHECKING:
+    import tarfile
+
+    from bcvk import populate
 
 XATTR_HASH = "user.bootc.cache_hash"
 XATTR_DIGEST = "user.bootc.image_digest"
@@ -345,6 +349,8 @@ def extras(
     work: Path, filesystem: Filesystem, ids: Ids, opts: Options, facts: dict[str, Any]
 ) -> list[populate.Extra]:
     """The files bcvk adds to the image's tree in the disk's root."""
+    from bcvk import populate
+
     (work / "extras").mkdir()
     out: list[populate.Extra] = []
 
@@ -435,6 +441,10 @@ def convert(
 def write_ova(
     vmdk: Path, dest: Path, name: str, capacity: int, firmware: Firmware, desc: str
 ) -> None:
+    import tarfile
+
+    from bcvk import ovf
+
     disk_name = f"{name}-disk1.vmdk"
     spec = ovf.OvfSpec(
         name=name,
@@ -460,6 +470,7 @@ def write_ova(
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     import io
+    import tarfile
 
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -474,6 +485,8 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 @contextlib.contextmanager
 def work_directory(output: Path) -> Iterator[Path]:
     """A hidden directory beside OUTPUT (same filesystem, so rename is atomic)."""
+    from bcvk import diskfs
+
     work = output.parent / f".{output.name}.bcvk-{secrets.token_hex(4)}"
     work.mkdir(mode=0o700)
     try:
@@ -658,6 +671,8 @@ def build_native(
     digest: str,
     image_size: int,
 ) -> tuple[list[str], Filesystem, int]:
+    from bcvk import diskfs
+
     warnings: list[str] = []
 
     def warn(text: str) -> None:
@@ -776,6 +791,8 @@ def convert_raw(
 def make_esp(
     plan: Plan, work: Path, kernel: dict[str, Any], files: dict[str, Any], arch: str
 ) -> Path:
+    from bcvk import bootloader, diskfs
+
     boot_files = work / "boot-files"
     boot_files.mkdir()
     boot_src = plan.facts["systemd_boot"]
