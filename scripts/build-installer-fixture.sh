@@ -76,7 +76,7 @@ tar -C "$work/add" --numeric-owner --owner=0 --group=0 -rf "$work/image.tar" ./u
 podman image unmount "$DEMO" >/dev/null
 
 log "importing $FIXTURE"
-podman import \
+podman import --quiet \
     --change "LABEL=containers.bootc=1" \
     --change "LABEL=io.bcvk.fixture-hash=$hash" \
     --change 'CMD ["/sbin/init"]' \
