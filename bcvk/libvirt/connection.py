@@ -86,7 +86,10 @@ class UriInfo:
 
     @property
     def remote(self) -> bool:
-        return bool(self.host) and not self.local_host
+        """A URI naming a host (even localhost over ssh): bcvk cannot assume that
+        host's files are its own, so disks go through the API and guests are
+        reached through that host."""
+        return bool(self.host)
 
     @property
     def local_host(self) -> bool:

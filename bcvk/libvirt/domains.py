@@ -254,6 +254,7 @@ class Vm:
             "ssh_user": md.ssh_user,
             "ssh_private_key_path": md.ssh_private_key_path,
             "ssh_proxy_jump": self.ssh_proxy_jump,
+            "ssh_proxy_command": self.ssh_proxy_command,
             "ports": [str(p) for p in md.ports],
             "created": md.created or None,
             "uri": self.uri,
