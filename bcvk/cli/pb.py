@@ -190,7 +190,20 @@ def run(ctx: click.Context, /, image: str, command: tuple[str, ...], **kw: Any) 
     ctx.exit(status)
 
 
-@pb.command(context_settings=PASSTHROUGH)
+class _SshCommand(click.Command):
+    """`ssh [ID] [-- CMD…]`: a leading `--` means "no ID" (click would drop it)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        i = 0
+        while i < len(args) and args[i].startswith("-") and args[i] != "--":
+            takes_value = args[i] in ("-u", "--user")
+            i += 2 if takes_value else 1
+        if i < len(args) and args[i] == "--":
+            args = [*args[:i], "", *args[i + 1 :]]  # an empty ID: the latest VM
+        return super().parse_args(ctx, args)
+
+
+@pb.command(cls=_SshCommand, context_settings=PASSTHROUGH)
 @click.argument("vm_id", metavar="[ID]", required=False)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("-u", "--user", help="User to log in as.  [default: the one `run -u` chose]")
@@ -200,11 +213,9 @@ def ssh(ctx: click.Context, vm_id: str | None, command: tuple[str, ...], user: s
     from bcvk import pb as core
 
     args = list(command)
-    if vm_id == "--":  # `pb ssh -- CMD`: the latest VM
-        vm_id = None
-    elif args and args[0] == "--":
+    if args and args[0] == "--":
         args = args[1:]
-    ctx.exit(core.ssh_session(vm_id, args, user=user, uri=_uri(ctx)))
+    ctx.exit(core.ssh_session(vm_id or None, args, user=user, uri=_uri(ctx)))
 
 
 @pb.command("list", context_settings=CONTEXT)

@@ -168,3 +168,40 @@ def test_podman_bootc_entry_point(uri: str, runtime: dict[str, str]) -> None:
         [script, "completion", "bash"], capture_output=True, text=True, check=True
     )
     assert "_PODMAN_BOOTC_COMPLETE" in completion.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["ssh", "--", "echo", "latest"], (None, ["echo", "latest"], None)),
+        (["ssh", "ID", "--", "echo", "--", "x"], ("ID", ["echo", "--", "x"], None)),
+        (["ssh", "-u", "root", "ID", "--", "id"], ("ID", ["id"], "root")),
+        (["ssh", "ID", "ls", "-la"], ("ID", ["ls", "-la"], None)),
+        (["ssh"], (None, [], None)),
+        (["ssh", "-u", "core", "--", "true"], (None, ["true"], "core")),
+        (["run", "-B", "IMG", "--", "sh", "-c", "exit 3"], ("IMG", ["sh", "-c", "exit 3"], None)),
+        (["run", "IMG", "ls", "-la", "/"], ("IMG", ["ls", "-la", "/"], None)),
+    ],
+)
+def test_id_and_command_parsing(
+    argv: list[str],
+    expected: tuple[str | None, list[str], str | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bcvk.cli import pb as cli
+
+    seen: list[tuple[str | None, list[str], str | None]] = []
+
+    def session(ref: str | None, args: list[str], user: str | None = None, **_: object) -> int:
+        seen.append((ref, list(args), user))
+        return 0
+
+    def run_session(ref: str, opts: object, args: list[str], **_: object) -> tuple[object, int]:
+        seen.append((ref, list(args), None))
+        return pb.PbVm.__new__(pb.PbVm), 0
+
+    monkeypatch.setattr(pb, "ssh_session", session)
+    monkeypatch.setattr(pb, "run_session", run_session)
+    monkeypatch.setattr(pb.PbVm, "id", property(lambda self: "0123456789ab"))
+    assert cli.pb.main(argv, standalone_mode=False) == 0
+    assert seen == [expected]
