@@ -4,8 +4,9 @@ Three routes, all pure text built here:
 
 - SMBIOS type 11 strings carrying a systemd credential (``tmpfiles.extra``),
   which systemd ≥ 252 imports at boot on x86 and arm64 VMs;
-- the same credential on the kernel command line
-  (``systemd.set_credential_binary=``), for guests that do not read SMBIOS;
+- the same credential on the kernel command line, for guests that do not
+  read SMBIOS: ``systemd.set_credential_binary=`` (base64, systemd ≥ 253) or
+  the quoted one-line ``"systemd.set_credential=NAME:TEXT"`` that 252 knows;
 - a cloud-init NoCloud seed (``user-data`` + ``meta-data``) for images that
   run cloud-init, which may ignore or override the credential route.
 """
@@ -21,11 +22,13 @@ from dataclasses import dataclass
 TMPFILES_CREDENTIAL = "tmpfiles.extra"
 SMBIOS_PREFIX = "io.systemd.credential.binary:"
 CMDLINE_PREFIX = "systemd.set_credential_binary="
+CMDLINE_TEXT_PREFIX = "systemd.set_credential="
 # systemd imports SMBIOS type-11 credentials (and honours tmpfiles.extra)
 # from 252 on; verified with Debian 12's 252.
 SMBIOS_MIN_SYSTEMD = 252
-# `systemd.set_credential_binary=` on the kernel command line: 251 and later.
-CMDLINE_MIN_SYSTEMD = 251
+# Debian 12's systemd 252 knows `systemd.set_credential=` but not the
+# `_binary` form (its libsystemd-core has only the former's name).
+CMDLINE_BINARY_MIN_SYSTEMD = 253
 
 _CRED_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,255}$")
 
@@ -72,8 +75,27 @@ def smbios_value(name: str, data: bytes | str) -> str:
 
 
 def cmdline_arg(name: str, data: bytes | str) -> str:
-    """A kernel command-line word carrying credential NAME."""
+    """A kernel command-line word carrying credential NAME (base64, systemd ≥ 253)."""
     return f"{CMDLINE_PREFIX}{_check_name(name)}:{b64(data)}"
+
+
+def cmdline_text_arg(name: str, text: str) -> str:
+    """Credential NAME as one double-quoted kernel argument (systemd ≥ 251).
+
+    The kernel and systemd both honour the quotes, so TEXT may hold spaces,
+    but it must be a single line without double quotes.
+    """
+    if "\n" in text.rstrip("\n") or '"' in text or any(ord(c) < 32 for c in text.rstrip("\n")):
+        raise ValueError("a kernel command-line credential is one line without quotes")
+    return f'"{CMDLINE_TEXT_PREFIX}{_check_name(name)}:{text.rstrip(chr(10))}"'
+
+
+def tmpfiles_authorized_key_line(public_key: str, user: str = "root", home: str = "/root") -> str:
+    """One tmpfiles.d line installing the key (tmpfiles creates the parent dir)."""
+    key = public_key.strip()
+    if not key or "\n" in key:
+        raise ValueError("an SSH public key is one non-empty line")
+    return f"f~ {home}/.ssh/authorized_keys 0600 {user} {user} - {b64(key + chr(10))}"
 
 
 def choose_routes(
@@ -112,7 +134,13 @@ class KeyInjection:
     nocloud: tuple[tuple[str, str], ...] = ()  # (file name, content) for a cidata seed
 
 
-def inject_key(public_key: str, routes: tuple[KeyRoute, ...], *, hostname: str) -> KeyInjection:
+def inject_key(
+    public_key: str,
+    routes: tuple[KeyRoute, ...],
+    *,
+    hostname: str,
+    systemd_version: int | None = None,
+) -> KeyInjection:
     tmpfiles = tmpfiles_authorized_key(public_key)
     smbios: tuple[str, ...] = ()
     kargs: tuple[str, ...] = ()
@@ -120,7 +148,12 @@ def inject_key(public_key: str, routes: tuple[KeyRoute, ...], *, hostname: str) 
     if KeyRoute.smbios in routes:
         smbios = (smbios_value(TMPFILES_CREDENTIAL, tmpfiles),)
     if KeyRoute.cmdline in routes:
-        kargs = (cmdline_arg(TMPFILES_CREDENTIAL, tmpfiles),)
+        if systemd_version is None or systemd_version >= CMDLINE_BINARY_MIN_SYSTEMD:
+            kargs += (cmdline_arg(TMPFILES_CREDENTIAL, tmpfiles),)
+        if systemd_version is None or systemd_version < CMDLINE_BINARY_MIN_SYSTEMD:
+            # A duplicate credential is ignored, so unknown versions get both.
+            line = tmpfiles_authorized_key_line(public_key)
+            kargs += (cmdline_text_arg(TMPFILES_CREDENTIAL, line),)
     if KeyRoute.cloud_init in routes:
         seed = (
             ("meta-data", nocloud_meta_data(hostname)),

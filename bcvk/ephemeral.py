@@ -431,7 +431,9 @@ def _start(opts: Options) -> Vm:
         launch.choose_rootfs(opts, None)
     info = _ensure_image(opts)
     name = opts.name or new_name()
-    supervisor = None if opts.detach else state.Proc.of("bcvk", os.getpid(), group=False)
+    # Until it hands a detached VM over, this bcvk supervises it: a record
+    # with neither a live QEMU nor a live supervisor is stale and reaped.
+    supervisor = state.Proc.of("bcvk", os.getpid(), group=False)
 
     def make_record(used: set[int]) -> state.VmRecord:
         return state.VmRecord(
@@ -473,7 +475,9 @@ def _start(opts: Options) -> Vm:
                 routes = credentials.parse_routes(forced)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-        injection = credentials.inject_key(key.public_text(), routes, hostname=name)
+        injection = credentials.inject_key(
+            key.public_text(), routes, hostname=name, systemd_version=facts.systemd_version
+        )
         drives = launch.drives(plan)
         seed = launch.seed(plan, injection.nocloud)
         if seed is not None:

@@ -194,7 +194,7 @@ def test_run_ssh_block_exit_status_and_nothing_left(
         "ephemeral", "run-ssh", "--rootfs", "block", "--memory", "1G", "--ssh-timeout",
         SSH_TIMEOUT, demo, "--",
         "findmnt -n -o FSTYPE /; touch /usr/x; grep -o 'root=LABEL=[^ ]*' /proc/cmdline; "
-        "grep -c set_credential_binary /proc/cmdline; exit 42",
+        "grep -c systemd.set_credential /proc/cmdline; exit 42",
     )  # fmt: skip
     assert result.returncode == 42, result.stderr
     fstype, root, creds = result.stdout.split()

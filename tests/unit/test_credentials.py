@@ -34,6 +34,23 @@ def test_smbios_credential_installs_the_key_for_root() -> None:
     assert "," not in value
 
 
+def test_kernel_command_line_text_form_for_systemd_252() -> None:
+    inj = credentials.inject_key(KEY, (KeyRoute.cmdline,), hostname="h", systemd_version=252)
+    (arg,) = inj.kernel_args
+    assert arg.startswith('"systemd.set_credential=tmpfiles.extra:f~ /root/.ssh/authorized_keys ')
+    assert arg.endswith('"')
+    assert arg.count('"') == 2
+    assert "\n" not in arg
+    encoded = arg.rstrip('"').rsplit(" ", 1)[1]
+    assert base64.b64decode(encoded).decode() == KEY + "\n"
+    newer = credentials.inject_key(KEY, (KeyRoute.cmdline,), hostname="h", systemd_version=256)
+    assert [a.split("=", 1)[0] for a in newer.kernel_args] == ["systemd.set_credential_binary"]
+    unknown = credentials.inject_key(KEY, (KeyRoute.cmdline,), hostname="h")
+    assert len(unknown.kernel_args) == 2
+    with pytest.raises(ValueError, match="one line"):
+        credentials.cmdline_text_arg("x", 'a "quoted" word')
+
+
 def test_kernel_command_line_form_is_one_word() -> None:
     arg = credentials.cmdline_arg("tmpfiles.extra", credentials.tmpfiles_authorized_key(KEY))
     assert arg.startswith("systemd.set_credential_binary=tmpfiles.extra:")
@@ -74,7 +91,7 @@ def test_injection_for_every_route() -> None:
     routes = (KeyRoute.smbios, KeyRoute.cmdline, KeyRoute.cloud_init)
     inj = credentials.inject_key(KEY, routes, hostname="vm1")
     assert len(inj.smbios) == 1
-    assert len(inj.kernel_args) == 1
+    assert len(inj.kernel_args) == 2  # version unknown: both command-line forms
     files = dict(inj.nocloud)
     assert json.loads(files["meta-data"]) == {"instance-id": "bcvk-vm1", "local-hostname": "vm1"}
     user_data = files["user-data"]
