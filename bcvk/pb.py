@@ -283,6 +283,7 @@ class PbVm:
             "created": self.created or None,
             "disk_size": self.info.disk_size,
             "disk_path": self.vm.disks[0] if self.vm.disks else None,
+            "base_disk": md.base_disk,
             "filesystem": self.info.filesystem,
             "cloudinit_iso": self.info.cloudinit_iso,
             "memory_mb": self.vm.memory_mib or md.memory_mb,

@@ -209,7 +209,9 @@ def test_fresh_run_creates_disk_and_vm_and_keeps_it_after_the_session(
     assert isinstance(row["ssh_port"], int)
     assert row["disk_size"] == 10 * 1024**3
     assert row["image"] == DEMO_IMAGE
-    base = next(v for v in pool_volumes() if v.startswith("bootc-base-"))
+    base = str(row["base_disk"])
+    assert base.startswith("bootc-base-")
+    assert base in pool_volumes()
     state["base"] = base
     state["disk"] = row["disk_path"]
     libvirt_rows = json.loads(bcvk("libvirt", "list", "--format", "json").stdout)
