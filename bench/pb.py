@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """Benchmarks for `bcvk pb` (results go to docs/PERFORMANCE.md, section "pb").
 
-    .venv/bin/python bench/pb.py all --runs 3 --ssh-runs 9 --image localhost/bcvk/debian-bootc:12
+    .venv/bin/python bench/pb.py --runs 3 --ssh-runs 9 --image localhost/bcvk/debian-bootc:12
 
 podman-bootc itself cannot run on these hosts (it needs a rootful podman
 machine and a registry), so the seed's "within 20 % of podman-bootc" is
 measured against stand-ins:
 
+  cold   `bcvk pb run -B IMAGE` with no cached disk: the disk build itself
+         (the figure to-disk logs) and the whole run.  That VM then serves
+         `ssh` and keeps the base disk warm for `ready`.
   ready  `bcvk pb run -B IMAGE` to a working SSH login against
          `bcvk libvirt run --ssh-wait` of the same image with the same memory,
          vCPUs and disk inputs (so the same warm base disk), alternated A/B in
          one run so host load hits both alike.  Same machinery: ratio ≤ 1.05.
-  cold   `bcvk pb run -B IMAGE` with no cached disk: the disk build itself
-         (the figure to-disk logs) and the whole run.
   ssh    `bcvk pb ssh ID -- true` on a running VM (shared SSH connection)
          against `bcvk libvirt ssh NAME -- true` on the same VM (a full SSH
          handshake each time); median of --ssh-runs.
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BCVK = str(ROOT / ".venv" / "bin" / "bcvk")
 URI = "qemu:///system"
 MEMORY = "2048"
+DISK = {"size": "10G"}  # --disk-size; another value keeps the bench off the tests' base disk
 TIMEOUT = "1200"
 
 
@@ -74,7 +76,20 @@ def pb(*args: str) -> list[str]:
 
 def pb_run(image: str, name: str) -> tuple[float, str, str]:
     elapsed, result = run(
-        pb("run", "-B", "--quiet", "--name", name, "--memory", MEMORY, "--timeout", TIMEOUT, image)
+        pb(
+            "run",
+            "-B",
+            "--quiet",
+            "--name",
+            name,
+            "--memory",
+            MEMORY,
+            "--disk-size",
+            DISK["size"],
+            "--timeout",
+            TIMEOUT,
+            image,
+        )  # fmt: skip
     )
     return elapsed, result.stdout.strip(), result.stderr
 
@@ -87,7 +102,7 @@ def lv_run(image: str, name: str) -> float:
     elapsed, _ = run(
         [
             BCVK, "libvirt", "-c", URI, "run", "--name", name, "--memory", f"{MEMORY}M",
-            "--cpus", "2", "--disk-size", "10G", "--ssh-wait", "--timeout", TIMEOUT, image,
+            "--cpus", "2", "--disk-size", DISK["size"], "--ssh-wait", "--timeout", TIMEOUT, image,
         ]
     )  # fmt: skip
     return elapsed
@@ -98,29 +113,25 @@ def lv_rm(name: str) -> None:
 
 
 def bench_ready(image: str, runs: int) -> dict[str, object]:
+    """A/B pairs on a warm base disk (a VM of the image must exist to keep it warm)."""
     tag = uuid.uuid4().hex[:6]
-    log("warming the base disk (untimed)…")
-    _, warm_id, _ = pb_run(image, f"bench-pb-{tag}-warm")
     pbs: list[float] = []
     lvs: list[float] = []
     loads: list[float] = []
-    try:
-        for i in range(runs):
-            loads.append(load())
-            order = ("pb", "lv") if i % 2 == 0 else ("lv", "pb")
-            for which in order:
-                name = f"bench-{which}-{tag}-{i}"
-                if which == "pb":
-                    seconds, vm_id, _ = pb_run(image, name)
-                    pb_rm(vm_id)
-                    pbs.append(seconds)
-                else:
-                    seconds = lv_run(image, name)
-                    lv_rm(name)
-                    lvs.append(seconds)
-                log(f"  run {i + 1}: {which} {seconds:.1f} s (load {load():.1f})")
-    finally:
-        pb_rm(warm_id)
+    for i in range(runs):
+        loads.append(load())
+        order = ("pb", "lv") if i % 2 == 0 else ("lv", "pb")
+        for which in order:
+            name = f"bench-{which}-{tag}-{i}"
+            if which == "pb":
+                seconds, vm_id, _ = pb_run(image, name)
+                pb_rm(vm_id)
+                pbs.append(seconds)
+            else:
+                seconds = lv_run(image, name)
+                lv_rm(name)
+                lvs.append(seconds)
+            log(f"  pair {i + 1}: {which} {seconds:.1f} s (load {load():.1f})")
     return {
         "pb_run_B": pbs,
         "libvirt_run_ssh_wait": lvs,
@@ -129,58 +140,55 @@ def bench_ready(image: str, runs: int) -> dict[str, object]:
     }
 
 
-def bench_cold(image: str) -> dict[str, object]:
-    tag = uuid.uuid4().hex[:6]
+def cold_run(image: str, name: str) -> tuple[dict[str, object], str]:
+    """`pb run -B` with no cached base disk; the VM stays up (returns its ID)."""
     pools = Path("/var/lib/libvirt/images")
     before = {p.name for p in pools.glob("bootc-base-*.qcow2")}
-    seconds, vm_id, err = pb_run(image, f"bench-pb-{tag}-cold")
+    seconds, vm_id, err = pb_run(image, name)
     built = re.search(r"Wrote \S+ \(qcow2, \w+, ([\d.]+)s\)", err)
     new = {p.name for p in pools.glob("bootc-base-*.qcow2")} - before
-    pb_rm(vm_id)  # the last user of the base disk: rm deletes it again
     if not new or built is None:
-        sys.exit("the cold run reused a base disk: remove pb/libvirt VMs of the image first")
-    return {"run_seconds": seconds, "disk_build_seconds": float(built.group(1)), "load": load()}
+        pb_rm(vm_id)
+        sys.exit("the cold run reused a base disk: remove VMs of the image with these options")
+    cold = {"run_seconds": seconds, "disk_build_seconds": float(built.group(1)), "load": load()}
+    return cold, vm_id
 
 
-def bench_ssh(image: str, runs: int) -> dict[str, object]:
-    tag = uuid.uuid4().hex[:6]
-    name = f"bench-pb-{tag}-ssh"
-    _, vm_id, _ = pb_run(image, name)
+def bench_ssh(vm_id: str, name: str, runs: int) -> dict[str, object]:
     shared: list[float] = []
     full: list[float] = []
-    try:
-        run(pb("ssh", vm_id, "--", "true"))  # untimed: the first call may open the connection
-        for _ in range(runs):
-            shared.append(run(pb("ssh", vm_id, "--", "true"))[0])
-            full.append(run([BCVK, "libvirt", "-c", URI, "ssh", name, "--", "true"])[0])
-    finally:
-        pb_rm(vm_id)
+    run(pb("ssh", vm_id, "--", "true"))  # untimed: the first call may open the connection
+    for _ in range(runs):
+        shared.append(run(pb("ssh", vm_id, "--", "true"))[0])
+        full.append(run([BCVK, "libvirt", "-c", URI, "ssh", name, "--", "true"])[0])
     return {"pb_ssh_true": shared, "libvirt_ssh_true": full, "load": load()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("section", choices=["ready", "cold", "ssh", "all"])
     parser.add_argument("--image", default="localhost/bcvk/debian-bootc:12")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="A/B pairs for `ready`")
     parser.add_argument("--ssh-runs", type=int, default=9)
+    parser.add_argument("--disk-size", default="10G")
     args = parser.parse_args()
-    results: dict[str, object] = {"load_at_start": load()}
-    if args.section in ("cold", "all"):
-        cold = bench_cold(args.image)
-        results["cold"] = cold
-        log(f"cold: disk build {cold['disk_build_seconds']:.1f} s, run {cold['run_seconds']:.1f} s")
-    if args.section in ("ready", "all"):
-        ready = bench_ready(args.image, args.runs)
+    DISK["size"] = args.disk_size
+    results: dict[str, object] = {"load_at_start": load(), "disk_size": args.disk_size}
+    name = f"bench-pb-{uuid.uuid4().hex[:6]}-main"
+    cold, vm_id = cold_run(args.image, name)
+    results["cold"] = cold
+    log(f"cold: disk build {cold['disk_build_seconds']:.1f} s, run {cold['run_seconds']:.1f} s")
+    try:
+        ssh = bench_ssh(vm_id, name, args.ssh_runs)
+        results["ssh"] = ssh
+        log(f"pb ssh -- true:      {fmt(ssh['pb_ssh_true'], 2)}")  # type: ignore[arg-type]
+        log(f"libvirt ssh -- true: {fmt(ssh['libvirt_ssh_true'], 2)}")  # type: ignore[arg-type]
+        ready = bench_ready(args.image, args.runs)  # the main VM keeps the base disk warm
         results["ready"] = ready
         log(f"pb run -B:              {fmt(ready['pb_run_B'])}")  # type: ignore[arg-type]
         log(f"libvirt run --ssh-wait: {fmt(ready['libvirt_run_ssh_wait'])}")  # type: ignore[arg-type]
         log(f"ratio: {ready['ratio']:.3f}")
-    if args.section in ("ssh", "all"):
-        ssh = bench_ssh(args.image, args.ssh_runs)
-        results["ssh"] = ssh
-        log(f"pb ssh -- true:      {fmt(ssh['pb_ssh_true'], 2)}")  # type: ignore[arg-type]
-        log(f"libvirt ssh -- true: {fmt(ssh['libvirt_ssh_true'], 2)}")  # type: ignore[arg-type]
+    finally:
+        pb_rm(vm_id)
     print(json.dumps(results, indent=2))
 
 
