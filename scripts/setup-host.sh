@@ -13,7 +13,7 @@ packages=(
   # build the local test images
   debootstrap
   # features: TPM, cloud-init seeds, remote libvirt over ssh, registry pull tests
-  swtpm swtpm-tools xorriso openssh-server
+  swtpm swtpm-tools xorriso openssh-server docker-registry
   # `timed` and friends
   bc
   # benchmark peer for to-disk (bench/to_disk.py: virt-make-fs)
