@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 DEVICE = "/dev/disk/by-id/virtio-output"
 STORE_NAME = "hoststorage"
 INSTALLER_MEMORY = "4G"
+INSTALLER_SSH_TIMEOUT = 900.0
 
 
 def available() -> bool:
@@ -154,7 +155,8 @@ def build(
                 memory=INSTALLER_MEMORY,
                 disks=[f"{target}:output:raw"],
                 ro_binds=[f"{store}:{STORE_NAME}"],
-                kargs=(),
+                # an installer VM under TCG on a busy host can take minutes
+                ssh_timeout=INSTALLER_SSH_TIMEOUT,
             )
         with vm:
             logger.info("Running bootc install to-disk in the VM…")
