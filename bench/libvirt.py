@@ -100,7 +100,7 @@ def bench_ssh(image: str, runs: int, memory: str, vcpus: int) -> dict[str, objec
             log(f"  load {load():.1f}")
             elapsed, _ = run(
                 [BCVK, "ephemeral", "run-ssh", "--memory", memory, "--vcpus", str(vcpus),
-                 image, "--", "true"]
+                 "--ssh-timeout", "900", image, "--", "true"]
             )  # fmt: skip
             ephemeral.append(elapsed)
             log(f"  ephemeral run-ssh -- true: {elapsed:.1f} s")
