@@ -1023,7 +1023,7 @@ def run_session(
             return vm, status
         with _connection.connect(uri) as conn:
             if rm or launched.created:
-                _remove(conn, _get(conn, vm.id))
+                _remove(conn, _get(conn, vm.id), keep_base=True)
             else:
                 _stop(conn, _get(conn, vm.id))
         return vm, status
@@ -1135,15 +1135,16 @@ def stop(ref: str, *, uri: str | None = None) -> PbVm:
         return _get(conn, vm.id)
 
 
-def _remove(conn: Connection, vm: PbVm) -> None:
-    """Domain, its disk and key, seed ISO, shared SSH connections, and an unused base disk."""
+def _remove(conn: Connection, vm: PbVm, *, keep_base: bool = False) -> None:
+    """Domain, its disk and key, seed ISO, shared SSH connections, and an unused base disk
+    (unless KEEP_BASE: `run --rm` and COMMAND runs keep it cached for the next run)."""
     close_masters(vm.id)
     md = vm.vm.metadata
     domains.remove(conn, vm.name, force=True)
     pool_name_ = md.pool or SYSTEM_POOL
     if vm.info.cloudinit_iso:
         _delete_volume(conn, pool_name_, Path(vm.info.cloudinit_iso).name)
-    if md.base_disk and basedisks.is_base_name(md.base_disk):
+    if not keep_base and md.base_disk and basedisks.is_base_name(md.base_disk):
         _delete_unused_base(conn, pool_name_, md.base_disk)
     with contextlib.suppress(OSError):
         lock_path(vm.id).unlink()

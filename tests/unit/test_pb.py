@@ -512,3 +512,35 @@ def test_cloudinit_seed_is_attached_and_removed(
     assert "device='cdrom'" in xml or 'device="cdrom"' in xml
     pb.rm(vm.id, force=True, uri=URI)
     assert pool.volume(f"podman-bootc-{vm.id}-cidata.iso") is None
+
+
+def test_run_with_command_removes_the_vm_but_keeps_the_base_disk(
+    conn: Connection, fakes: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[list[str]] = []
+
+    def session(vm: pb.PbVm, command: list[str], *, user: str | None) -> int:
+        commands.append(list(command))
+        return 7
+
+    monkeypatch.setattr(pb, "_session", session)
+    vm, status = pb.run_session(IMAGE, opts(), ["sh", "-c", "exit 7"], uri=URI)
+    assert status == 7
+    assert commands == [["sh", "-c", "exit 7"]]
+    assert conn.lookup(vm.name) is None
+    pool = conn.pool(POOL)
+    assert pool is not None
+    names = {v.name for v in pool.volumes()}
+    assert f"{vm.name}.qcow2" not in names
+    assert "bootc-base-0123456789abcdef.qcow2" in names  # cached for the next run
+    # A VM that existed (stopped) before a COMMAND run is stopped again, not removed.
+    kept = pb.run(IMAGE, opts(name="kept"), uri=URI)
+    pb.stop("kept", uri=URI)
+    _, status = pb.run_session("kept", opts(), ["true"], uri=URI)
+    assert status == 7
+    assert pb.inspect("kept", uri=URI).vm.state == "shut off"
+    # --rm without a command: the session ends, the VM goes.
+    _, status = pb.run_session("kept", opts(), [], rm=True, uri=URI)
+    assert conn.lookup(kept.name) is None
+    with pytest.raises(UsageError, match="--rm cannot be combined"):
+        pb.run_session(IMAGE, opts(), [], rm=True, background=True, uri=URI)
