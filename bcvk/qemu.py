@@ -110,11 +110,13 @@ def argv(spec: QemuSpec) -> list[str]:
         "-cpu", "host" if spec.accel is Accel.kvm else "max",
         "-smp", str(spec.vcpus),
         "-m", mem,
-        # vhost-user devices (virtiofsd) need guest RAM the daemon can map.
-        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
-        "-numa", "node,memdev=mem",
         "-kernel", spec.kernel,
     ]  # fmt: skip
+    if spec.virtiofs:
+        # vhost-user devices (virtiofsd) need guest RAM the daemon can map;
+        # without them plain anonymous memory (which may use huge pages) is kept.
+        args += ["-object", f"memory-backend-memfd,id=mem,size={mem},share=on"]
+        args += ["-numa", "node,memdev=mem"]
     if spec.name:
         args += ["-name", escape_option(spec.name)]
     if spec.initrd:
