@@ -14,9 +14,12 @@ TIMED := scripts/timed
 
 all: setup
 
-## demo: set up this host, build the demo image, and run the main job on it
+## demo: set up this host, build the demo image, boot it and run a command in it
 demo: setup images
-	@$(TIMED) demo $(BCVK) images inspect $(DEMO_IMAGE)
+	@$(TIMED) inspect $(BCVK) images inspect $(DEMO_IMAGE)
+	@$(TIMED) demo $(BCVK) ephemeral run-ssh $(DEMO_IMAGE) -- \
+	  'systemctl is-system-running --wait; findmnt -no FSTYPE /; cat /etc/os-release'
+
 
 ## test: set up this host with test dependencies and images, then run every test
 test: setup venv-dev images
