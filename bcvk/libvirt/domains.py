@@ -916,8 +916,13 @@ def stop(
     name: str, *, uri: str | None = None, force: bool = False, timeout: float = STOP_TIMEOUT
 ) -> None:
     with connect(uri) as conn:
-        dom, _ = get_vm(conn, name)
+        dom, vm = get_vm(conn, name)
         stop_domain(dom, force=force, timeout=timeout)
+        if not vm.persistent:
+            # A transient domain is gone once stopped: so is its generated key.
+            key = plan_removal(vm).key_dir
+            if key:
+                shutil.rmtree(key, ignore_errors=True)
 
 
 @dataclass(frozen=True)

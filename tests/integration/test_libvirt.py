@@ -237,8 +237,11 @@ def test_transient_vm_vanishes_when_stopped(libvirtd: None) -> None:
     assert any(ln.split() == ["Persistent:", "no"] for ln in dominfo.splitlines()), dominfo
     assert guest(name, "true").returncode == 0
     assert env.volumes() == before  # no per-VM disk: a QEMU-side overlay
+    details = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
+    key = Path(details["ssh_private_key_path"])
     lv_ok("stop", name, "--force")
     assert name not in env.domain_names()
+    assert not key.parent.exists()
     assert lv("list", "--all", "--format", "json").stdout.count(name) == 0
 
 
