@@ -1106,7 +1106,14 @@ def ssh(
 # ------------------------------------------------------------------ start / stop / rm
 
 
-def start(ref: str, *, uri: str | None = None, wait: bool = True, quiet: bool = True) -> PbVm:
+def start(
+    ref: str,
+    *,
+    uri: str | None = None,
+    wait: bool = True,
+    quiet: bool = True,
+    timeout: float = SSH_TIMEOUT,
+) -> PbVm:
     with _connection.connect(uri) as conn:
         vm = resolve(_pb_vms(conn), ref)
         if vm.running:
@@ -1116,7 +1123,7 @@ def start(ref: str, *, uri: str | None = None, wait: bool = True, quiet: bool = 
             close_masters(vm.id)
             conn.get(vm.name).start()
             return _get(conn, vm.id)
-        return _boot(conn, vm, RunOptions(quiet=quiet))
+        return _boot(conn, vm, RunOptions(quiet=quiet, timeout=timeout))
 
 
 def _stop(conn: Connection, vm: PbVm) -> None:

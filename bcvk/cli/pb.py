@@ -264,12 +264,21 @@ def stop(ctx: click.Context, vm_id: str) -> None:
 @click.argument("vm_id", metavar="ID")
 @click.option("--no-wait", is_flag=True, help="Return without waiting for SSH.")
 @click.option("--quiet", is_flag=True, help="Do not show the boot console.")
+@click.option(
+    "--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for SSH."
+)
 @click.pass_context
-def start(ctx: click.Context, vm_id: str, no_wait: bool, quiet: bool) -> None:
+def start(ctx: click.Context, vm_id: str, no_wait: bool, quiet: bool, timeout: float) -> None:
     """Start stopped VM ID (and wait until SSH works)."""
     from bcvk import pb as core
 
-    core.start(vm_id, uri=_uri(ctx), wait=not no_wait, quiet=quiet or not sys.stderr.isatty())
+    core.start(
+        vm_id,
+        uri=_uri(ctx),
+        wait=not no_wait,
+        quiet=quiet or not sys.stderr.isatty(),
+        timeout=timeout,
+    )
 
 
 @pb.command(context_settings=CONTEXT)

@@ -328,7 +328,7 @@ def test_three_vms_in_three_states(state: dict[str, object], tmp_path: Path) -> 
     pb_ok("ssh", killed, "--", "sh", "-c", "echo persisted > /var/pb-marker && sync")
     env.virsh("destroy", killed)
     assert listing()[killed]["running"] is False
-    pb_ok("start", killed)
+    pb_ok("start", "--timeout", TIMEOUT, killed)
     assert pb_ok("ssh", killed, "--", "cat", "/var/pb-marker").stdout == "persisted\n"
     pb_ok("stop", killed)
 
@@ -382,4 +382,7 @@ def test_run_rm_with_command_exits_with_its_status_and_leaves_no_vm(
     assert f"{state['domain']}.qcow2" not in pool_volumes()
     assert str(state["domain"]) not in listing()
     assert not ssh_masters(str(state["id"]))
-    assert os.path.exists(f"/var/lib/libvirt/images/{state['base']}")  # the disk stays cached
+    idle = state["idle"]
+    assert isinstance(idle, dict)
+    base = idle["base_disk"]  # the same image and disk inputs: the same base disk
+    assert os.path.exists(f"/var/lib/libvirt/images/{base}")  # the disk stays cached
