@@ -915,6 +915,10 @@ def _boot(conn: Connection, vm: PbVm, opts: RunOptions) -> PbVm:
     """Start VM (when stopped), wait for SSH, mount shares; returns the fresh view."""
     dom = conn.get(vm.name)
     close_masters(vm.id)
+    log = vm.vm.metadata.console_log
+    if log and not conn.info.remote:
+        # qemu:///session does not create ~/.cache/libvirt/qemu/log itself.
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
     stream = None if opts.quiet else sys.stderr
     with ConsoleFollower(vm.vm.metadata.console_log if stream else None, stream or sys.stderr):
         if not dom.is_active():
