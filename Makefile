@@ -17,7 +17,7 @@ all: setup
 ## demo: set up this host, build the demo image, boot it and run a command in it
 demo: setup images
 	@$(TIMED) inspect $(BCVK) images inspect $(DEMO_IMAGE)
-	@$(TIMED) demo $(BCVK) ephemeral run-ssh $(DEMO_IMAGE) -- \
+	@$(TIMED) demo $(BCVK) ephemeral run-ssh --ssh-timeout 600 $(DEMO_IMAGE) -- \
 	  'systemctl is-system-running --wait; findmnt -no FSTYPE /; cat /etc/os-release'
 
 

@@ -9,6 +9,7 @@ is a failure, because CI installs every capability.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -161,19 +162,24 @@ def stray_processes(names: Sequence[str] = ("qemu-system", "virtiofsd")) -> list
                 continue
         except OSError:
             continue
-        if cmdline and any(
-            n.encode() in Path(cmdline[0].decode(errors="replace")).name.encode() for n in names
-        ):
+        # The virtiofsd wrapper runs it through the dynamic loader, so any
+        # argv word naming the program counts, not only argv[0].
+        words = [Path(w.decode(errors="replace")).name for w in cmdline if w]
+        if any(n in w for n in names for w in words[:3]):
             found.append(b" ".join(cmdline).decode(errors="replace"))
     return found
 
 
 def podman_mounts(user: str | None = None) -> list[str]:
-    argv = ["podman", "image", "mount", "--format", "{{.ID}}"]
+    """IDs of the images podman has mounted (in USER's store if given)."""
+    argv = ["podman", "image", "mount", "--format", "json"]
     if user:
         argv = as_user(user, ["podman", "unshare", *argv])
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    return result.stdout.split()
+    assert result.returncode == 0, result.stderr
+    return [
+        str(entry.get("id", entry.get("ID", ""))) for entry in json.loads(result.stdout or "[]")
+    ]
 
 
 # ---------------------------------------------------------------- fixtures
