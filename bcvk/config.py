@@ -48,6 +48,21 @@ def format_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+# KubeVirt U-series instance types (upstream bcvk's --itype): vCPUs, MiB.
+INSTANCE_TYPES: dict[str, tuple[int, int]] = {
+    "u1.nano": (1, 512),
+    "u1.micro": (1, 1024),
+    "u1.small": (1, 2048),
+    "u1.medium": (1, 4096),
+    "u1.2xmedium": (2, 4096),
+    "u1.large": (2, 8192),
+    "u1.xlarge": (4, 16384),
+    "u1.2xlarge": (8, 32768),
+    "u1.4xlarge": (16, 65536),
+    "u1.8xlarge": (32, 131072),
+}
+
+
 class OutputFormat(enum.StrEnum):
     table = "table"
     json = "json"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcvk import podman, state
-from bcvk.config import MIB, parse_size
+from bcvk.config import INSTANCE_TYPES, MIB, parse_size
 from bcvk.errors import BcvkError, UsageError
 from bcvk.qemu import PortForward
 
@@ -28,19 +28,7 @@ MAX_VCPUS = 256
 ROOTFS_CHOICES = ("auto", "virtiofs", "block")
 PULL_CHOICES = ("missing", "always", "never")
 
-# KubeVirt U-series instance types: name → (vCPUs, memory MiB).
-ITYPES: dict[str, tuple[int, int]] = {
-    "u1.nano": (1, 512),
-    "u1.micro": (1, 1024),
-    "u1.small": (1, 2048),
-    "u1.medium": (1, 4096),
-    "u1.2xmedium": (2, 4096),
-    "u1.large": (2, 8192),
-    "u1.xlarge": (4, 16384),
-    "u1.2xlarge": (8, 32768),
-    "u1.4xlarge": (16, 65536),
-    "u1.8xlarge": (32, 131072),
-}
+ITYPES = INSTANCE_TYPES
 
 _SHARE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,30}$")
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bcvk import __version__, credentials, paths, podman, ssh, virtiofsd
-from bcvk.config import GIB, MIB
+from bcvk.config import GIB, INSTANCE_TYPES, MIB
 from bcvk.errors import BcvkError, NotFoundError, UsageError, WaitTimeout
 from bcvk.libvirt import basedisks
 from bcvk.libvirt import xml as lx
@@ -51,19 +51,6 @@ DEFAULT_KARGS = ("console=ttyS0",)
 # systemd learnt systemd.extra-unit.* / unit-dropin credentials in 256.
 MOUNT_CREDENTIALS_MIN_SYSTEMD = 256
 
-# KubeVirt U-series instance types (upstream bcvk's --itype): vCPUs, MiB.
-INSTANCE_TYPES: dict[str, tuple[int, int]] = {
-    "u1.nano": (1, 512),
-    "u1.micro": (1, 1024),
-    "u1.small": (1, 2048),
-    "u1.medium": (1, 4096),
-    "u1.2xmedium": (2, 4096),
-    "u1.large": (2, 8192),
-    "u1.xlarge": (4, 16384),
-    "u1.2xlarge": (8, 32768),
-    "u1.4xlarge": (16, 65536),
-    "u1.8xlarge": (32, 131072),
-}
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
