@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import socket
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from bcvk.errors import BcvkError, NotFoundError, ToolMissingError
 from bcvk.log import logger
+from bcvk.wait import Deadline
 
 T = TypeVar("T")
 
@@ -460,16 +462,21 @@ class Pool:
             )
         return Path(text)
 
-    def refresh(self) -> None:
+    def refresh(self, timeout: float = 300.0) -> None:
         lv = binding()
-        # A refresh can race with a volume being created elsewhere; retry once.
-        for attempt in (1, 2):
+        # libvirt refuses a refresh while any client is building a volume in the pool
+        # ("has asynchronous jobs running"); two bcvk runs side by side hit that, and a
+        # clone can hold the job for minutes, so wait it out rather than fail.
+        deadline = Deadline(timeout)
+        while True:
             try:
                 self.raw.refresh(0)
                 return
             except lv.libvirtError as exc:
-                if attempt == 2:
+                busy = "asynchronous jobs" in _message(exc)
+                if not busy or deadline.expired:
                     raise LibvirtError(f"refreshing pool {self.name}: {_message(exc)}") from exc
+                time.sleep(min(0.5, deadline.remaining))
 
     def volumes(self) -> list[Volume]:
         with translate(f"listing volumes of pool {self.name}"):
