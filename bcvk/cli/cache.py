@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bcvk.cli import CONTEXT
+from bcvk.cli import CONTEXT, output
 
 
 @click.group(context_settings=CONTEXT)
@@ -13,18 +13,10 @@ def cache() -> None:
 
 
 @cache.command("list")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Table for people, JSON for scripts.",
-)
+@output.format_option("table", "json")
 def list_(fmt: str) -> None:
     """List cached images: size, last use, whether still present or in use."""
     from bcvk import rootfs
-    from bcvk.cli import output
     from bcvk.config import format_size
 
     infos = rootfs.describe()

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import click
 
-from bcvk.cli import CONTEXT
+from bcvk.cli import CONTEXT, output
 
 
 @click.command(context_settings=CONTEXT)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
+@output.format_option("table", "json")
 @click.option(
     "--image", help="bootc image whose kernel the KVM probe boots (default: any local one)."
 )
@@ -32,7 +25,6 @@ def doctor(ctx: click.Context, fmt: str, image: str | None, refresh: bool) -> No
     something required is missing.
     """
     from bcvk import doctor as core
-    from bcvk.cli import output
 
     checks = core.run_checks(image, refresh)
     ok = core.healthy(checks)

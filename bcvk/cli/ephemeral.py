@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from bcvk.cli import CONTEXT
+from bcvk.cli import CONTEXT, output
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -210,22 +210,13 @@ def ssh_cmd(ctx: click.Context, name: str, args: tuple[str, ...], ssh_timeout: f
 
 
 @ephemeral.command()
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Table for people, JSON for scripts.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-def ps(fmt: str, as_json: bool) -> None:
+@output.format_option("table", "json", json_flag=True)
+def ps(fmt: str) -> None:
     """List running ephemeral VMs."""
     from bcvk import ephemeral as core
-    from bcvk.cli import output
 
     vms = core.ps()
-    if as_json or fmt == "json":
+    if fmt == "json":
         output.emit_json([vm.to_json() for vm in vms])
         return
     output.emit_table(

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bcvk.cli import CONTEXT
+from bcvk.cli import CONTEXT, output
 
 
 @click.group(context_settings=CONTEXT)
@@ -15,23 +15,18 @@ def images() -> None:
 
 
 @images.command("list")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Table for people, JSON for scripts.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Same as --format json (upstream's flag).")
-def list_(fmt: str, as_json: bool) -> None:
+@output.format_option("table", "json", json_flag=True)
+def list_(fmt: str) -> None:
     """List images labelled containers.bootc=1."""
+    show_bootc_images(fmt)
+
+
+def show_bootc_images(fmt: str) -> None:
     from bcvk import images as core
-    from bcvk.cli import output
     from bcvk.config import format_size
 
     rows = core.list_bootc()
-    if as_json or fmt == "json":
+    if fmt == "json":
         output.emit_json([r.to_json() for r in rows])
         return
     output.emit_table(
@@ -91,14 +86,7 @@ def _table(data: dict[str, object]) -> list[tuple[str, object]]:
 
 @images.command()
 @click.argument("image")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "yaml", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
+@output.format_option("table", "yaml", "json")
 @click.pass_context
 def inspect(ctx: click.Context, image: str, fmt: str) -> None:
     """Explain what is in IMAGE and whether it can boot.
@@ -107,7 +95,6 @@ def inspect(ctx: click.Context, image: str, fmt: str) -> None:
     Missing labels and other non-fatal findings are listed as warnings.
     """
     from bcvk import images as core
-    from bcvk.cli import output
     from bcvk.config import format_size
     from bcvk.log import logger
 

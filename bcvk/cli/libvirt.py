@@ -9,9 +9,7 @@ from typing import Any
 
 import click
 
-from bcvk.cli import CONTEXT
-
-FORMATS = click.Choice(["table", "json"])
+from bcvk.cli import CONTEXT, output
 
 
 def _uri(ctx: click.Context) -> str | None:
@@ -179,7 +177,6 @@ def _build_options(kwargs: dict[str, Any], *, start: bool, ssh_wait: bool) -> An
 
 
 def _print_vm_created(vm: Any, started: bool) -> None:
-    from bcvk.cli import output
 
     md = vm.metadata
     output.emit_pairs(
@@ -239,11 +236,10 @@ def create(ctx: click.Context, /, image: str, start_: bool, **kwargs: Any) -> No
 @libvirt.command("list", context_settings=CONTEXT)
 @click.option("-a", "--all", "all_", is_flag=True, help="Include VMs that are not running.")
 @click.option("--label", help="Only VMs with this label.")
-@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@output.format_option("table", "json")
 @click.pass_context
 def list_(ctx: click.Context, all_: bool, label: str | None, fmt: str) -> None:
     """List bcvk's VMs (running ones unless --all)."""
-    from bcvk.cli import output
     from bcvk.libvirt import domains
 
     vms = domains.list_vms(_uri(ctx), all_states=all_, label=label)
@@ -353,44 +349,28 @@ def rm_all(ctx: click.Context, force: bool, label: str | None) -> None:
 
 @libvirt.command(context_settings=CONTEXT)
 @click.argument("name")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["yaml", "json", "xml"]),
-    default="yaml",
-    show_default=True,
-)
+@output.format_option("yaml", "json", "xml")
 @click.pass_context
 def inspect(ctx: click.Context, name: str, fmt: str) -> None:
     """Show what bcvk knows about VM NAME (xml: the libvirt domain XML)."""
-    from bcvk.cli import output
     from bcvk.libvirt import domains
 
     if fmt == "xml":
         sys.stdout.write(domains.domain_xml(name, _uri(ctx)))
         return
     data = domains.inspect(name, _uri(ctx)).details()
-    if fmt == "json":
-        output.emit_json(data)
-    else:
-        output.emit_yaml(data)
+    output.emit_data(fmt, data)
 
 
 @libvirt.command(context_settings=CONTEXT)
-@click.option(
-    "--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
-)
+@output.format_option("yaml", "json")
 @click.pass_context
 def status(ctx: click.Context, fmt: str) -> None:
     """libvirt's version, the features bcvk relies on, and VM counts."""
-    from bcvk.cli import output
     from bcvk.libvirt import domains
 
     data = domains.status(_uri(ctx))
-    if fmt == "json":
-        output.emit_json(data)
-    else:
-        output.emit_yaml(data)
+    output.emit_data(fmt, data)
 
 
 @libvirt.command(context_settings=CONTEXT)
@@ -438,11 +418,10 @@ def base_disks() -> None:
 
 @base_disks.command("list", context_settings=CONTEXT)
 @click.option("--pool", default="default", show_default=True)
-@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@output.format_option("table", "json")
 @click.pass_context
 def base_disks_list(ctx: click.Context, pool: str, fmt: str) -> None:
     """List base disks with how many VM disks use each."""
-    from bcvk.cli import output
     from bcvk.config import format_size
     from bcvk.libvirt import domains
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from bcvk.cli import CONTEXT
+from bcvk.cli import CONTEXT, output
 from bcvk.cli.completion import completion
 
 LEVELS = ("debug", "info", "warn", "warning", "error", "fatal", "panic")
@@ -219,14 +219,11 @@ def ssh(ctx: click.Context, vm_id: str | None, command: tuple[str, ...], user: s
 
 
 @pb.command("list", context_settings=CONTEXT)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@output.format_option("table", "json")
 @click.pass_context
 def list_(ctx: click.Context, fmt: str) -> None:
     """List podman-bootc VMs (read from libvirt)."""
     from bcvk import pb as core
-    from bcvk.cli import output
     from bcvk.config import format_size
 
     vms = core.list_vms(_uri(ctx))
@@ -315,43 +312,23 @@ pb.add_command(
 
 @pb.command(context_settings=CONTEXT)
 @click.argument("vm_id", metavar="ID")
-@click.option(
-    "--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True
-)
+@output.format_option("json", "yaml")
 @click.pass_context
 def inspect(ctx: click.Context, vm_id: str, fmt: str) -> None:
     """Show what is known about VM ID."""
     from bcvk import pb as core
-    from bcvk.cli import output
 
     data = core.inspect(vm_id, _uri(ctx)).to_json()
-    if fmt == "json":
-        output.emit_json(data)
-    else:
-        output.emit_yaml(data)
+    output.emit_data(fmt, data)
 
 
 @pb.command(context_settings=CONTEXT)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@output.format_option("table", "json")
 def images(fmt: str) -> None:
     """List bootc images (label containers.bootc=1) in podman's store."""
-    from bcvk import images as core
-    from bcvk.cli import output
-    from bcvk.config import format_size
+    from bcvk.cli.images import show_bootc_images
 
-    rows = core.list_bootc()
-    if fmt == "json":
-        output.emit_json([r.to_json() for r in rows])
-        return
-    output.emit_table(
-        ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
-        [
-            (r.repository, r.tag, r.id[:12], output.age(r.created), format_size(r.size))
-            for r in rows
-        ],
-    )
+    show_bootc_images(fmt)
 
 
 pb.add_command(completion)
