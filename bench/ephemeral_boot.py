@@ -24,7 +24,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,17 +32,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BCVK = str(ROOT / ".venv" / "bin" / "bcvk")
+from benchlib import BCVK, ROOT, free_port, load, log
+
 SSH_OPTS = [
     "-F", "none", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
     "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
     "-o", "ConnectTimeout=5",
 ]  # fmt: skip
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -65,16 +60,6 @@ def summary(values: list[float]) -> dict[str, float]:
         "min": round(min(values), 2),
         "max": round(max(values), 2),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 # ---------------------------------------------------------------- artefacts

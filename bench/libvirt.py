@@ -24,48 +24,19 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BCVK = str(ROOT / ".venv" / "bin" / "bcvk")
+from benchlib import BCVK, load, log, median, run, spread
+
 URI = "qemu:///system"
 LABEL = "bcvk-bench"
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def run(argv: list[str], timeout: float = 1800) -> tuple[float, subprocess.CompletedProcess[str]]:
-    start = time.monotonic()
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    elapsed = time.monotonic() - start
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return elapsed, result
-
-
 def lv(*args: str) -> list[str]:
     return [BCVK, "libvirt", "-c", URI, *args]
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{median(values):.1f} s (min {min(values):.1f}, max {max(values):.1f}, n={len(values)})"
 
 
 def have_ephemeral() -> bool:
@@ -109,10 +80,10 @@ def bench_ssh(image: str, runs: int, memory: str, vcpus: int) -> dict[str, objec
         "libvirt_create_part": libvirt_create,
         "ephemeral_run_ssh": ephemeral,
     }
-    print(f"libvirt run --ssh-wait (warm base): {fmt(libvirt_total)}")
-    print(f"  of which create+define+start:     {fmt(libvirt_create)}")
+    print(f"libvirt run --ssh-wait (warm base): {spread(libvirt_total)}")
+    print(f"  of which create+define+start:     {spread(libvirt_create)}")
     if ephemeral:
-        print(f"ephemeral run-ssh -- true:          {fmt(ephemeral)}")
+        print(f"ephemeral run-ssh -- true:          {spread(ephemeral)}")
         print(
             f"ratio libvirt / ephemeral:          {median(libvirt_total) / median(ephemeral):.2f}"
         )

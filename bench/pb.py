@@ -27,47 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BCVK = str(ROOT / ".venv" / "bin" / "bcvk")
+from benchlib import BCVK, load, log, median, run, spread
+
 URI = "qemu:///system"
 MEMORY = "2048"
 DISK = {"size": "10G"}  # --disk-size; another value keeps the bench off the tests' base disk
 TIMEOUT = "1200"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def run(argv: list[str], timeout: float = 2400) -> tuple[float, subprocess.CompletedProcess[str]]:
-    start = time.monotonic()
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    elapsed = time.monotonic() - start
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return elapsed, result
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def fmt(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "-"
-    m, lo, hi = median(values), min(values), max(values)
-    return f"{m:.{digits}f} s (min {lo:.{digits}f}, max {hi:.{digits}f}, n={len(values)})"
 
 
 def pb(*args: str) -> list[str]:
@@ -180,12 +150,12 @@ def main() -> None:
     try:
         ssh = bench_ssh(vm_id, name, args.ssh_runs)
         results["ssh"] = ssh
-        log(f"pb ssh -- true:      {fmt(ssh['pb_ssh_true'], 2)}")  # type: ignore[arg-type]
-        log(f"libvirt ssh -- true: {fmt(ssh['libvirt_ssh_true'], 2)}")  # type: ignore[arg-type]
+        log(f"pb ssh -- true:      {spread(ssh['pb_ssh_true'], 2)}")  # type: ignore[arg-type]
+        log(f"libvirt ssh -- true: {spread(ssh['libvirt_ssh_true'], 2)}")  # type: ignore[arg-type]
         ready = bench_ready(args.image, args.runs)  # the main VM keeps the base disk warm
         results["ready"] = ready
-        log(f"pb run -B:              {fmt(ready['pb_run_B'])}")  # type: ignore[arg-type]
-        log(f"libvirt run --ssh-wait: {fmt(ready['libvirt_run_ssh_wait'])}")  # type: ignore[arg-type]
+        log(f"pb run -B:              {spread(ready['pb_run_B'])}")  # type: ignore[arg-type]
+        log(f"libvirt run --ssh-wait: {spread(ready['libvirt_run_ssh_wait'])}")  # type: ignore[arg-type]
         log(f"ratio: {ready['ratio']:.3f}")
     finally:
         pb_rm(vm_id)

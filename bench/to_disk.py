@@ -31,25 +31,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BCVK = ROOT / ".venv" / "bin" / "bcvk"
+from benchlib import BCVK, run
+
 IMAGE = "localhost/bcvk/debian-bootc:12"
 ROOT_SIZE = 3584 * 1024 * 1024  # the root partition of a 4 GiB bcvk disk
 
 
 def timed(argv: Sequence[str | Path], env: dict[str, str] | None = None) -> float:
-    start = time.monotonic()
-    result = subprocess.run(
-        [str(a) for a in argv],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-    elapsed = time.monotonic() - start
-    if result.returncode != 0:
-        sys.exit(f"{argv[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return elapsed
+    return run(argv, env=env)[0]
 
 
 def mount(image: str) -> Path:
