@@ -120,7 +120,11 @@ def cold_run(image: str, name: str) -> tuple[dict[str, object], str]:
     if not new or built is None:
         pb_rm(vm_id)
         sys.exit("the cold run reused a base disk: remove VMs of the image with these options")
-    cold = {"run_seconds": seconds, "disk_build_seconds": float(built.group(1)), "load": load()}
+    cold: dict[str, object] = {
+        "run_seconds": seconds,
+        "disk_build_seconds": float(built.group(1)),
+        "load": load(),
+    }
     return cold, vm_id
 
 
