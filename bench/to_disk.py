@@ -126,8 +126,10 @@ def main() -> int:
                 (work / "floor.qcow2").unlink()
             if i < args.peer_runs:
                 peer = work / "peer.qcow2"
-                argv: list[str | Path] = ["virt-make-fs", "--format=qcow2", "--type=ext4", "--partition=gpt",
-                        "--size=4G", tree, peer]  # fmt: skip
+                argv: list[str | Path] = [
+                    "virt-make-fs", "--format=qcow2", "--type=ext4", "--partition=gpt",
+                    "--size=4G", tree, peer,
+                ]  # fmt: skip
                 times["peer"].append(timed(argv, env))
                 peer.unlink()
             print(f"round {i + 1}: " + ", ".join(
