@@ -178,6 +178,17 @@ def translate(what: str, hint: str | None = None) -> Iterator[None]:
         raise LibvirtError(f"{what}: {_message(exc)}", hint=hint, code=_code(exc)) from exc
 
 
+def _unless_missing(what: str, missing: str, fn: Callable[[], T]) -> T | None:
+    """FN's result, or None when libvirt answers with the error code named MISSING."""
+    lv = binding()
+    try:
+        return fn()
+    except lv.libvirtError as exc:
+        if _code(exc) == getattr(lv, missing):
+            return None
+        raise LibvirtError(f"{what}: {_message(exc)}", code=_code(exc)) from exc
+
+
 class Connection:
     """An open libvirt connection (use ``connect()`` to get one)."""
 
@@ -250,13 +261,10 @@ class Connection:
             return [DomainRef(self, d) for d in self.raw.listAllDomains(0)]
 
     def lookup(self, name: str) -> DomainRef | None:
-        lv = binding()
-        try:
-            return DomainRef(self, self.raw.lookupByName(name))
-        except lv.libvirtError as exc:
-            if _code(exc) == lv.VIR_ERR_NO_DOMAIN:
-                return None
-            raise LibvirtError(f"looking up domain {name}: {_message(exc)}") from exc
+        raw = _unless_missing(
+            f"looking up domain {name}", "VIR_ERR_NO_DOMAIN", lambda: self.raw.lookupByName(name)
+        )
+        return None if raw is None else DomainRef(self, raw)
 
     def get(self, name: str) -> DomainRef:
         dom = self.lookup(name)
@@ -278,13 +286,12 @@ class Connection:
     # -- storage
 
     def pool(self, name: str) -> Pool | None:
-        lv = binding()
-        try:
-            return Pool(self, self.raw.storagePoolLookupByName(name))
-        except lv.libvirtError as exc:
-            if _code(exc) == lv.VIR_ERR_NO_STORAGE_POOL:
-                return None
-            raise LibvirtError(f"looking up storage pool {name}: {_message(exc)}") from exc
+        raw = _unless_missing(
+            f"looking up storage pool {name}",
+            "VIR_ERR_NO_STORAGE_POOL",
+            lambda: self.raw.storagePoolLookupByName(name),
+        )
+        return None if raw is None else Pool(self, raw)
 
     def default_pool_path(self) -> Path:
         if self.info.session:
@@ -483,13 +490,12 @@ class Pool:
             return [Volume(self, v) for v in self.raw.listAllVolumes(0)]
 
     def volume(self, name: str) -> Volume | None:
-        lv = binding()
-        try:
-            return Volume(self, self.raw.storageVolLookupByName(name))
-        except lv.libvirtError as exc:
-            if _code(exc) == lv.VIR_ERR_NO_STORAGE_VOL:
-                return None
-            raise LibvirtError(f"looking up volume {name}: {_message(exc)}") from exc
+        raw = _unless_missing(
+            f"looking up volume {name}",
+            "VIR_ERR_NO_STORAGE_VOL",
+            lambda: self.raw.storageVolLookupByName(name),
+        )
+        return None if raw is None else Volume(self, raw)
 
     def create_volume(self, xml: str, what: str) -> Volume:
         with translate(f"creating volume {what} in pool {self.name}"):
@@ -524,13 +530,10 @@ class Volume:
         return volume_info(root)
 
     def delete(self) -> None:
-        lv = binding()
-        try:
-            self.raw.delete(0)
-        except lv.libvirtError as exc:
-            if _code(exc) == lv.VIR_ERR_NO_STORAGE_VOL:
-                return
-            raise LibvirtError(f"deleting volume {self.name}: {_message(exc)}") from exc
+        # Already gone is what the caller wanted.
+        _unless_missing(
+            f"deleting volume {self.name}", "VIR_ERR_NO_STORAGE_VOL", lambda: self.raw.delete(0)
+        )
 
     def upload(self, source: Path, progress: Callable[[int], None] | None = None) -> None:
         """Stream SOURCE's bytes into the volume through the libvirt API."""
