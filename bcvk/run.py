@@ -8,6 +8,7 @@ exit status and the tail of stderr.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shlex
 import shutil
@@ -75,15 +76,21 @@ def require(name: str, *fallbacks: str | Path, why: str = "") -> Path:
     return path
 
 
-def _set_pdeathsig() -> None:
-    # The child dies with bcvk even on SIGKILL of bcvk; Linux-only prctl.
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+@functools.cache
+def _prctl() -> Any:
+    # Resolved in the parent: dlopen in a child forked from a threaded process can hang.
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def preexec_pdeathsig() -> Callable[[], None]:
-    return _set_pdeathsig
+    """A preexec_fn after which the child dies with bcvk, even on SIGKILL of bcvk."""
+    prctl = _prctl()
+    PR_SET_PDEATHSIG = 1
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return hook
 
 
 def format_argv(argv: Argv) -> str:
@@ -129,6 +136,8 @@ def run(
             timeout=timeout,
             text=text,
             check=False,
+            # A SIGKILLed bcvk must not leave mkfs or qemu-img writing on.
+            preexec_fn=preexec_pdeathsig(),
         )
     except FileNotFoundError as exc:
         raise ToolMissingError(f"{args[0]} not found", hint=package_hint(args[0])) from exc
@@ -171,7 +180,7 @@ def spawn(
             stderr=stderr,
             env=full_env,
             pass_fds=tuple(pass_fds),
-            preexec_fn=_set_pdeathsig if die_with_parent else None,
+            preexec_fn=preexec_pdeathsig() if die_with_parent else None,
             start_new_session=new_session,
         )
     except FileNotFoundError as exc:

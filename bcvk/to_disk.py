@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -482,14 +483,52 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 # ------------------------------------------------------------------ build
 
 
+WORK_OWNER = "owner"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_work(output: Path) -> list[Path]:
+    """Remove work directories for OUTPUT that a killed run on this host left behind.
+
+    SIGKILL or a power cut skip the ``finally`` in work_directory; the owner file
+    says which host and process a directory belonged to.  Anything without one,
+    from another host, or whose process still exists is left alone.
+    """
+    from bcvk import diskfs
+
+    removed = []
+    for work in output.parent.glob(f".{glob.escape(output.name)}.bcvk-*"):
+        try:
+            host, pid = (work / WORK_OWNER).read_text().split()
+            dead = host == platform.node() and not _pid_alive(int(pid))
+        except (OSError, ValueError):
+            continue
+        if dead:
+            logger.info("Removing %s, left by an interrupted run (pid %s)", work, pid)
+            diskfs.remove_tree(work)
+            removed.append(work)
+    return removed
+
+
 @contextlib.contextmanager
 def work_directory(output: Path) -> Iterator[Path]:
     """A hidden directory beside OUTPUT (same filesystem, so rename is atomic)."""
     from bcvk import diskfs
 
+    sweep_stale_work(output)
     work = output.parent / f".{output.name}.bcvk-{secrets.token_hex(4)}"
     work.mkdir(mode=0o700)
     try:
+        (work / WORK_OWNER).write_text(f"{platform.node()} {os.getpid()}\n")
         yield work
     finally:
         diskfs.remove_tree(work)

@@ -386,6 +386,29 @@ def test_ctrl_c_midway_leaves_nothing_and_keeps_the_old_disk(
     assert (out.stat().st_ino, out.stat().st_mtime_ns, xattrs(out)) == before
 
 
+def test_sigkill_leftovers_are_swept_by_the_next_run(demo_image: str, tmp_path: Path) -> None:
+    from tests.conftest import bcvk_bin
+
+    out = tmp_path / "x.qcow2"
+    argv = [bcvk_bin(), "to-disk", demo_image, str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.glob(".*.bcvk-*/root.img")):
+        assert time.monotonic() < deadline, "the build never started writing"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    # SIGKILL skips every cleanup, so the image stays mounted once and the work
+    # directory stays; give podman its mount back, the rest is bcvk's to tidy.
+    run("podman", "image", "unmount", demo_image)
+    (stale,) = [p.name for p in tmp_path.iterdir()]
+    assert stale.startswith(".x.qcow2.bcvk-")
+
+    result = bcvk("to-disk", demo_image, str(out), check=True)
+    assert "left by an interrupted run" in result.stderr
+    assert leftovers(tmp_path) == ["x.qcow2"]
+
+
 def test_force_replaces_a_foreign_file(demo_image: str, tmp_path: Path) -> None:
     out = tmp_path / "x.raw"
     out.write_text("not a disk")

@@ -393,3 +393,33 @@ def test_xattr_probe_explains_an_unsupporting_filesystem(
     monkeypatch.setattr(os, "setxattr", refuse)
     assert to_disk.xattrs_supported(tmp_path) == "Operation not supported"
     assert list(tmp_path.iterdir()) == []
+
+
+def _work_dir(parent: Path, owner: str | None) -> Path:
+    work = parent / f".x.qcow2.bcvk-{len(list(parent.iterdir())):08x}"
+    work.mkdir()
+    (work / "root.img").write_bytes(b"partial")
+    if owner is not None:
+        (work / to_disk.WORK_OWNER).write_text(owner)
+    return work
+
+
+def test_sweep_removes_only_work_of_dead_runs_on_this_host(tmp_path: Path) -> None:
+    import platform
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: its pid names no process now
+    dead = _work_dir(tmp_path, f"{platform.node()} {child.pid}\n")
+    alive = _work_dir(tmp_path, f"{platform.node()} {os.getpid()}\n")
+    elsewhere = _work_dir(tmp_path, f"another-host {child.pid}\n")
+    unmarked = _work_dir(tmp_path, None)
+    garbled = _work_dir(tmp_path, "nonsense")
+    other_output = tmp_path / ".y.qcow2.bcvk-00000000"
+    other_output.mkdir()
+    (other_output / to_disk.WORK_OWNER).write_text(f"{platform.node()} {child.pid}\n")
+
+    assert to_disk.sweep_stale_work(tmp_path / "x.qcow2") == [dead]
+    assert not dead.exists()
+    for kept in (alive, elsewhere, unmarked, garbled, other_output):
+        assert kept.is_dir()
