@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import tempfile
@@ -131,6 +132,8 @@ class Options:
     compress: bool = False
     dry_run: bool = False
     force: bool = False
+    # RUST_LOG for `bootc install` (bootc installer only); logging, so not in the cache key.
+    install_log: str | None = None
 
 
 @dataclass(frozen=True)
@@ -550,6 +553,7 @@ def build(
     compress: bool = False,
     dry_run: bool = False,
     force: bool = False,
+    install_log: str | None = None,
 ) -> Result:
     """Build (or reuse) a bootable disk at OUTPUT from IMAGE; see ``bcvk to-disk --help``."""
     opts = Options(
@@ -567,6 +571,7 @@ def build(
         compress=compress,
         dry_run=dry_run,
         force=force,
+        install_log=install_log or None,
     )
     return run_options(image, Path(output), opts)
 
@@ -587,6 +592,12 @@ def validate(opts: Options, fmt: DiskFormat) -> None:
     for karg in opts.kargs:
         if not karg or any(c in karg for c in "\n\r"):
             raise UsageError(f"invalid kernel argument {karg!r}")
+    # Only the bootc installer reads it; the native one has --debug instead.
+    if opts.install_log is not None and not re.fullmatch(r"[A-Za-z0-9_:=,.\-]+", opts.install_log):
+        raise UsageError(
+            f"invalid --install-log filter {opts.install_log!r}",
+            hint="a RUST_LOG filter such as debug or bootc_lib=trace,info",
+        )
     keys = opts.root_ssh_authorized_keys
     if keys is not None and not keys.is_file():
         raise NotFoundError(

@@ -81,6 +81,8 @@ def guest_script(image: str, opts: Options, keys: str | None) -> str:
         "set -euo pipefail",
         f"export STORAGE_OPTS=additionalimagestore=/run/virtiofs-mnt-{STORE_NAME}",
     ]
+    if opts.install_log is not None:
+        lines.append(f"export RUST_LOG={shlex.quote(opts.install_log)}")
     keys_path = None
     if keys is not None:
         keys_path = "/run/bcvk-authorized-keys"

@@ -45,6 +45,7 @@ cat > "$work/add/usr/bin/bootc" <<'STANDIN'
 # bcvk test STAND-IN for bootc (scripts/build-installer-fixture.sh). Not bootc.
 set -euo pipefail
 echo "bootc stand-in (bcvk test fixture): $*"
+echo "bootc stand-in: RUST_LOG=${RUST_LOG:-unset}"
 [[ ${1:-} == install && ${2:-} == to-disk ]] || { echo "error: stand-in only knows 'install to-disk'" >&2; exit 2; }
 shift 2
 device=${*: -1}

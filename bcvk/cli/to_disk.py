@@ -63,6 +63,12 @@ from bcvk.cli import CONTEXT
     is_flag=True,
     help="Replace OUTPUT even if bcvk did not create it (an exact cache hit is still reused).",
 )
+@click.option(
+    "--install-log",
+    metavar="FILTER",
+    envvar="BOOTC_INSTALL_LOG",
+    help="RUST_LOG filter for `bootc install` (bootc installer; env BOOTC_INSTALL_LOG).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def to_disk(
     image: str,
@@ -79,6 +85,7 @@ def to_disk(
     compress: bool,
     dry_run: bool,
     force: bool,
+    install_log: str | None,
     as_json: bool,
 ) -> None:
     """Turn bootc IMAGE into a bootable disk image at OUTPUT.
@@ -107,6 +114,7 @@ def to_disk(
         compress=compress,
         dry_run=dry_run,
         force=force,
+        install_log=install_log,
     )
     if as_json:
         out.emit_json(result.to_json())

@@ -48,8 +48,10 @@ def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_pa
     out = tmp_path / "disk.raw"
     argv = ["to-disk", installer_image, str(out), "--filesystem", "xfs", "--karg", "console=ttyS0",
             "--root-size", "2G", "--root-ssh-authorized-keys", str(keys)]  # fmt: skip
-    result = bcvk(*argv, timeout=VM_TIMEOUT)
+    # podman-bootc's variable reaches `bootc install` as RUST_LOG
+    result = bcvk(*argv, env={"BOOTC_INSTALL_LOG": "bootc_lib=debug"}, timeout=VM_TIMEOUT)
     assert result.returncode == 0, result.stderr
+    assert "bootc stand-in: RUST_LOG=bootc_lib=debug" in result.stderr
     # --installer auto chose bootc because the image has /usr/bin/bootc
     assert "The image contains bootc: installing with its own" in result.stderr
     # the installer's output is streamed to stderr

@@ -296,6 +296,7 @@ def test_bootc_install_argv_golden(golden: Callable[[str, str], None]) -> None:
         root_size=10 * GIB,
         kargs=("console=ttyS0", "a b"),
         installer=to_disk.Installer.bootc,
+        install_log="bootc_lib=debug,info",
     )
     script = to_disk_bootc.guest_script(REF, opts, "ssh-ed25519 AAAA it's me\n")
     golden("to-disk/bootc-install.sh", script + "\n")
@@ -423,3 +424,10 @@ def test_sweep_removes_only_work_of_dead_runs_on_this_host(tmp_path: Path) -> No
     assert not dead.exists()
     for kept in (alive, elsewhere, unmarked, garbled, other_output):
         assert kept.is_dir()
+
+
+def test_install_log_is_validated_and_kept_out_of_the_cache_key() -> None:
+    with pytest.raises(UsageError, match="invalid --install-log filter"):
+        to_disk.validate(Options(install_log="debug; rm -rf /"), DiskFormat.raw)
+    to_disk.validate(Options(install_log="bootc_lib=trace,info"), DiskFormat.raw)
+    assert key(Options(install_log="debug")) == key(Options())
