@@ -122,7 +122,8 @@ def test_uefi_disables_secure_boot_and_nic_has_explicit_q35_address() -> None:
     assert root.get("type") == "qemu"
     # TCG: QEMU's max model, as ephemeral VMs get (qemu64 stalls SMP guests)
     cpu = root.find("cpu")
-    assert cpu is not None and cpu.get("mode") == "maximum"
+    assert cpu is not None
+    assert cpu.get("mode") == "maximum"
 
 
 def test_xml_never_contains_a_private_key() -> None:

@@ -28,46 +28,101 @@ Python API::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
-import fcntl
 import logging
 import os
 import re
-import secrets
-import socket
 import subprocess
 import sys
-import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from bcvk import credentials, paths, podman
+from bcvk import podman
 from bcvk import run as proc
 from bcvk import ssh as sshlib
-from bcvk.config import GIB, MIB
+from bcvk.config import MIB
 from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.lazy import Lazy
 from bcvk.log import logger, step
-from bcvk.wait import Deadline, wait_until
+from bcvk.pb.model import (
+    DEFAULT_CPUS,
+    DEFAULT_MEMORY,
+    DOMAIN_PREFIX,
+    SESSION_POOL,
+    SSH_TIMEOUT,
+    SYSTEM_POOL,
+    PbInfo,
+    PbVm,
+    default_disk_size,
+    domain_name,
+    effective_uri,
+    find,
+    image_vm_id,
+    key_credential,
+    latest,
+    new_id,
+    patch_domain_xml,
+    pb_info_from_xml,
+    resolve,
+)
+from bcvk.pb.session import (
+    ConsoleFollower,
+    InUseError,
+    VmLock,
+    _in_use_error,
+    _mux_options,
+    _ssh_argv,
+    close_masters,
+    control_path,
+    ensure_master,
+    in_use,
+    lock_path,
+    locked_inodes,
+    shared_connection,
+)
 
-
-class _Lazy:
-    """A module imported on first attribute access."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._module: Any = None
-
-    def __getattr__(self, attr: str) -> Any:
-        if self._module is None:
-            import importlib
-
-            self._module = importlib.import_module(self._name)
-        return getattr(self._module, attr)
-
+# The Python API: what `from bcvk import pb` offers (the CLI and tests use these).
+__all__ = [
+    "DEFAULT_CPUS",
+    "DEFAULT_MEMORY",
+    "DOMAIN_PREFIX",
+    "InUseError",
+    "Launched",
+    "PbInfo",
+    "PbVm",
+    "RunOptions",
+    "VmLock",
+    "control_path",
+    "default_disk_size",
+    "domain_name",
+    "effective_uri",
+    "find",
+    "image_vm_id",
+    "images",
+    "in_use",
+    "inspect",
+    "key_credential",
+    "latest",
+    "launch",
+    "list_vms",
+    "lock_path",
+    "locked_inodes",
+    "new_id",
+    "patch_domain_xml",
+    "pb_info_from_xml",
+    "resolve",
+    "rm",
+    "rm_all",
+    "run",
+    "run_session",
+    "shared_connection",
+    "ssh",
+    "ssh_session",
+    "start",
+    "stop",
+    "validate",
+]
 
 if TYPE_CHECKING:
     from bcvk.libvirt import basedisks, domains
@@ -76,415 +131,10 @@ if TYPE_CHECKING:
     from bcvk.libvirt.connection import Connection
 else:
     # `pb ssh` on a running VM must not pay for the libvirt layer's imports.
-    basedisks = _Lazy("bcvk.libvirt.basedisks")
-    domains = _Lazy("bcvk.libvirt.domains")
-    lx = _Lazy("bcvk.libvirt.xml")
-    _connection = _Lazy("bcvk.libvirt.connection")
-
-DOMAIN_PREFIX = "podman-bootc-"
-ID_LENGTH = 12
-MIN_DISK_SIZE = 10 * GIB  # podman-bootc: max(2 x image size, 10 GiB, --disk-size)
-DEFAULT_MEMORY = 2048 * MIB
-DEFAULT_CPUS = 2
-SSH_TIMEOUT = 300.0  # as `bcvk libvirt`: TCG boots take minutes on a busy host
-SESSION_POOL = "podman-bootc"
-SYSTEM_POOL = "default"
-LOCK_WAIT = 30.0  # a session waits this long for a stop/rm that holds the lock
-CONTROL_PERSIST = "600"  # seconds an idle shared SSH connection stays up
-# sun_path holds 108 bytes with the NUL; ssh binds "<ControlPath>.<16 random>" first.
-MAX_CONTROL_PATH = 107 - 17
-ELEMENT = "podman-bootc"
-_ID_RE = re.compile(r"^[0-9a-f]{12}$")
-
-
-# ------------------------------------------------------------------ pure model
-
-
-@dataclass(frozen=True)
-class PbInfo:
-    """What pb adds to a domain's bcvk metadata."""
-
-    id: str
-    name: str | None  # --name; None for the image's own VM
-    image_id: str
-    repository: str
-    user: str = "root"
-    disk_size: int = 0  # bytes; the disk inputs below are what `run` compares
-    filesystem: str | None = None
-    root_size: int | None = None
-    cloudinit_iso: str | None = None
-
-    def to_element(self) -> ET.Element:
-        attrs = {
-            "id": self.id,
-            "image-id": self.image_id,
-            "repository": self.repository,
-            "user": self.user,
-            "disk-size": str(self.disk_size),
-        }
-        optional = {
-            "name": self.name,
-            "filesystem": self.filesystem,
-            "root-size": str(self.root_size) if self.root_size is not None else None,
-            "cloudinit-iso": self.cloudinit_iso,
-        }
-        attrs.update({k: v for k, v in optional.items() if v is not None})
-        return ET.Element(f"{{{lx.BOOTC_NS}}}{ELEMENT}", dict(sorted(attrs.items())))
-
-    @classmethod
-    def from_element(cls, el: ET.Element) -> PbInfo | None:
-        vm_id = el.get("id", "")
-        if not _ID_RE.match(vm_id):
-            return None
-        root_size = el.get("root-size")
-        return cls(
-            id=vm_id,
-            name=el.get("name"),
-            image_id=el.get("image-id", ""),
-            repository=el.get("repository", ""),
-            user=el.get("user", "root"),
-            disk_size=int(el.get("disk-size", "0") or 0),
-            filesystem=el.get("filesystem"),
-            root_size=int(root_size) if root_size and root_size.isdigit() else None,
-            cloudinit_iso=el.get("cloudinit-iso"),
-        )
-
-
-def pb_info_from_xml(xml_text: str) -> PbInfo | None:
-    """The pb element of a domain's XML, or None for a domain that is not a pb VM."""
-    root = ET.fromstring(xml_text)
-    container = root.find(f"metadata/{{{lx.BOOTC_NS}}}container")
-    if container is None:
-        return None
-    el = container.find(f"{{{lx.BOOTC_NS}}}{ELEMENT}")
-    return PbInfo.from_element(el) if el is not None else None
-
-
-def patch_domain_xml(
-    xml_text: str,
-    info: PbInfo,
-    *,
-    seed_iso: str | None = None,
-    tmpfiles_credential: str | None = None,
-) -> str:
-    """The domain XML with the pb element, the cloud-init CD-ROM and the user's key (pure)."""
-    root = ET.fromstring(xml_text)
-    container = root.find(f"metadata/{{{lx.BOOTC_NS}}}container")
-    if container is None:
-        raise BcvkError(f"domain {root.findtext('name')} has no bcvk metadata to mark as pb")
-    for old in container.findall(f"{{{lx.BOOTC_NS}}}{ELEMENT}"):
-        container.remove(old)
-    container.append(info.to_element())
-    devices = root.find("devices")
-    if devices is None:
-        devices = ET.SubElement(root, "devices")
-    if seed_iso:
-        cdrom = ET.SubElement(devices, "disk", {"type": "file", "device": "cdrom"})
-        ET.SubElement(cdrom, "driver", {"name": "qemu", "type": "raw"})
-        ET.SubElement(cdrom, "source", {"file": seed_iso})
-        ET.SubElement(cdrom, "target", {"dev": "sda", "bus": "sata"})
-        ET.SubElement(cdrom, "readonly")
-    if tmpfiles_credential:
-        prefix = f"io.systemd.credential.binary:{credentials.TMPFILES_CREDENTIAL}="
-        entries = root.findall("sysinfo/oemStrings/entry")
-        target = next((e for e in entries if (e.text or "").startswith(prefix)), None)
-        if target is None:
-            raise BcvkError("the domain carries no SSH key credential to extend")
-        target.text = tmpfiles_credential
-    return ET.tostring(root, encoding="unicode")
-
-
-def user_home(user: str) -> str:
-    return "/root" if user == "root" else f"/home/{user}"
-
-
-def key_credential(public_key: str, user: str) -> str:
-    """An SMBIOS credential installing PUBLIC_KEY for root and USER (pure)."""
-    content = credentials.tmpfiles_authorized_key(public_key)
-    if user != "root":
-        content += credentials.tmpfiles_authorized_key(public_key, user, user_home(user))
-    return credentials.smbios_value(credentials.TMPFILES_CREDENTIAL, content)
-
-
-def default_disk_size(image_size: int, requested: int | None) -> int:
-    """podman-bootc's rule: max(2 x image size, 10 GiB, --disk-size), in whole MiB."""
-    size = max(2 * image_size, MIN_DISK_SIZE, requested or 0)
-    return -(-size // MIB) * MIB
-
-
-def image_vm_id(image_id: str) -> str:
-    hexid = image_id.removeprefix("sha256:")
-    if not re.match(r"^[0-9a-f]{12}", hexid):
-        raise BcvkError(f"unexpected image ID {image_id!r}")
-    return hexid[:ID_LENGTH]
-
-
-def new_id(taken: set[str]) -> str:
-    while True:
-        candidate = secrets.token_hex(ID_LENGTH // 2)
-        if candidate not in taken:
-            return candidate
-
-
-def domain_name(vm_id: str, name: str | None) -> str:
-    return domains.validate_name(name) if name else DOMAIN_PREFIX + vm_id
-
-
-@dataclass(frozen=True)
-class PbVm:
-    """A pb VM as `list`/`inspect` show it."""
-
-    info: PbInfo
-    vm: domains.Vm
-    in_use: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    @property
-    def name(self) -> str:
-        return self.vm.name
-
-    @property
-    def running(self) -> bool:
-        return self.vm.running
-
-    @property
-    def ssh_port(self) -> int | None:
-        return self.vm.metadata.ssh_port
-
-    @property
-    def created(self) -> str:
-        return self.vm.metadata.created
-
-    @property
-    def image(self) -> str:
-        return self.info.repository or self.vm.metadata.source_image
-
-    def target(self, user: str | None = None) -> sshlib.Target:
-        return dataclasses.replace(self.vm.ssh_target(), user=user or self.info.user)
-
-    def to_json(self) -> dict[str, object]:
-        md = self.vm.metadata
-        return {
-            "id": self.id,
-            "name": self.name,
-            "image": self.image,
-            "image_id": self.info.image_id,
-            "running": self.running,
-            "state": self.vm.state,
-            "in_use": self.in_use,
-            "ssh_port": self.ssh_port,
-            "ssh_user": self.info.user,
-            "ssh_private_key_path": md.ssh_private_key_path,
-            "ports": [str(p) for p in md.ports],
-            "volumes": [f"{m.source}:{m.target}" for m in md.mounts],
-            "created": self.created or None,
-            "disk_size": self.info.disk_size,
-            "disk_path": self.vm.disks[0] if self.vm.disks else None,
-            "base_disk": md.base_disk,
-            "filesystem": self.info.filesystem,
-            "cloudinit_iso": self.info.cloudinit_iso,
-            "memory_mb": self.vm.memory_mib or md.memory_mb,
-            "vcpus": self.vm.vcpus or md.vcpus,
-            "uri": self.vm.uri,
-        }
-
-
-def resolve(vms: Sequence[PbVm], ref: str) -> PbVm:
-    """The VM REF names: an ID, a name (domain or --name), or a unique ID prefix."""
-    for vm in vms:
-        if ref in (vm.id, vm.name, vm.info.name):
-            return vm
-    matches = [vm for vm in vms if ref and vm.id.startswith(ref.lower())]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        listed = ", ".join(f"{m.id} ({m.name})" for m in sorted(matches, key=lambda m: m.id))
-        raise UsageError(
-            f"ID prefix {ref!r} is ambiguous: it matches {listed}",
-            hint="give more digits of the ID, or the VM's name",
-        )
-    raise NotFoundError(f"no podman-bootc VM {ref!r}", hint="`bcvk pb list` shows the VMs")
-
-
-def find(vms: Sequence[PbVm], ref: str) -> PbVm | None:
-    try:
-        return resolve(vms, ref)
-    except NotFoundError:
-        return None
-
-
-def latest(vms: Sequence[PbVm]) -> PbVm:
-    if not vms:
-        raise NotFoundError("there are no podman-bootc VMs", hint="create one with `bcvk pb run`")
-    return max(vms, key=lambda v: (v.created, v.id))
-
-
-def effective_uri(uri: str | None) -> str:
-    """The URI a connection would use (connection.default_uri's rule, without importing it)."""
-    if uri:
-        return uri
-    env = os.environ.get("LIBVIRT_DEFAULT_URI")
-    if env:
-        return env
-    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
-
-
-def control_path(
-    vm_id: str, port: int, user: str, uri: str, directory: Path | None = None
-) -> Path | None:
-    """Where the shared SSH connection's socket lives; None when the path is too long.
-
-    The name carries everything `pb ssh` needs to use it without asking
-    libvirt: ID, port, user and (hashed) URI.
-    """
-    import hashlib
-
-    base = directory or lock_dir()
-    safe_user = re.sub(r"[^A-Za-z0-9_.]", "_", user)[:32]
-    uri_hash = hashlib.sha256(uri.encode()).hexdigest()[:6]
-    path = base / f"{vm_id}-{port}-{safe_user}-{uri_hash}.ssh"
-    return path if len(os.fsencode(path)) <= MAX_CONTROL_PATH else None
-
-
-_SOCKET_RE = re.compile(
-    r"^(?P<id>[0-9a-f]{12})-(?P<port>\d+)-(?P<user>[A-Za-z0-9_.]+)-(?P<uri>[0-9a-f]{6})\.ssh$"
-)
-
-
-def shared_connection(
-    ref: str | None, user: str | None, uri: str | None, directory: Path | None = None
-) -> tuple[str, int, str, Path] | None:
-    """(ID, port, user, socket) of a live shared connection to VM REF, found without libvirt.
-
-    Only for a full ID (or the podman-bootc-<ID> name) with exactly one live
-    connection for that user and URI; anything else takes the libvirt path.
-    A live master means a running guest: it exits when the guest's side
-    closes, and stop/rm end it.
-    """
-    if ref is None:
-        return None
-    vm_id = ref.removeprefix(DOMAIN_PREFIX)
-    if not _ID_RE.match(vm_id):
-        return None
-    base = directory or paths.runtime_dir() / "pb"
-    if not base.is_dir():
-        return None
-    import hashlib
-
-    uri_hash = hashlib.sha256(effective_uri(uri).encode()).hexdigest()[:6]
-    found = []
-    for path in base.glob(f"{vm_id}-*.ssh"):
-        match = _SOCKET_RE.match(path.name)
-        if match is None or match["uri"] != uri_hash:
-            continue
-        if user is not None and match["user"] != user:
-            continue
-        found.append((vm_id, int(match["port"]), match["user"], path))
-    if len(found) != 1 or not _socket_alive(found[0][3]):
-        return None
-    return found[0]
-
-
-# ------------------------------------------------------------------ locks
-
-
-def lock_dir() -> Path:
-    paths.ensure_private_dir(paths.runtime_dir())
-    return paths.ensure_private_dir(paths.runtime_dir() / "pb")
-
-
-def lock_path(vm_id: str) -> Path:
-    return lock_dir() / f"{vm_id}.lock"
-
-
-class InUseError(BcvkError):
-    pass
-
-
-def _in_use_error(vm_id: str, name: str, what: str) -> InUseError:
-    return InUseError(
-        f"cannot {what} VM {vm_id} ({name}): an SSH session (`pb run` or `pb ssh`) is open",
-        hint="close that session first; -f does not override this",
-    )
-
-
-class VmLock:
-    """The per-VM flock: shared for sessions, exclusive (never waiting) for stop/rm."""
-
-    def __init__(self, vm_id: str) -> None:
-        self.vm_id = vm_id
-        self.path = lock_path(vm_id)
-        self.fd: int | None = None
-
-    def _open(self) -> int:
-        if self.fd is None:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        return self.fd
-
-    def shared(self, wait: float = LOCK_WAIT) -> None:
-        fd = self._open()
-
-        def take() -> bool:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            return True
-
-        wait_until(take, Deadline(wait), f"the lock of VM {self.vm_id}", interval=0.2)
-
-    def try_exclusive(self) -> bool:
-        """Take (or upgrade to) the exclusive lock; False when a session holds it."""
-        fd = self._open()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-
-    def __enter__(self) -> VmLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def locked_inodes(proc_locks: str) -> set[tuple[int, int, int]]:
-    """(major, minor, inode) of every flock in /proc/locks text (pure)."""
-    found: set[tuple[int, int, int]] = set()
-    for line in proc_locks.splitlines():
-        fields = line.split()
-        if len(fields) < 6 or "FLOCK" not in fields[1:3]:
-            continue
-        ident = next((f for f in fields if f.count(":") == 2), None)
-        if ident is None:
-            continue
-        major, minor, inode = ident.split(":")
-        with contextlib.suppress(ValueError):
-            found.add((int(major, 16), int(minor, 16), int(inode)))
-    return found
-
-
-def in_use(vm_id: str, locks: set[tuple[int, int, int]] | None = None) -> bool:
-    """Whether any process holds VM_ID's lock, read from /proc/locks without locking."""
-    try:
-        st = lock_path(vm_id).stat()
-    except OSError:
-        return False
-    if locks is None:
-        try:
-            locks = locked_inodes(Path("/proc/locks").read_text())
-        except OSError:
-            return False
-    return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locks
+    basedisks = Lazy("bcvk.libvirt.basedisks")
+    domains = Lazy("bcvk.libvirt.domains")
+    lx = Lazy("bcvk.libvirt.xml")
+    _connection = Lazy("bcvk.libvirt.connection")
 
 
 # ------------------------------------------------------------------ listing
@@ -537,149 +187,6 @@ def images() -> list[object]:
     from bcvk import images as core
 
     return list(core.list_bootc())
-
-
-# ------------------------------------------------------------------ shared SSH connection
-
-
-def _socket_alive(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(os.fspath(path))
-        except OSError as exc:
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                with contextlib.suppress(OSError):
-                    path.unlink()  # a master that died without cleaning up
-            return False
-    return True
-
-
-def _mux_options(path: Path) -> list[str]:
-    return ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
-
-
-def ensure_master(target: sshlib.Target, vm_id: str, uri: str | None) -> Path | None:
-    """A shared SSH connection to TARGET (started if needed); None when unavailable.
-
-    The master runs detached with /dev/null as stdio, so that callers capturing
-    our output are never held open by it; it exits after CONTROL_PERSIST idle
-    seconds, when the guest goes away, or on `pb stop`/`pb rm`.
-    """
-    path = control_path(vm_id, target.port, target.user, effective_uri(uri))
-    if path is None:
-        logger.debug("runtime dir path too long for an SSH control socket; not sharing")
-        return None
-    if path.exists() and _socket_alive(path):
-        return path
-    # A loaded TCG guest can take many seconds to send its SSH banner.
-    slow = dataclasses.replace(target, connect_timeout=60)
-    argv = sshlib.argv(
-        slow,
-        (),
-        extra=[
-            "-M", "-N", "-f",
-            "-o", f"ControlPath={path}",
-            "-o", f"ControlPersist={CONTROL_PERSIST}",
-        ],
-    )  # fmt: skip
-    for attempt in (1, 2):
-        master = proc.spawn(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            die_with_parent=False,
-            new_session=True,
-        )
-        try:
-            status = master.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            master.kill()
-            master.wait()
-            status = -9
-        if status == 0 and path.exists():
-            return path
-        logger.debug("shared SSH connection attempt %d failed (exit %s)", attempt, status)
-    return None
-
-
-def close_masters(vm_id: str) -> None:
-    """End every shared SSH connection to VM_ID."""
-    directory = paths.runtime_dir() / "pb"
-    if not directory.is_dir():
-        return
-    ssh_bin = proc.find_binary("ssh")
-    for path in directory.glob(f"{vm_id}-*.ssh"):
-        if ssh_bin is not None and _socket_alive(path):
-            proc.run(
-                [ssh_bin, "-F", "none", "-o", f"ControlPath={path}", "-O", "exit", "x"],
-                check=False,
-                timeout=10,
-            )
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def _ssh_argv(
-    vm: PbVm, command: Sequence[str], *, user: str | None, tty: bool | None, share: bool
-) -> list[str]:
-    target = vm.target(user)
-    extra: list[str] = []
-    if share:
-        path = ensure_master(target, vm.id, vm.vm.uri or None)
-        if path is not None:
-            extra = _mux_options(path)
-    return sshlib.argv(target, command, tty=tty, extra=extra)
-
-
-# ------------------------------------------------------------------ console
-
-
-class ConsoleFollower:
-    """Copies what the guest writes to its serial console log to STREAM while it runs."""
-
-    def __init__(self, path: str | None, stream: IO[str]) -> None:
-        self.path = Path(path) if path else None
-        self.stream = stream
-        self.stop_event = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.offset = 0
-
-    def __enter__(self) -> ConsoleFollower:
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                self.offset = self.path.stat().st_size
-            self.thread = threading.Thread(target=self._follow, daemon=True)
-            self.thread.start()
-        return self
-
-    def _copy(self) -> None:
-        assert self.path is not None
-        try:
-            with self.path.open("rb") as fh:
-                if fh.seek(0, os.SEEK_END) < self.offset:
-                    self.offset = 0  # the log was truncated
-                fh.seek(self.offset)
-                data = fh.read()
-        except OSError:
-            return
-        if data:
-            self.offset += len(data)
-            text = data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "")
-            with contextlib.suppress(OSError, ValueError):
-                self.stream.write(text)
-                self.stream.flush()
-
-    def _follow(self) -> None:
-        while not self.stop_event.wait(0.3):
-            self._copy()
-        self._copy()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        if self.thread is not None:
-            self.thread.join(timeout=2)
 
 
 # ------------------------------------------------------------------ run
