@@ -319,9 +319,10 @@ def rm(ctx: click.Context, name: str, force: bool) -> None:
     """Remove VM NAME with its disk and generated SSH key (bcvk's VMs only)."""
     from bcvk.libvirt import domains
     from bcvk.libvirt.connection import connect
+    from bcvk.libvirt.vms import get_vm
 
     with connect(_uri(ctx)) as conn:
-        domains.get_vm(conn, name)  # unknown or foreign domains fail before asking
+        get_vm(conn, name)  # unknown or foreign domains fail before asking
         _confirm(f"Remove VM {name} and its disk?", force)
         domains.remove(conn, name, force=force)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from bcvk.libvirt.domains import (
     RunOptions,
-    Vm,
     base_disks,
     domain_xml,
     inspect,
@@ -31,6 +30,7 @@ from bcvk.libvirt.domains import (
     upload,
 )
 from bcvk.libvirt.domains import ssh_command as ssh
+from bcvk.libvirt.vms import Vm
 from bcvk.libvirt.xml import Firmware, PortForward
 
 

@@ -127,12 +127,14 @@ __all__ = [
 if TYPE_CHECKING:
     from bcvk.libvirt import basedisks, domains
     from bcvk.libvirt import connection as _connection
+    from bcvk.libvirt import vms as vmview
     from bcvk.libvirt import xml as lx
     from bcvk.libvirt.connection import Connection
 else:
     # `pb ssh` on a running VM must not pay for the libvirt layer's imports.
     basedisks = Lazy("bcvk.libvirt.basedisks")
     domains = Lazy("bcvk.libvirt.domains")
+    vmview = Lazy("bcvk.libvirt.vms")
     lx = Lazy("bcvk.libvirt.xml")
     _connection = Lazy("bcvk.libvirt.connection")
 
@@ -154,7 +156,7 @@ def _pb_vms(conn: Connection, *, with_use: bool = False) -> list[PbVm]:
             info = pb_info_from_xml(xml_text)
             if info is None:
                 continue
-            vm = domains.vm_from_xml(
+            vm = vmview.vm_from_xml(
                 xml_text,
                 dom.state(),
                 dom.is_persistent(),
@@ -217,7 +219,7 @@ def validate(opts: RunOptions) -> None:
     if not re.match(r"^[a-z_][a-z0-9_.-]{0,31}$", opts.user):
         raise UsageError(f"invalid user name {opts.user!r}")
     if opts.name is not None:
-        domains.validate_name(opts.name)
+        vmview.validate_name(opts.name)
         if opts.name.startswith(DOMAIN_PREFIX):
             raise UsageError(
                 f"--name {opts.name!r}: {DOMAIN_PREFIX}… names belong to the images' own VMs",
@@ -228,7 +230,7 @@ def validate(opts: RunOptions) -> None:
 
         cloudinit.check_dir(opts.cloudinit)
     for text in opts.volumes:
-        domains.parse_bind(text, lx.MountKind.bind)
+        vmview.parse_bind(text, lx.MountKind.bind)
 
 
 def pool_name(conn: Connection, opts: RunOptions) -> str:

@@ -18,11 +18,11 @@ from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.lazy import Lazy
 
 if TYPE_CHECKING:
-    from bcvk.libvirt import domains
+    from bcvk.libvirt import vms as vmview
     from bcvk.libvirt import xml as lx
 else:
     # `pb ssh` on a running VM must not pay for the libvirt layer's imports.
-    domains = Lazy("bcvk.libvirt.domains")
+    vmview = Lazy("bcvk.libvirt.vms")
     lx = Lazy("bcvk.libvirt.xml")
 
 DOMAIN_PREFIX = "podman-bootc-"
@@ -171,7 +171,7 @@ def new_id(taken: set[str]) -> str:
 
 
 def domain_name(vm_id: str, name: str | None) -> str:
-    return domains.validate_name(name) if name else DOMAIN_PREFIX + vm_id
+    return vmview.validate_name(name) if name else DOMAIN_PREFIX + vm_id
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class PbVm:
     """A pb VM as `list`/`inspect` show it."""
 
     info: PbInfo
-    vm: domains.Vm
+    vm: vmview.Vm
     in_use: bool = False
 
     @property

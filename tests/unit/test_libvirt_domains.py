@@ -17,6 +17,7 @@ import pytest
 from bcvk import podman
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.libvirt import basedisks, domains
+from bcvk.libvirt import vms as vmview
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import (
     START_HINT,
@@ -102,57 +103,57 @@ def options(**changes: object) -> domains.RunOptions:
     ],
 )
 def test_derive_name(image: str, taken: set[str], expected: str) -> None:
-    assert domains.derive_name(image, taken) == expected
+    assert vmview.derive_name(image, taken) == expected
 
 
 @pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 64, "a/b", "ü"])
 def test_invalid_names(name: str) -> None:
     with pytest.raises(UsageError):
-        domains.validate_name(name)
+        vmview.validate_name(name)
 
 
 def test_parse_bind() -> None:
-    assert domains.parse_bind("/a/b:/mnt/c", lx.MountKind.bind) == ("/a/b", "/mnt/c")
-    assert domains.parse_bind("C:/x:/y", lx.MountKind.bind) == ("C:/x", "/y")
-    assert domains.parse_bind("/h:tag1", lx.MountKind.volume) == ("/h", "tag1")
+    assert vmview.parse_bind("/a/b:/mnt/c", lx.MountKind.bind) == ("/a/b", "/mnt/c")
+    assert vmview.parse_bind("C:/x:/y", lx.MountKind.bind) == ("C:/x", "/y")
+    assert vmview.parse_bind("/h:tag1", lx.MountKind.volume) == ("/h", "tag1")
     for bad, kind in (
         ("/a", lx.MountKind.bind),
         ("/a:rel", lx.MountKind.bind_ro),
         ("/a:bad tag", lx.MountKind.volume),
     ):
         with pytest.raises(UsageError):
-            domains.parse_bind(bad, kind)
+            vmview.parse_bind(bad, kind)
 
 
 def test_resources_and_instance_types() -> None:
-    assert domains.resources(None, None, None) == (4096, 2, None)
-    assert domains.resources(1 << 30, 3, None) == (1024, 3, None)
-    assert domains.resources(1 << 30, 3, "u1.small") == (2048, 1, "u1.small")
+    assert vmview.resources(None, None, None) == (4096, 2, None)
+    assert vmview.resources(1 << 30, 3, None) == (1024, 3, None)
+    assert vmview.resources(1 << 30, 3, "u1.small") == (2048, 1, "u1.small")
     with pytest.raises(UsageError, match="unknown instance type"):
-        domains.resources(None, None, "u9.huge")
+        vmview.resources(None, None, "u9.huge")
     with pytest.raises(UsageError, match="too small"):
-        domains.resources(16 << 20, None, None)
+        vmview.resources(16 << 20, None, None)
 
 
 def test_pick_ssh_port_skips_taken_and_busy_ports() -> None:
-    low, high = domains.SSH_PORT_RANGE
+    low, high = vmview.SSH_PORT_RANGE
     taken = set(range(low, high + 1)) - {2500, 2501}
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 2500))
-        assert domains.pick_ssh_port(taken, check_local=True) == 2501
-        assert domains.pick_ssh_port(taken - {2501} | {2501}, False) in (2500, 2501)
+        assert vmview.pick_ssh_port(taken, check_local=True) == 2501
+        assert vmview.pick_ssh_port(taken - {2501} | {2501}, False) in (2500, 2501)
     with pytest.raises(BcvkError, match="no free SSH port"):
-        domains.pick_ssh_port(set(range(low, high + 1)), check_local=False)
+        vmview.pick_ssh_port(set(range(low, high + 1)), check_local=False)
     rng = random.Random(1)
-    assert low <= domains.pick_ssh_port(set(), False, rng) <= high
+    assert low <= vmview.pick_ssh_port(set(), False, rng) <= high
 
 
 def test_readonly_mode() -> None:
-    assert domains.readonly_mode((11, 0, 0), False, False) == "libvirt"
-    assert domains.readonly_mode((9, 0, 0), True, True) == "host"
-    assert domains.readonly_mode((9, 0, 0), True, False) == "guest"
-    assert domains.readonly_mode((9, 0, 0), False, True) == "guest"
-    wrapper = domains.readonly_wrapper_text(Path("/opt/it's/virtiofsd"))
+    assert vmview.readonly_mode((11, 0, 0), False, False) == "libvirt"
+    assert vmview.readonly_mode((9, 0, 0), True, True) == "host"
+    assert vmview.readonly_mode((9, 0, 0), True, False) == "guest"
+    assert vmview.readonly_mode((9, 0, 0), False, True) == "guest"
+    wrapper = vmview.readonly_wrapper_text(Path("/opt/it's/virtiofsd"))
     assert wrapper.splitlines()[-1] == "exec '/opt/it'\"'\"'s/virtiofsd' \"$@\" --readonly"
 
 
@@ -294,7 +295,7 @@ def test_name_taken_replace_and_foreign_domains(
     with pytest.raises(BcvkError, match="not created by bcvk"):
         domains.remove(conn, "test", force=True)
     assert conn.lookup("test") is not None
-    assert [v.name for v in domains.all_vms(conn)] == ["vm1"]
+    assert [v.name for v in vmview.all_vms(conn)] == ["vm1"]
 
 
 def test_port_in_use_is_refused(conn: Connection, fake_image: podman.ImageInfo) -> None:
@@ -363,10 +364,10 @@ def test_firmware_choices() -> None:
 def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.ImageInfo) -> None:
     a = domains.create_vm(conn, IMAGE, options(name="a", labels=("x",)))
     domains.create_vm(conn, IMAGE, options(name="b", labels=("y",), start=False))
-    vms = domains.all_vms(conn)
-    assert [v.name for v in domains.filter_vms(vms, all_states=False, label=None)] == ["a"]
-    assert [v.name for v in domains.filter_vms(vms, all_states=True, label=None)] == ["a", "b"]
-    assert [v.name for v in domains.filter_vms(vms, all_states=True, label="y")] == ["b"]
+    vms = vmview.all_vms(conn)
+    assert [v.name for v in vmview.filter_vms(vms, all_states=False, label=None)] == ["a"]
+    assert [v.name for v in vmview.filter_vms(vms, all_states=True, label=None)] == ["a", "b"]
+    assert [v.name for v in vmview.filter_vms(vms, all_states=True, label="y")] == ["b"]
     data = a.to_json()
     assert {
         "name",
@@ -389,7 +390,7 @@ def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.Ima
     assert pool.volume("a.qcow2") is None
     assert plan.key_dir is not None
     assert not Path(plan.key_dir).exists()
-    assert [v.name for v in domains.all_vms(conn)] == ["b"]
+    assert [v.name for v in vmview.all_vms(conn)] == ["b"]
 
 
 def test_domains_deleted_behind_our_back(
@@ -405,7 +406,7 @@ def test_domains_deleted_behind_our_back(
         return real_xml(self, inactive)
 
     monkeypatch.setattr(DomainRef, "xml", racing)
-    assert [v.name for v in domains.all_vms(conn)] == ["stays"]
+    assert [v.name for v in vmview.all_vms(conn)] == ["stays"]
     monkeypatch.setattr(DomainRef, "xml", real_xml)
     dom = conn.get("gone")
     conn.raw.lookupByName("gone").undefine()  # someone else removes it
@@ -431,7 +432,7 @@ def test_stop_start_and_rm_all(conn: Connection, fake_image: podman.ImageInfo) -
     assert (removed, skipped) == (["s1"], ["s2"])
     removed, skipped = domains.rm_all(uri=URI, label="grp", force=True)
     assert (removed, skipped) == (["s2"], [])
-    assert [v.name for v in domains.all_vms(conn)] == ["other"]
+    assert [v.name for v in vmview.all_vms(conn)] == ["other"]
     assert conn.lookup("test") is not None
 
 

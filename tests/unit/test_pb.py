@@ -20,6 +20,7 @@ from bcvk import cloudinit, credentials, pb, podman
 from bcvk.config import GIB, MIB
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.libvirt import basedisks, domains
+from bcvk.libvirt import vms as vmview
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, connect
 
@@ -32,7 +33,7 @@ IMAGE_ID = "8ae7e19ce1c7" + "ab" * 26
 def vm(vm_id: str, name: str | None = None, created: str = "2026-01-01T00:00:00+00:00") -> pb.PbVm:
     md = lx.Metadata(source_image=IMAGE, ssh_port=2300, created=created)
     dom = name or pb.DOMAIN_PREFIX + vm_id
-    view = domains.Vm(name=dom, uuid="u", state="running", persistent=True, metadata=md)
+    view = vmview.Vm(name=dom, uuid="u", state="running", persistent=True, metadata=md)
     return pb.PbVm(pb.PbInfo(vm_id, name, IMAGE_ID, IMAGE), view)
 
 

@@ -1,0 +1,293 @@
+"""bcvk's view of libvirt domains: names, ports, mounts, and a VM read from its XML.
+
+Pure except for the readers at the end, which only list and look up domains.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shlex
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bcvk import paths, ssh
+from bcvk.config import GIB, INSTANCE_TYPES, MIB
+from bcvk.errors import BcvkError, UsageError
+from bcvk.libvirt import xml as lx
+from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef
+
+SSH_PORT_RANGE = (2222, 2999)
+DEFAULT_MEMORY = 4 * GIB
+DEFAULT_VCPUS = 2
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def derive_name(image: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
+    """A domain name from IMAGE: the last path part, up to its tag, made safe.
+
+    ``quay.io/fedora/fedora-bootc:42`` → ``fedora-bootc``; when that is taken,
+    ``fedora-bootc-2``, ``fedora-bootc-3``, …
+    """
+    last = image.rsplit("/", 1)[-1]
+    last = last.split("@", 1)[0].split(":", 1)[0]
+    base = re.sub(r"[^A-Za-z0-9_-]", "-", last).strip("-") or "bootc"
+    base = base[:56]
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise UsageError(
+            f"invalid VM name {name!r}",
+            hint="use up to 63 letters, digits, '-', '_' or '.', starting with a letter or digit",
+        )
+    return name
+
+
+def validate_label(label: str) -> str:
+    if not label or "," in label or any(c.isspace() for c in label):
+        raise UsageError(
+            f"invalid label {label!r}", hint="labels are non-empty and contain no commas or spaces"
+        )
+    return label
+
+
+def parse_bind(text: str, kind: lx.MountKind) -> tuple[str, str]:
+    """``HOST:GUEST`` for --bind/--bind-ro, ``HOST:TAG`` for --volume."""
+    flag = {"bind": "--bind", "bind-ro": "--bind-ro", "volume": "--volume"}[kind.value]
+    host, sep, target = text.rpartition(":")
+    if not sep or not host or not target:
+        what = "TAG" if kind is lx.MountKind.volume else "GUEST_PATH"
+        raise UsageError(f"invalid {flag} {text!r}", hint=f"use {flag} HOST_DIR:{what}")
+    if kind is not lx.MountKind.volume and not target.startswith("/"):
+        raise UsageError(f"invalid {flag} {text!r}: the guest path must be absolute")
+    if kind is lx.MountKind.volume and not re.match(r"^[A-Za-z0-9_.-]{1,36}$", target):
+        raise UsageError(f"invalid --volume tag {target!r}", hint="use letters, digits, - _ .")
+    return host, target
+
+
+def resources(
+    memory: int | None, vcpus: int | None, itype: str | None
+) -> tuple[int, int, str | None]:
+    """(memory MiB, vCPUs, instance type); an instance type overrides both."""
+    if itype:
+        if itype not in INSTANCE_TYPES:
+            raise UsageError(
+                f"unknown instance type {itype!r}",
+                hint="choose one of: " + ", ".join(INSTANCE_TYPES),
+            )
+        cpus, mib = INSTANCE_TYPES[itype]
+        return mib, cpus, itype
+    mib = (memory or DEFAULT_MEMORY) // MIB
+    if mib < 256:
+        raise UsageError(f"--memory {mib}M is too small", hint="give at least 256M")
+    cpus = vcpus or DEFAULT_VCPUS
+    if cpus < 1:
+        raise UsageError("--cpus must be at least 1")
+    return mib, cpus, None
+
+
+def used_ports(vms: Sequence[Vm]) -> set[int]:
+    ports: set[int] = set()
+    for vm in vms:
+        if vm.metadata.ssh_port:
+            ports.add(vm.metadata.ssh_port)
+        ports.update(p.host for p in vm.metadata.ports)
+    return ports
+
+
+def port_bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ssh_port(taken: set[int], check_local: bool, rng: random.Random | None = None) -> int:
+    """A port in 2222-2999 that no bcvk VM uses and (locally) nothing listens on."""
+    low, high = SSH_PORT_RANGE
+    candidates = list(range(low, high + 1))
+    (rng or random.Random()).shuffle(candidates)
+    for port in candidates:
+        if port in taken:
+            continue
+        if check_local and not port_bindable(port):
+            continue
+        return port
+    raise BcvkError(
+        f"no free SSH port in {low}-{high}", hint="remove unused VMs with `bcvk libvirt rm`"
+    )
+
+
+def key_dir(uuid: str) -> Path:
+    return paths.data_dir() / "libvirt" / uuid
+
+
+def readonly_mode(lib_version: tuple[int, int, int], local: bool, has_virtiofsd: bool) -> str:
+    """How --bind-ro is made read-only with this libvirt (see xml.Enforcement)."""
+    if lib_version >= (11, 0, 0):
+        return lx.Enforcement.libvirt.value
+    if local and has_virtiofsd:
+        return lx.Enforcement.host.value
+    return lx.Enforcement.guest.value
+
+
+def readonly_wrapper_text(real: Path) -> str:
+    return (
+        "#!/bin/sh\n"
+        "# Written by bcvk: libvirt < 11 cannot mark a virtiofs share read-only,\n"
+        "# so --bind-ro shares run virtiofsd through this wrapper.\n"
+        f'exec {shlex.quote(os.fspath(real))} "$@" --readonly\n'
+    )
+
+
+# ------------------------------------------------------------------ VM view
+
+
+@dataclass(frozen=True)
+class Vm:
+    """What ``list``/``inspect`` show about a bcvk domain."""
+
+    name: str
+    uuid: str
+    state: str
+    persistent: bool
+    metadata: lx.Metadata
+    disks: tuple[str, ...] = ()
+    memory_mib: int = 0
+    vcpus: int = 0
+    uri: str = ""
+    ssh_proxy_jump: str | None = None
+    ssh_proxy_command: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def ssh_target(self, timeout: int = 5) -> ssh.Target:
+        md = self.metadata
+        if not md.ssh_port or not md.ssh_private_key_path:
+            raise BcvkError(
+                f"VM {self.name} has no SSH port or key recorded in its metadata",
+                hint="it was created without SSH; recreate it with `bcvk libvirt run --replace`",
+            )
+        return ssh.Target(
+            port=md.ssh_port,
+            key=Path(md.ssh_private_key_path),
+            user=md.ssh_user or "root",
+            proxy_jump=self.ssh_proxy_jump,
+            proxy_command=self.ssh_proxy_command,
+            connect_timeout=timeout,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        md = self.metadata
+        return {
+            "name": self.name,
+            "uuid": self.uuid,
+            "state": self.state,
+            "persistent": self.persistent,
+            "image": md.source_image,
+            "image_digest": md.image_digest or None,
+            "memory_mb": self.memory_mib or md.memory_mb,
+            "vcpus": self.vcpus or md.vcpus,
+            "disk_path": self.disks[0] if self.disks else None,
+            "labels": list(md.labels),
+            "ssh_host": "127.0.0.1",
+            "ssh_port": md.ssh_port,
+            "ssh_user": md.ssh_user,
+            "ssh_private_key_path": md.ssh_private_key_path,
+            "ssh_proxy_jump": self.ssh_proxy_jump,
+            "ssh_proxy_command": self.ssh_proxy_command,
+            "ports": [str(p) for p in md.ports],
+            "created": md.created or None,
+            "uri": self.uri,
+        }
+
+    def details(self) -> dict[str, object]:
+        data = self.to_json()
+        data["metadata"] = self.metadata.to_json()
+        data["disks"] = list(self.disks)
+        return data
+
+
+def vm_from_xml(
+    xml_text: str,
+    state: str,
+    persistent: bool,
+    uri: str = "",
+    jump: str | None = None,
+    proxy_command: str | None = None,
+) -> Vm | None:
+    """A Vm from a domain's XML, or None when bcvk did not create it (pure)."""
+    dom = lx.Domain.from_xml(xml_text)
+    if dom.metadata is None:
+        return None
+    return Vm(
+        name=dom.name,
+        uuid=dom.uuid,
+        state=state,
+        persistent=persistent,
+        metadata=dom.metadata,
+        disks=tuple(d.source for d in dom.disks),
+        memory_mib=dom.memory_mib,
+        vcpus=dom.vcpus,
+        uri=uri,
+        ssh_proxy_jump=jump,
+        ssh_proxy_command=proxy_command,
+    )
+
+
+def _vm(conn: Connection, dom: DomainRef) -> Vm | None:
+    return vm_from_xml(
+        dom.xml(),
+        dom.state(),
+        dom.is_persistent(),
+        conn.requested_uri,
+        conn.info.ssh_jump,
+        conn.info.ssh_proxy_command,
+    )
+
+
+def filter_vms(vms: Sequence[Vm], *, all_states: bool, label: str | None) -> list[Vm]:
+    out = [v for v in vms if all_states or v.running]
+    if label:
+        out = [v for v in out if label in v.metadata.labels]
+    return sorted(out, key=lambda v: v.name)
+
+
+def all_vms(conn: Connection) -> list[Vm]:
+    vms: list[Vm] = []
+    for dom in conn.domains():
+        try:
+            vm = _vm(conn, dom)
+        except DomainNotFound:
+            continue  # removed while we listed: it simply is not there any more
+        if vm is not None:
+            vms.append(vm)
+    return vms
+
+
+def get_vm(conn: Connection, name: str) -> tuple[DomainRef, Vm]:
+    dom = conn.get(name)
+    vm = _vm(conn, dom)
+    if vm is None:
+        raise BcvkError(
+            f"domain {name!r} was not created by bcvk (it has no bootc metadata)",
+            hint="bcvk only manages its own VMs; use virsh for this one",
+        )
+    return dom, vm
