@@ -289,7 +289,7 @@ def test_three_vms_in_three_states(state: dict[str, object], tmp_path: Path) -> 
     runs = [
         subprocess.Popen(
             [
-                bcvk_bin(), "pb", "run", "-B", "--name", idle, "--memory", MEMORY,
+                bcvk_bin(), "pb", "run", "-B", "--name", idle, "--memory", MEMORY, "--cpus", "1",
                 "--timeout", TIMEOUT, "--cloudinit", str(cidata),
                 "-v", f"{share}:/mnt/share", "-p", f"{forward}:22", DEMO_IMAGE,
             ],
@@ -297,7 +297,7 @@ def test_three_vms_in_three_states(state: dict[str, object], tmp_path: Path) -> 
         ),
         subprocess.Popen(
             [
-                bcvk_bin(), "pb", "run", "-B", "--name", killed, "--memory", MEMORY,
+                bcvk_bin(), "pb", "run", "-B", "--name", killed, "--memory", MEMORY, "--cpus", "1",
                 "--timeout", TIMEOUT, DEMO_IMAGE,
             ],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
