@@ -8,4 +8,4 @@ rm -f .coverage .coverage.*
 # In CI nothing may be skipped: conftest turns capability skips into failures.
 python -m pytest \
   --cov=bcvk --cov-report=term --cov-report=xml:build/coverage.xml \
-  -p no:cacheprovider "$@"
+  --durations=15 -p no:cacheprovider "$@"
