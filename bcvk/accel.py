@@ -117,9 +117,7 @@ def cached() -> Verdict | None:
 def store(verdict: Verdict) -> None:
     target = cache_file()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(verdict.__dict__))
-    tmp.replace(target)
+    paths.write_atomic(target, json.dumps(verdict.__dict__), 0o644)
 
 
 def decide(

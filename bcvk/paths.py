@@ -54,3 +54,21 @@ def ensure_private_dir(path: Path) -> Path:
     if stat.S_IMODE(info.st_mode) != 0o700:
         path.chmod(0o700)
     return path
+
+
+def write_atomic(target: Path, text: str, mode: int = 0o600) -> None:
+    """Replace TARGET with TEXT so readers see the old file or the new, never half.
+
+    The temporary name is unique per writer: two bcvk processes (or threads)
+    writing the same file must not rename each other's temporary away.
+    """
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        tmp.chmod(mode)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

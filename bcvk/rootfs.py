@@ -251,9 +251,7 @@ def prepare_tree(root: Path, out: Path, *, block_label: str | None, want_facts: 
             _extract_kernel(root, facts.kernels[0], out)
         data = facts.to_json()
         data["bcvk_format"] = FORMAT
-        tmp = out / f".{FACTS}.tmp"
-        tmp.write_text(json.dumps(data))
-        tmp.replace(out / FACTS)
+        paths.write_atomic(out / FACTS, json.dumps(data), 0o644)
     if block_label:
         build_ext4(root, out / ROOTFS, block_label)
 

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -204,6 +205,9 @@ class VmRecord:
         return "stale"
 
 
+_WRITE_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True)
 class VmDir:
     path: Path
@@ -247,11 +251,11 @@ class VmDir:
             return None
 
     def write(self, record: VmRecord) -> None:
-        tmp = self.path / (RECORD + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(record.to_json(), f, indent=1)
-        tmp.replace(self.record_file)
+        # The launcher writes from the main thread (spawned pids) and from the
+        # image-mount worker thread at once: serialise, and give each writer
+        # its own temporary name (write_atomic) so no rename steals another's.
+        with _WRITE_LOCK:
+            paths.write_atomic(self.record_file, json.dumps(record.to_json(), indent=1))
 
 
 @contextlib.contextmanager

@@ -222,10 +222,7 @@ def _filesystems(
         wrapper = paths.ensure_private_dir(paths.data_dir()) / "virtiofsd-readonly"
         text = readonly_wrapper_text(real)
         if not wrapper.exists() or wrapper.read_text() != text:
-            tmp = wrapper.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.chmod(0o700)
-            tmp.replace(wrapper)
+            paths.write_atomic(wrapper, text, 0o700)
     filesystems: list[lx.Filesystem] = []
     for mount in mounts:
         binary = os.fspath(real) if real is not None else None

@@ -61,3 +61,21 @@ def test_ensure_private_dir_refuses_a_symlink(tmp_path: Path) -> None:
     (tmp_path / "state").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(BcvkError, match="not a directory owned"):
         paths.ensure_private_dir(tmp_path / "state")
+
+
+def test_write_atomic_sets_the_mode_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "wrapper"
+    target.write_text("old")
+    paths.write_atomic(target, "#!/bin/sh\n", 0o700)
+    assert target.read_text() == "#!/bin/sh\n"
+    assert oct(target.stat().st_mode & 0o777) == "0o700"
+    assert [p.name for p in tmp_path.iterdir()] == ["wrapper"]
+
+
+def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "record"
+    target.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        paths.write_atomic(target, "\udcff")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["record"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,27 @@ def test_an_abandoned_reaping_claim_is_finished(runtime: Path) -> None:
     assert state.scan() == []
     assert unmounted == ["id"]
     assert list(runtime.iterdir()) == [runtime / ".lock"]
+
+
+def test_records_written_from_two_threads_at_once_all_land(runtime: Path) -> None:
+    # The launcher records spawned pids on the main thread while a worker
+    # thread records the image mount: neither write may lose the other's file.
+    d, record = state.create("vm1", lambda used: VmRecord(name="vm1", image="i", supervisor=me()))
+    errors: list[BaseException] = []
+
+    def hammer(label: str) -> None:
+        try:
+            for i in range(200):
+                record.mount = f"{label}{i}"
+                d.write(record)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(x,)) for x in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert d.read() is not None
+    assert sorted(p.name for p in d.path.glob("*.tmp")) == []
