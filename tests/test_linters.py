@@ -19,7 +19,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "argv",
     [
-        pytest.param([sys.executable, "-m", "mypy", "--strict", "bcvk"], id="mypy"),
+        pytest.param([sys.executable, "-m", "mypy", "--strict", "bcvk", "tests"], id="mypy"),
         # Apart: bench/libvirt.py would shadow the libvirt binding in one mypy run.
         pytest.param([sys.executable, "-m", "mypy", "--strict", "bench"], id="mypy-bench"),
         pytest.param([sys.executable, "-m", "ruff", "check", *TARGETS], id="ruff-check"),

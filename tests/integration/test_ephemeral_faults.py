@@ -181,7 +181,7 @@ def test_sigkill_of_detached_qemu(images: dict[str, str], session: Session) -> N
     for name in names:
         record = session.vm_record(name)
         assert record is not None
-        os.kill(record["qemu"]["pid"], signal.SIGKILL)  # type: ignore[index]
+        os.kill(record["qemu"]["pid"], signal.SIGKILL)
     # `rm` of a VM whose QEMU died still succeeds (and reaps virtiofsd, mount, dir).
     removed = session.bcvk("ephemeral", "rm", names[0])
     assert removed.returncode == 0, removed.stderr

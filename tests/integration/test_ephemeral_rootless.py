@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("no_leaks")
 def user_session(rootless_user: str) -> Iterator[Session]:
     s = Session(
         token=secrets.token_hex(6),
-        runtime=None,  # type: ignore[arg-type]  (the user's own runtime dir)
+        runtime=None,  # type: ignore[arg-type]  # the user's own runtime dir
         user=rootless_user,
         mounts_before=mount_counts(rootless_user),
     )

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,7 +92,7 @@ def test_warnings_for_sshd_old_systemd_and_initramfs(facts: imagetree.TreeFacts)
 
 
 def test_summaries_one_row_per_name() -> None:
-    entries = [
+    entries: list[dict[str, Any]] = [
         {
             "Id": "f" * 64,
             "Names": ["localhost/a:1", "localhost/a:latest"],

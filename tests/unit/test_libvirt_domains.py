@@ -7,6 +7,7 @@ each test removes what it defined (the driver's own domain "test" stays).
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import socket
 from collections.abc import Iterator
@@ -181,9 +182,9 @@ def test_default_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
     assert connection.default_uri() == "test:///default"
     monkeypatch.delenv("LIBVIRT_DEFAULT_URI")
-    monkeypatch.setattr(connection.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert connection.default_uri() == "qemu:///system"
-    monkeypatch.setattr(connection.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert connection.default_uri() == "qemu:///session"
 
 

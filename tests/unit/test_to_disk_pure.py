@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bcvk import bootloader, diskfs, populate, to_disk
-from bcvk.disk import Filesystem, Firmware
+from bcvk.disk import Filesystem, Firmware, PartitionTable
 from bcvk.errors import NotFoundError, UsageError
 from bcvk.to_disk import DiskFormat, Options
 
@@ -42,7 +42,7 @@ def test_cache_key_golden(golden: Callable[[str, str], None], tmp_path: Path) ->
         Options(kargs=("a", "b")),
         Options(installer=to_disk.Installer.native),
         Options(compress=True),
-        Options(partition_table=to_disk.PartitionTable.mbr),
+        Options(partition_table=PartitionTable.mbr),
         Options(firmware=Firmware.both),
     ],
 )
@@ -322,7 +322,7 @@ def test_bootc_refuses_mbr() -> None:
     from bcvk import to_disk_bootc
 
     with pytest.raises(UsageError, match="mbr"):
-        to_disk_bootc.check_options(Options(partition_table=to_disk.PartitionTable.mbr))
+        to_disk_bootc.check_options(Options(partition_table=PartitionTable.mbr))
 
 
 # ------------------------------------------------------------------ extras
