@@ -10,31 +10,11 @@ import yaml
 
 from bcvk.libvirt import xml as lx
 from tests.conftest import bcvk
-
-NODE = """<node>
-  <cpu><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads>
-    <mhz>2000</mhz><model>x86_64</model><active>2</active></cpu>
-  <memory>8388608</memory>
-{domains}
-</node>
-"""
+from tests.unit.testdriver import domain_xml, node_file
 
 
 def domain(name: str, md: lx.Metadata | None, running: bool) -> str:
-    metadata = ""
-    if md is not None:
-        import xml.etree.ElementTree as ET
-
-        metadata = "<metadata>" + ET.tostring(md.to_element(), encoding="unicode") + "</metadata>"
-    state = "1" if running else "5"
-    return (
-        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>"
-        f"<name>{name}</name>{metadata}<memory unit='MiB'>2048</memory><vcpu>2</vcpu>"
-        "<os><type>hvm</type></os>"
-        "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-        f"<source file='/pool/{name}.qcow2'/><target dev='vda' bus='virtio'/></disk></devices>"
-        f"<test:runstate>{state}</test:runstate></domain>"
-    )
+    return domain_xml(name, None if md is None else md.to_element(), running)
 
 
 @pytest.fixture
@@ -60,9 +40,7 @@ def uri(tmp_path: Path) -> str:
         ),
         domain("foreign", None, running=True),
     ]
-    node = tmp_path / "node.xml"
-    node.write_text(NODE.format(domains="\n".join(doms)))
-    return f"test://{node}"
+    return node_file(tmp_path, doms)
 
 
 def test_list_table_json_and_filters(uri: str) -> None:

@@ -26,33 +26,16 @@ from bcvk.libvirt.connection import (
     DomainNotFound,
     DomainRef,
     LibvirtError,
-    connect,
     parse_uri,
 )
+from tests.unit.testdriver import POOL, URI, fake_base_disks, shared_connection
 
-URI = "test:///default"
-POOL = "default-pool"
 IMAGE = "localhost/bcvk/debian-bootc:12"
 
 
 @pytest.fixture
 def conn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Connection]:
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    with connect(URI) as c:
-        yield c
-        for dom in c.domains():
-            if dom.name != "test":
-                if dom.is_active():
-                    dom.destroy()
-                dom.undefine()
-        pool = c.pool(POOL)
-        if pool is not None:
-            for vol in pool.volumes():
-                vol.delete()
-        test = c.lookup("test")
-        if test is not None and not test.is_active():
-            test.start()
+    yield from shared_connection(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -70,17 +53,7 @@ def fake_image(monkeypatch: pytest.MonkeyPatch, conn: Connection) -> podman.Imag
     )
     monkeypatch.setattr(domains, "_image", lambda image: info)
 
-    def ensure(c: Connection, pool: object, image: str, i: object, opts: object) -> object:
-        target = c.ensure_pool(POOL)
-        name = "bootc-base-0123456789abcdef.qcow2"
-        vol = target.volume(name) or target.create_volume(
-            f"<volume><name>{name}</name><capacity>{20 << 30}</capacity>"
-            "<target><format type='qcow2'/></target></volume>",
-            name,
-        )
-        return basedisks.BaseDisk(name, vol.path, 20 << 30, "sha256:" + "01" * 32, True)
-
-    monkeypatch.setattr(basedisks, "ensure", ensure)
+    fake_base_disks(monkeypatch, 20 << 30)
     return info
 
 

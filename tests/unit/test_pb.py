@@ -19,13 +19,12 @@ import pytest
 from bcvk import cloudinit, credentials, pb, podman
 from bcvk.config import GIB, MIB
 from bcvk.errors import BcvkError, NotFoundError, UsageError
-from bcvk.libvirt import basedisks, domains
+from bcvk.libvirt import domains
 from bcvk.libvirt import vms as vmview
 from bcvk.libvirt import xml as lx
-from bcvk.libvirt.connection import Connection, connect
+from bcvk.libvirt.connection import Connection
+from tests.unit.testdriver import POOL, URI, fake_base_disks, shared_connection
 
-URI = "test:///default"
-POOL = "default-pool"
 IMAGE = "localhost/bcvk/debian-bootc:12"
 IMAGE_ID = "8ae7e19ce1c7" + "ab" * 26
 
@@ -338,22 +337,7 @@ def test_xorriso_argv() -> None:
 
 @pytest.fixture
 def conn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: Path) -> Iterator[Connection]:
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    with connect(URI) as c:
-        yield c
-        for dom in c.domains():
-            if dom.name != "test":
-                if dom.is_active():
-                    dom.destroy()
-                dom.undefine()
-        pool = c.pool(POOL)
-        if pool is not None:
-            for vol in pool.volumes():
-                vol.delete()
-        test = c.lookup("test")
-        if test is not None and not test.is_active():
-            test.start()
+    yield from shared_connection(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -373,17 +357,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch, conn: Connection) -> dict[str, list[s
     monkeypatch.setattr(podman, "ensure_image", ensure_image)
     monkeypatch.setattr(domains, "_image", lambda image: info)
 
-    def ensure(c: Connection, pool: object, image: str, i: object, opts: object) -> object:
-        target = c.ensure_pool(POOL)
-        name = "bootc-base-0123456789abcdef.qcow2"
-        vol = target.volume(name) or target.create_volume(
-            f"<volume><name>{name}</name><capacity>{10 << 30}</capacity>"
-            "<target><format type='qcow2'/></target></volume>",
-            name,
-        )
-        return basedisks.BaseDisk(name, vol.path, 10 << 30, "sha256:" + "01" * 32, True)
-
-    monkeypatch.setattr(basedisks, "ensure", ensure)
+    fake_base_disks(monkeypatch, 10 << 30)
     monkeypatch.setattr(
         domains, "wait_for_ssh", lambda dom, v, timeout=0: calls["waited"].append(v.name)
     )

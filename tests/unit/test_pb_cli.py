@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,8 @@ import pytest
 from bcvk import pb
 from bcvk.libvirt import xml as lx
 from tests.conftest import ROOT, bcvk
+from tests.unit.testdriver import domain_xml, node_file
 
-NODE = """<node>
-  <cpu><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads>
-    <mhz>2000</mhz><model>x86_64</model><active>2</active></cpu>
-  <memory>8388608</memory>
-{domains}
-</node>
-"""
 IMAGE = "localhost/bcvk/debian-bootc:12"
 
 
@@ -32,16 +25,7 @@ def domain(name: str, info: pb.PbInfo | None, running: bool, port: int) -> str:
     container = md.to_element()
     if info is not None:
         container.append(info.to_element())
-    metadata = "<metadata>" + ET.tostring(container, encoding="unicode") + "</metadata>"
-    state = "1" if running else "5"
-    return (
-        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>"
-        f"<name>{name}</name>{metadata}<memory unit='MiB'>2048</memory><vcpu>2</vcpu>"
-        "<os><type>hvm</type></os>"
-        "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-        f"<source file='/pool/{name}.qcow2'/><target dev='vda' bus='virtio'/></disk></devices>"
-        f"<test:runstate>{state}</test:runstate></domain>"
-    )
+    return domain_xml(name, container, running)
 
 
 @pytest.fixture
@@ -62,9 +46,7 @@ def uri(tmp_path: Path) -> str:
         ),
         domain("plain", None, running=True, port=2303),  # a bcvk libvirt VM, not pb
     ]
-    node = tmp_path / "node.xml"
-    node.write_text(NODE.format(domains="\n".join(doms)))
-    return f"test://{node}"
+    return node_file(tmp_path, doms)
 
 
 @pytest.fixture(autouse=True)
