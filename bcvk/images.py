@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bcvk import imagetree, podman, run
-from bcvk.errors import BcvkError, NotFoundError
+from bcvk.errors import BcvkError
 from bcvk.imagetree import TreeFacts
 
 # podman/OCI architecture names for `platform.machine()` values.
@@ -185,12 +185,7 @@ def probe_tree(ref: str) -> TreeFacts:
 
 
 def inspect(ref: str) -> Report:
-    info = podman.inspect_image(ref)
-    if info is None:
-        raise NotFoundError(
-            f"image {ref} is not in local storage",
-            hint="list local bootc images with `bcvk images list`, or `podman pull` it",
-        )
+    info = podman.local_image(ref)
     facts = probe_tree(ref)
     problems, warnings = judge(info, facts, host_arch())
     return Report(ref, info, facts, problems, warnings)

@@ -123,6 +123,22 @@ def ensure_image(ref: str, pull_policy: str = "missing", *, tls_verify: bool = T
     return info
 
 
+def local_image(ref: str, *, bootc: bool = False) -> ImageInfo:
+    """REF from local storage (never pulled); with BOOTC, refuse an image without the label."""
+    info = inspect_image(ref)
+    if info is None:
+        raise NotFoundError(
+            f"image {ref} is not in local storage",
+            hint="list bootc images with `bcvk images list`, or `podman pull` it first",
+        )
+    if bootc and not info.is_bootc:
+        raise BcvkError(
+            f"image {ref} is not a bootc image: it has no {BOOTC_LABEL}=1 label",
+            hint="build it FROM a bootc base image, or add LABEL containers.bootc=1",
+        )
+    return info
+
+
 def list_images(label: str | None = f"{BOOTC_LABEL}=1") -> list[dict[str, Any]]:
     argv = [podman(), "images", "--format", "json"]
     if label:

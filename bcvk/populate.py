@@ -34,6 +34,7 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bcvk import imagetree
 
@@ -146,17 +147,25 @@ def scan(root: Path, filesystem: str) -> TreeScan:
     return result
 
 
+def _toml_dropins(root: Path, directory: str) -> Iterator[dict[str, Any]]:
+    """The parseable ``DIRECTORY/*.toml`` files of the image, in name order.
+
+    bootc skips what it cannot parse rather than failing the install; so do we.
+    """
+    found = imagetree.resolve(root, directory)
+    if found is None or not found.is_dir():
+        return
+    for path in sorted(found.glob("*.toml")):
+        try:
+            yield tomllib.loads(path.read_text(errors="replace"))
+        except tomllib.TOMLDecodeError:
+            continue
+
+
 def install_config(root: Path) -> dict[str, object]:
     """The merged ``/usr/lib/bootc/install/*.toml`` ``[install]`` table."""
     merged: dict[str, object] = {}
-    config_dir = imagetree.resolve(root, "/usr/lib/bootc/install")
-    if config_dir is None or not config_dir.is_dir():
-        return merged
-    for path in sorted(config_dir.glob("*.toml")):
-        try:
-            data = tomllib.loads(path.read_text(errors="replace"))
-        except tomllib.TOMLDecodeError:
-            continue
+    for data in _toml_dropins(root, "/usr/lib/bootc/install"):
         install = data.get("install")
         if isinstance(install, dict):
             merged.update(install)
@@ -166,14 +175,7 @@ def install_config(root: Path) -> dict[str, object]:
 def image_kargs(root: Path, arch: str) -> list[str]:
     """Kernel arguments the image ships in ``/usr/lib/bootc/kargs.d/*.toml``."""
     kargs: list[str] = []
-    kdir = imagetree.resolve(root, "/usr/lib/bootc/kargs.d")
-    if kdir is None or not kdir.is_dir():
-        return kargs
-    for path in sorted(kdir.glob("*.toml")):
-        try:
-            data = tomllib.loads(path.read_text(errors="replace"))
-        except tomllib.TOMLDecodeError:
-            continue
+    for data in _toml_dropins(root, "/usr/lib/bootc/kargs.d"):
         arches = data.get("match-architectures")
         if isinstance(arches, list) and arch not in arches:
             continue

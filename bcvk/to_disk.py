@@ -613,17 +613,7 @@ def run_options(image: str, output: Path, opts: Options) -> Result:
     fmt = opts.format or format_from_path(output)
     validate(opts, fmt)
     check_output_path(output)
-    info = podman.inspect_image(image)
-    if info is None:
-        raise NotFoundError(
-            f"image {image} is not in local storage",
-            hint="list bootc images with `bcvk images list`, or `podman pull` it first",
-        )
-    if not info.is_bootc:
-        raise BcvkError(
-            f"image {image} is not a bootc image: it has no {podman.BOOTC_LABEL}=1 label",
-            hint="build it FROM a bootc base image, or add LABEL containers.bootc=1",
-        )
+    info = podman.local_image(image, bootc=True)
     digest = info.digest or info.id
     disk_size = opts.disk_size or default_disk_size(info.size)
     key = cache_key(image, digest, fmt, disk_size, opts)

@@ -175,18 +175,7 @@ def _check_firmware(firmware: lx.Firmware) -> None:
 
 def _image(image: str) -> podman.ImageInfo:
     ref = podman.validate_reference(image.removeprefix("containers-storage:"))
-    info = podman.inspect_image(ref)
-    if info is None:
-        raise NotFoundError(
-            f"image {ref} is not in local storage",
-            hint="list bootc images with `bcvk images list`, or `podman pull` it first",
-        )
-    if not info.is_bootc:
-        raise BcvkError(
-            f"image {ref} is not a bootc image: it has no {podman.BOOTC_LABEL}=1 label",
-            hint="build it FROM a bootc base image, or add LABEL containers.bootc=1",
-        )
-    return info
+    return podman.local_image(ref, bootc=True)
 
 
 def _guest_systemd(image: str) -> int | None:
