@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,6 +185,73 @@ def check_libvirt() -> Check:
     )
 
 
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+KVM_DEVICE = Path("/dev/kvm")
+
+
+def libvirt_qemu_user(conf_text: str | None) -> str:
+    """The user qemu:///system runs QEMU as (qemu.conf ``user =``, else Debian's default)."""
+    for line in (conf_text or "").splitlines():
+        found = re.match(r'\s*user\s*=\s*"([^"]+)"', line)
+        if found:
+            return found.group(1).lstrip("+")
+    return "libvirt-qemu"
+
+
+def can_read_write(mode: int, owner: int, group: int, uid: int, gids: set[int]) -> bool:
+    """Whether UID with GIDS may open a file with MODE/OWNER/GROUP read-write (no ACLs)."""
+    if uid == 0:
+        return True
+    if uid == owner:
+        bits = stat.S_IRUSR | stat.S_IWUSR
+    elif group in gids:
+        bits = stat.S_IRGRP | stat.S_IWGRP
+    else:
+        bits = stat.S_IROTH | stat.S_IWOTH
+    return mode & bits == bits
+
+
+def check_libvirt_kvm() -> Check:
+    """Can the system daemon's QEMU user open /dev/kvm when root can?
+
+    If root's capability probe sees KVM but the QEMU user cannot open the
+    device, libvirt 9 finds its cached QEMU capabilities invalid on every
+    lookup ("KVM was enabled when probing …, but it is not available now") and
+    re-probes QEMU each time: defining or starting a domain then takes minutes.
+    Hosts without udev (containers, CI micro-VMs) leave /dev/kvm in whatever
+    group it came with instead of kvm.
+    """
+    name = "libvirt-kvm-access"
+    if os.geteuid() != 0 or not KVM_DEVICE.exists():
+        return Check(name, True, False, "not applicable (not root, or no /dev/kvm)")
+    try:
+        text = QEMU_CONF.read_text() if QEMU_CONF.exists() else None
+    except OSError:
+        text = None
+    user = libvirt_qemu_user(text)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return Check(name, True, False, f"no user {user}: libvirt's system daemon not installed")
+    gids = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    info = KVM_DEVICE.stat()
+    if can_read_write(info.st_mode, info.st_uid, info.st_gid, entry.pw_uid, gids):
+        return Check(name, True, False, f"{user} can open /dev/kvm")
+    try:
+        group = grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        group = str(info.st_gid)
+    return Check(
+        name,
+        False,
+        False,
+        f"libvirt's QEMU user {user} cannot open /dev/kvm (group {group}, mode "
+        f"{stat.S_IMODE(info.st_mode):04o}), so libvirt re-probes QEMU on every call and "
+        "domains take minutes to define; fix: chgrp kvm /dev/kvm (what udev's rule does)",
+        KVM_DEVICE.as_posix(),
+    )
+
+
 def check_rootless() -> Check:
     if os.geteuid() == 0:
         return Check("rootless-podman", True, False, "running as root; rootless not in use")
@@ -205,6 +276,7 @@ def run_checks(image: str | None = None, refresh: bool = False) -> list[Check]:
     checks.append(check_ovmf())
     checks.append(check_accel(image, refresh))
     checks.append(check_libvirt())
+    checks.append(check_libvirt_kvm())
     checks.append(check_rootless())
     return checks
 

@@ -26,6 +26,8 @@ def test_doctor_json(demo_image: str, tmp_path: Path) -> None:
     assert checks["swtpm"]["packages"] == {"debian": "swtpm", "fedora": "swtpm"}
     assert checks["ovmf"]["ok"]
     assert checks["virtiofsd"]["ok"], checks["virtiofsd"]
+    # scripts/setup-host.sh gives /dev/kvm the kvm group libvirt's QEMU user is in.
+    assert checks["libvirt-kvm-access"]["ok"], checks["libvirt-kvm-access"]
     assert data["accel"] in ("kvm", "tcg")
     assert data["accel"] == _kvm_really_boots_linux(demo_image)
     # The verdict is cached for this boot of the host.
