@@ -660,9 +660,9 @@ def run_options(image: str, output: Path, opts: Options) -> Result:
 
         return to_disk_bootc.build(image, output, opts, fmt, disk_size, expected, digest, start)
     try:
-        with work_directory(output) as work, podman.mounted(image) as tree:
+        with work_directory(output) as work, podman.image_mount(image) as mount:
             plan_warnings, fs, size = build_native(
-                image, output, opts, fmt, disk_size, tree, work, expected, digest, info.size
+                image, output, opts, fmt, disk_size, mount, work, expected, digest, info.size
             )
     except _UseBootc:
         from bcvk import to_disk_bootc
@@ -705,13 +705,15 @@ def build_native(
     opts: Options,
     fmt: DiskFormat,
     disk_size: int,
-    tree: Path,
+    mount: podman.ImageMount,
     work: Path,
     cache: str,
     digest: str,
     image_size: int,
 ) -> tuple[list[str], Filesystem, int]:
     from bcvk import diskfs
+
+    tree = mount.path
 
     warnings: list[str] = []
 
@@ -781,6 +783,8 @@ def build_native(
 
     with step("Installing systemd-boot and the kernel on the EFI system partition"):
         esp_img = make_esp(plan, work, kernel, files, arch)
+    # Nothing reads the image from here on: unmount while the disk converts.
+    mount.release()
 
     dest = work / f"disk.{fmt.value}"
     if fmt is DiskFormat.raw:
