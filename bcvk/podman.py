@@ -223,11 +223,8 @@ def mounted(ref: str) -> Iterator[Path]:
     The path is only readable by this process when running as root; rootless
     callers must read it through ``unshare_argv``.
     """
-    path = mount_image(ref)
-    try:
-        yield path
-    finally:
-        unmount_image(ref)
+    with image_mount(ref) as mount:
+        yield mount.path
 
 
 def mounted_images() -> list[str]:

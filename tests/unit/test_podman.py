@@ -44,3 +44,9 @@ def test_an_error_in_the_block_still_unmounts(calls: list[str]) -> None:
     with pytest.raises(RuntimeError), podman.image_mount("img"):
         raise RuntimeError("boom")
     assert calls == ["unmount img"]
+
+
+def test_mounted_yields_the_path_and_unmounts(calls: list[str]) -> None:
+    with podman.mounted("img") as path:
+        assert path == Path("/mnt/img")
+    assert calls == ["unmount img"]
