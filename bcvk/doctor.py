@@ -11,8 +11,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcvk import accel, firmware, podman, run, virtiofsd
+from bcvk import run
 from bcvk.errors import BcvkError
+from bcvk.host import accel, firmware, podman, virtiofsd
 from bcvk.log import logger
 
 QEMU = "qemu-system-x86_64"
@@ -126,7 +127,7 @@ def check_accel(image: str | None, refresh: bool) -> Check:
         if image is None:
             verdict = accel.decide(os.fspath(qemu), refresh=refresh)
         else:
-            from bcvk import imagetree
+            from bcvk.image import tree as imagetree
 
             with podman.mounted(image) as root:
                 kernels = [k for k in imagetree.find_kernels(root) if k.kind == "vmlinuz"]

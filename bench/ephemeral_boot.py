@@ -238,7 +238,7 @@ def bench_boot(args: argparse.Namespace) -> dict[str, object]:
 
 def bench_build(args: argparse.Namespace) -> dict[str, object]:
     sys.path.insert(0, str(ROOT))
-    from bcvk import rootfs
+    from bcvk.ephemeral import cache as rootfs
 
     mnt = Path(
         subprocess.run(

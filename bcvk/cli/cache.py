@@ -16,8 +16,8 @@ def cache() -> None:
 @output.format_option("table", "json")
 def list_(fmt: str) -> None:
     """List cached images: size, last use, whether still present or in use."""
-    from bcvk import rootfs
-    from bcvk.config import format_size
+    from bcvk.ephemeral import cache as rootfs
+    from bcvk.values import format_size
 
     infos = rootfs.describe()
     if fmt == "json":
@@ -54,9 +54,9 @@ def prune(days: float, everything: bool, dry_run: bool) -> None:
 
     An entry in use by a running VM (or being built) is never removed.
     """
-    from bcvk import rootfs
-    from bcvk.config import format_size
+    from bcvk.ephemeral import cache as rootfs
     from bcvk.log import logger
+    from bcvk.values import format_size
 
     removed = rootfs.prune(older_than_days=days, everything=everything, dry_run=dry_run)
     for info in removed:

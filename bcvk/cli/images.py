@@ -22,8 +22,8 @@ def list_(fmt: str) -> None:
 
 
 def show_bootc_images(fmt: str) -> None:
-    from bcvk import images as core
-    from bcvk.config import format_size
+    from bcvk.image import inspect as core
+    from bcvk.values import format_size
 
     rows = core.list_bootc()
     if fmt == "json":
@@ -94,9 +94,9 @@ def inspect(ctx: click.Context, image: str, fmt: str) -> None:
     Exits 0 when the image is bootable, 1 with the problems on stderr when not.
     Missing labels and other non-fatal findings are listed as warnings.
     """
-    from bcvk import images as core
-    from bcvk.config import format_size
+    from bcvk.image import inspect as core
     from bcvk.log import logger
+    from bcvk.values import format_size
 
     report = core.inspect(image)
     data = report.to_json()

@@ -38,7 +38,7 @@ def libvirt(ctx: click.Context, uri: str | None) -> None:
 
 
 def _size(value: str | None, what: str, default_unit: str = "") -> int | None:
-    from bcvk.config import parse_size
+    from bcvk.values import parse_size
 
     if value is None:
         return None
@@ -135,10 +135,10 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _build_options(kwargs: dict[str, Any], *, start: bool, ssh_wait: bool) -> Any:
-    from bcvk.config import GIB
     from bcvk.errors import UsageError
     from bcvk.libvirt import xml as lx
     from bcvk.libvirt.domains import RunOptions
+    from bcvk.values import GIB
 
     ports = []
     for text in kwargs["ports"]:
@@ -423,8 +423,8 @@ def base_disks() -> None:
 @click.pass_context
 def base_disks_list(ctx: click.Context, pool: str, fmt: str) -> None:
     """List base disks with how many VM disks use each."""
-    from bcvk.config import format_size
     from bcvk.libvirt import domains
+    from bcvk.values import format_size
 
     rows = domains.base_disks(_uri(ctx), pool)
     if fmt == "json":

@@ -73,7 +73,7 @@ def pb(ctx: click.Context, log_level: str | None, uri: str | None) -> None:
 
 
 def _size(value: str | None, what: str, default_unit: str = "") -> int | None:
-    from bcvk.config import parse_size
+    from bcvk.values import parse_size
 
     if value is None:
         return None
@@ -224,7 +224,7 @@ def ssh(ctx: click.Context, vm_id: str | None, command: tuple[str, ...], user: s
 def list_(ctx: click.Context, fmt: str) -> None:
     """List podman-bootc VMs (read from libvirt)."""
     from bcvk import pb as core
-    from bcvk.config import format_size
+    from bcvk.values import format_size
 
     vms = core.list_vms(_uri(ctx))
     if fmt == "json":

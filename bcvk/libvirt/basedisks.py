@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bcvk import podman
 from bcvk.errors import BcvkError
+from bcvk.host import podman
 from bcvk.libvirt.connection import Connection, Pool, Volume, VolumeInfo
 from bcvk.log import logger, step
 
@@ -45,7 +45,7 @@ class InstallOptions:
     def to_disk_options(self) -> to_disk.Options:
         # Imported on use: listing VMs should not load the disk builder.
         from bcvk import to_disk
-        from bcvk.disk import Filesystem
+        from bcvk.to_disk.layout import Filesystem
 
         return to_disk.Options(
             format=to_disk.DiskFormat.qcow2,

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bcvk import __version__, credentials, paths, podman, ssh, virtiofsd
-from bcvk.config import GIB
+from bcvk import __version__, paths
 from bcvk.errors import BcvkError, NotFoundError, UsageError, WaitTimeout
+from bcvk.guest import credentials
+from bcvk.host import podman, ssh, virtiofsd
 from bcvk.libvirt import basedisks
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef, LibvirtError, connect
@@ -52,6 +53,7 @@ from bcvk.libvirt.vms import (
     validate_name,
 )
 from bcvk.log import logger, step
+from bcvk.values import GIB
 from bcvk.wait import Deadline, wait_until
 
 DEFAULT_DISK_SIZE = 20 * GIB
@@ -141,7 +143,7 @@ def _check_ports(opts: RunOptions, taken: set[int], check_local: bool) -> None:
 
 def _domain_type(conn: Connection, override: str | None) -> str:
     """'kvm' where KVM really runs guests, else 'qemu' (TCG)."""
-    from bcvk import accel
+    from bcvk.host import accel
 
     choice = override or os.environ.get("BCVK_ACCEL")
     if choice:
@@ -164,7 +166,7 @@ def _check_firmware(firmware: lx.Firmware) -> None:
         )
     if firmware is lx.Firmware.bios:
         from bcvk import to_disk
-        from bcvk.disk import Firmware as DiskFirmware
+        from bcvk.to_disk.layout import Firmware as DiskFirmware
 
         # to-disk decides what it can build; its error explains why not.
         to_disk.validate(
@@ -179,7 +181,7 @@ def _image(image: str) -> podman.ImageInfo:
 
 
 def _guest_systemd(image: str) -> int | None:
-    from bcvk import images
+    from bcvk.image import inspect as images
 
     try:
         return images.probe_tree(image).systemd_version

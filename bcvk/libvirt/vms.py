@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bcvk import paths, ssh
-from bcvk.config import GIB, INSTANCE_TYPES, MIB
+from bcvk import paths
 from bcvk.errors import BcvkError, UsageError
+from bcvk.host import ssh
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef
+from bcvk.values import GIB, INSTANCE_TYPES, MIB
 
 SSH_PORT_RANGE = (2222, 2999)
 DEFAULT_MEMORY = 4 * GIB

@@ -742,7 +742,7 @@ def smbios_credential(name: str, content: str) -> str:
 
     systemd accepts any valid file name as a credential name, including the
     ``~`` of ``systemd.unit-dropin.UNIT~NAME`` and the ``\\x2d`` escapes of
-    unit names, which bcvk.credentials' stricter pattern rejects.
+    unit names, which bcvk.guest.credentials' stricter pattern rejects.
     """
     if not name or "/" in name or "\0" in name or name in (".", "..") or len(name) > 255:
         raise ValueError(f"invalid credential name {name!r}")

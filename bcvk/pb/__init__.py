@@ -38,11 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bcvk import podman
 from bcvk import run as proc
-from bcvk import ssh as sshlib
-from bcvk.config import MIB
 from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.host import podman
+from bcvk.host import ssh as sshlib
 from bcvk.lazy import Lazy
 from bcvk.log import logger, step
 from bcvk.pb.model import (
@@ -81,6 +80,7 @@ from bcvk.pb.session import (
     locked_inodes,
     shared_connection,
 )
+from bcvk.values import MIB
 
 # The Python API: what `from bcvk import pb` offers (the CLI and tests use these).
 __all__ = [
@@ -186,7 +186,7 @@ def inspect(ref: str, uri: str | None = None) -> PbVm:
 
 def images() -> list[object]:
     """bootc images in podman's store (``pb images``)."""
-    from bcvk import images as core
+    from bcvk.image import inspect as core
 
     return list(core.list_bootc())
 
@@ -226,7 +226,7 @@ def validate(opts: RunOptions) -> None:
                 hint="choose another name",
             )
     if opts.cloudinit is not None:
-        from bcvk import cloudinit
+        from bcvk.guest import cloudinit
 
         cloudinit.check_dir(opts.cloudinit)
     for text in opts.volumes:
@@ -382,7 +382,7 @@ def _create(conn: Connection, ident: _Identity, opts: RunOptions) -> None:
 
 def _seed_volume(conn: Connection, pool_name_: str, vm_id: str, source: Path) -> tuple[str, str]:
     """Build the NoCloud seed ISO into the pool (where QEMU can read it): (volume, path)."""
-    from bcvk import cloudinit
+    from bcvk.guest import cloudinit
 
     pool = conn.ensure_pool(pool_name_)
     name = f"{DOMAIN_PREFIX}{vm_id}-cidata.iso"

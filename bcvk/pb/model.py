@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bcvk import credentials
-from bcvk import ssh as sshlib
-from bcvk.config import GIB, MIB
 from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.guest import credentials
+from bcvk.host import ssh as sshlib
 from bcvk.lazy import Lazy
+from bcvk.values import GIB, MIB
 
 if TYPE_CHECKING:
     from bcvk.libvirt import vms as vmview

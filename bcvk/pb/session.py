@@ -20,8 +20,8 @@ from typing import IO
 
 from bcvk import paths
 from bcvk import run as proc
-from bcvk import ssh as sshlib
 from bcvk.errors import BcvkError
+from bcvk.host import ssh as sshlib
 from bcvk.log import logger
 from bcvk.pb.model import (
     _ID_RE,

@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from bcvk import accel
+from bcvk.host import accel
 from tests.conftest import DEMO_IMAGE, bcvk
 
 

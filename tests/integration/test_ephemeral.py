@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import ephemeral, ssh
+from bcvk import ephemeral
+from bcvk.host import ssh
 from tests.conftest import DEMO_IMAGE, image_exists
 from tests.integration.ephemeral_support import (
     SSH_TIMEOUT,

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import ovf, to_disk
+from bcvk import to_disk
+from bcvk.to_disk import ovf
 from tests.conftest import DEMO_IMAGE, bcvk, podman_mounts
 
 MIB = 1024 * 1024

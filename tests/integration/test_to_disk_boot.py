@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import accel, firmware, ssh
+from bcvk.host import accel, firmware, ssh
 from bcvk.wait import Deadline, wait_until
 from tests.conftest import DEMO_IMAGE, bcvk
 

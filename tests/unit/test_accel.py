@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import accel
 from bcvk.errors import UsageError
+from bcvk.host import accel
 
 
 def fake_qemu(tmp_path: Path, output: str, exit_code: int = 0) -> str:

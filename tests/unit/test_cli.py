@@ -23,7 +23,7 @@ def test_help_is_fast_and_imports_no_command_module() -> None:
     code = (
         "import sys, time; t=time.monotonic();"
         "from bcvk.__main__ import main; rc = main(['--help']);"
-        "heavy = [m for m in sys.modules if m.startswith(('rich', 'yaml', 'bcvk.images'))];"
+        "heavy = [m for m in sys.modules if m.startswith(('rich', 'yaml', 'bcvk.image.inspect'))];"
         "print(time.monotonic()-t, heavy, file=sys.stderr)"
     )
     start = time.monotonic()

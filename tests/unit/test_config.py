@@ -5,9 +5,9 @@ from datetime import UTC, datetime
 import pytest
 
 from bcvk.cli.output import age
-from bcvk.config import GIB, MIB, format_size, parse_size
 from bcvk.errors import UsageError
-from bcvk.podman import split_reference, validate_reference
+from bcvk.host.podman import split_reference, validate_reference
+from bcvk.values import GIB, MIB, format_size, parse_size
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bcvk import credentials
-from bcvk.credentials import KeyRoute
+from bcvk.guest import credentials
+from bcvk.guest.credentials import KeyRoute
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq0l8Yk9w0g3cOjQ6m7m2xq1n0K5yJrWmX5w8m0z1Qp bcvk-demo"
 

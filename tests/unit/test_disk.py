@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import pytest
 
-from bcvk import disk
-from bcvk.config import GIB, MIB
-from bcvk.disk import Filesystem, Ids, PartitionTable
 from bcvk.errors import UsageError
+from bcvk.to_disk import layout as disk
+from bcvk.to_disk.layout import Filesystem, Ids, PartitionTable
+from bcvk.values import GIB, MIB
 
 IDS = Ids(
     disk="6f1e9a4c-0b5e-4d3a-9d8e-2c1f3b4a5d6e",

@@ -13,7 +13,7 @@ import pytest
 from bcvk import ephemeral
 from bcvk.__main__ import main
 from bcvk.errors import BcvkError, UsageError
-from bcvk.qemu import PortForward
+from bcvk.host.qemu import PortForward
 
 IMAGE = "localhost/bcvk/debian-bootc:12"
 
@@ -294,7 +294,7 @@ def test_rm_all_refuses_without_a_terminal(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from bcvk import state
+    from bcvk.ephemeral import registry as state
 
     state.create(
         "held",
@@ -321,7 +321,7 @@ def test_hidden_aliases_are_not_listed(capsys: pytest.CaptureFixture[str]) -> No
 def test_cache_list_and_prune(
     fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bcvk import rootfs
+    from bcvk.ephemeral import cache as rootfs
 
     tree = isolated_home / "tree"
     (tree / "etc").mkdir(parents=True)
@@ -374,7 +374,7 @@ def fake_host(fake_bin: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPat
     )
     monkeypatch.setenv("BCVK_ACCEL", "tcg")
     monkeypatch.setenv("QEMU_BIN", str(fake_bin / "qemu"))
-    monkeypatch.setattr("bcvk.virtiofsd.find", lambda explicit=None: None)
+    monkeypatch.setattr("bcvk.host.virtiofsd.find", lambda explicit=None: None)
     return fake_bin
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from bcvk import imagetree
-from bcvk.images import judge, summaries_from_podman
-from bcvk.imagetree import Kernel
-from bcvk.podman import ImageInfo, parse_inspect
+from bcvk.host.podman import ImageInfo, parse_inspect
+from bcvk.image import tree as imagetree
+from bcvk.image.inspect import judge, summaries_from_podman
+from bcvk.image.tree import Kernel
 
 from .treebuilder import bootc_tree
 

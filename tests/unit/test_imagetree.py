@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import imagetree, initramfs
-from bcvk.imagetree import TreeFacts
+from bcvk.image import initramfs
+from bcvk.image import tree as imagetree
+from bcvk.image.tree import TreeFacts
 
 from .treebuilder import DRACUT_FILES, bootc_tree, link, newc, write
 from .treebuilder import initramfs as make_initramfs

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import podman
 from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.host import podman
 from bcvk.libvirt import basedisks, domains
 from bcvk.libvirt import vms as vmview
 from bcvk.libvirt import xml as lx

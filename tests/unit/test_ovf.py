@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
-from bcvk import ovf
+from bcvk.to_disk import ovf
 
 SPEC = ovf.OvfSpec(
     name="out",

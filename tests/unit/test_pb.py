@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import cloudinit, credentials, pb, podman
-from bcvk.config import GIB, MIB
+from bcvk import pb
 from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.guest import cloudinit, credentials
+from bcvk.host import podman
 from bcvk.libvirt import domains
 from bcvk.libvirt import vms as vmview
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection
+from bcvk.values import GIB, MIB
 from tests.unit.testdriver import POOL, URI, fake_base_disks, shared_connection
 
 IMAGE = "localhost/bcvk/debian-bootc:12"

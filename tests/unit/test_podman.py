@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from bcvk import podman, run
+from bcvk import run
+from bcvk.host import podman
 
 
 @pytest.fixture

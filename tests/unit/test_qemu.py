@@ -6,8 +6,16 @@ from collections.abc import Callable
 
 import pytest
 
-from bcvk import qemu
-from bcvk.qemu import Accel, Drive, NinePShare, PortForward, QemuSpec, RootfsKind, VirtiofsShare
+from bcvk.host import qemu
+from bcvk.host.qemu import (
+    Accel,
+    Drive,
+    NinePShare,
+    PortForward,
+    QemuSpec,
+    RootfsKind,
+    VirtiofsShare,
+)
 
 
 def render(argv: list[str]) -> str:

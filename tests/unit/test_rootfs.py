@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import rootfs, state
+from bcvk.ephemeral import cache as rootfs
+from bcvk.ephemeral import registry as state
 from bcvk.errors import BcvkError
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import state
+from bcvk.ephemeral import registry as state
+from bcvk.ephemeral.registry import Proc, VmRecord
 from bcvk.errors import BcvkError, UsageError
-from bcvk.state import Proc, VmRecord
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +136,7 @@ def test_a_mount_is_never_forgotten_without_an_unmounter(runtime: Path) -> None:
         assert state.scan() == []
         assert (runtime / "gone" / "vm.json").exists()
     finally:
-        from bcvk import rootfs
+        from bcvk.ephemeral import cache as rootfs
 
         state.set_unmounter(rootfs._unmount_record)
 

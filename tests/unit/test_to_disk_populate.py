@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import populate
+from bcvk.image import scan as populate
 
 
 def make_tree(root: Path) -> Path:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import bootloader, diskfs, populate, to_disk
-from bcvk.disk import Filesystem, Firmware, PartitionTable
+from bcvk import to_disk
 from bcvk.errors import NotFoundError, UsageError
-from bcvk.to_disk import DiskFormat, Options
+from bcvk.image import scan as populate
+from bcvk.to_disk import DiskFormat, Options, bootloader
+from bcvk.to_disk import mkfs as diskfs
+from bcvk.to_disk.layout import Filesystem, Firmware, PartitionTable
 
 DIGEST = "sha256:" + "ab" * 32
 REF = "localhost/bcvk/debian-bootc:12"
@@ -289,7 +291,7 @@ def test_admin_tools_are_found_outside_path(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_bootc_install_argv_golden(golden: Callable[[str, str], None]) -> None:
-    from bcvk import to_disk_bootc
+    from bcvk.to_disk import bootc as to_disk_bootc
 
     opts = Options(
         filesystem=Filesystem.xfs,
@@ -308,7 +310,7 @@ def test_bootc_install_argv_golden(golden: Callable[[str, str], None]) -> None:
 
 
 def test_bootc_failure_names_bootcs_error() -> None:
-    from bcvk import to_disk_bootc
+    from bcvk.to_disk import bootc as to_disk_bootc
 
     err = to_disk_bootc.failure(
         1, ["Installing image", "error: Installing to disk: no space", "", "cleanup"]
@@ -319,7 +321,7 @@ def test_bootc_failure_names_bootcs_error() -> None:
 
 
 def test_bootc_refuses_mbr() -> None:
-    from bcvk import to_disk_bootc
+    from bcvk.to_disk import bootc as to_disk_bootc
 
     with pytest.raises(UsageError, match="mbr"):
         to_disk_bootc.check_options(Options(partition_table=PartitionTable.mbr))
@@ -339,7 +341,7 @@ def _facts(**existing: str) -> dict[str, object]:
 
 
 def test_extras_without_keys_or_selinux(tmp_path: Path) -> None:
-    from bcvk.disk import Ids
+    from bcvk.to_disk.layout import Ids
 
     ids = Ids.generate()
     extras = to_disk.extras(tmp_path, Filesystem.ext4, ids, Options(), _facts())
@@ -353,7 +355,7 @@ def test_extras_without_keys_or_selinux(tmp_path: Path) -> None:
 
 
 def test_extras_with_keys_and_selinux_relabel(tmp_path: Path) -> None:
-    from bcvk.disk import Ids
+    from bcvk.to_disk.layout import Ids
 
     keys = tmp_path / "k.pub"
     keys.write_text("ssh-ed25519 AAAA x\n")

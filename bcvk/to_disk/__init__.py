@@ -3,7 +3,7 @@
 The native installer needs no VM, no loop device, no mount and no root: the
 root filesystem is made from the image tree by the filesystem's own mkfs,
 the EFI system partition is a FAT file filled with mtools, and both are laid
-into a GPT disk at the offsets ``bcvk.disk`` computed.  Everything is built
+into a GPT disk at the offsets ``bcvk.to_disk.layout`` computed.  Everything is built
 in a hidden work directory beside OUTPUT and renamed into place at the very
 end, so an interrupted or failed run never leaves a partial OUTPUT.
 
@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bcvk import __version__, podman, run
-from bcvk.config import format_size, parse_size
-from bcvk.disk import (
+from bcvk import __version__, run
+from bcvk.errors import BcvkError, CommandError, NotFoundError, UsageError
+from bcvk.host import podman
+from bcvk.log import logger, step
+from bcvk.to_disk.layout import (
     ESP_MOUNTPOINT,
     Filesystem,
     Firmware,
@@ -47,14 +49,13 @@ from bcvk.disk import (
     fstab,
     sfdisk_script,
 )
-from bcvk.disk import LAYOUT_VERSION as LAYOUT_VERSION
-from bcvk.errors import BcvkError, CommandError, NotFoundError, UsageError
-from bcvk.log import logger, step
+from bcvk.to_disk.layout import LAYOUT_VERSION as LAYOUT_VERSION
+from bcvk.values import format_size, parse_size
 
 if TYPE_CHECKING:
     import tarfile
 
-    from bcvk import populate
+    from bcvk.image import scan as populate
 
 XATTR_HASH = "user.bootc.cache_hash"
 XATTR_DIGEST = "user.bootc.image_digest"
@@ -353,7 +354,7 @@ def extras(
     work: Path, filesystem: Filesystem, ids: Ids, opts: Options, facts: dict[str, Any]
 ) -> list[populate.Extra]:
     """The files bcvk adds to the image's tree in the disk's root."""
-    from bcvk import populate
+    from bcvk.image import scan as populate
 
     (work / "extras").mkdir()
     out: list[populate.Extra] = []
@@ -447,7 +448,7 @@ def write_ova(
 ) -> None:
     import tarfile
 
-    from bcvk import ovf
+    from bcvk.to_disk import ovf
 
     disk_name = f"{name}-disk1.vmdk"
     spec = ovf.OvfSpec(
@@ -506,7 +507,7 @@ def sweep_stale_work(output: Path) -> list[Path]:
     says which host and process a directory belonged to.  Anything without one,
     from another host, or whose process still exists is left alone.
     """
-    from bcvk import diskfs
+    from bcvk.to_disk import mkfs as diskfs
 
     removed = []
     for work in output.parent.glob(f".{glob.escape(output.name)}.bcvk-*"):
@@ -525,7 +526,7 @@ def sweep_stale_work(output: Path) -> list[Path]:
 @contextlib.contextmanager
 def work_directory(output: Path) -> Iterator[Path]:
     """A hidden directory beside OUTPUT (same filesystem, so rename is atomic)."""
-    from bcvk import diskfs
+    from bcvk.to_disk import mkfs as diskfs
 
     sweep_stale_work(output)
     work = output.parent / f".{output.name}.bcvk-{secrets.token_hex(4)}"
@@ -656,7 +657,7 @@ def run_options(image: str, output: Path, opts: Options) -> Result:
 
     installer = opts.installer
     if installer is Installer.bootc:
-        from bcvk import to_disk_bootc
+        from bcvk.to_disk import bootc as to_disk_bootc
 
         return to_disk_bootc.build(image, output, opts, fmt, disk_size, expected, digest, start)
     try:
@@ -665,7 +666,7 @@ def run_options(image: str, output: Path, opts: Options) -> Result:
                 image, output, opts, fmt, disk_size, mount, work, expected, digest, info.size
             )
     except _UseBootc:
-        from bcvk import to_disk_bootc
+        from bcvk.to_disk import bootc as to_disk_bootc
 
         logger.info("The image contains bootc: installing with its own `bootc install to-disk`")
         return to_disk_bootc.build(image, output, opts, fmt, disk_size, expected, digest, start)
@@ -711,7 +712,7 @@ def build_native(
     digest: str,
     image_size: int,
 ) -> tuple[list[str], Filesystem, int]:
-    from bcvk import diskfs
+    from bcvk.to_disk import mkfs as diskfs
 
     tree = mount.path
 
@@ -727,7 +728,7 @@ def build_native(
     kernel, files = check_kernel(image, facts)
     if opts.installer is Installer.auto and facts["has_bootc"]:
         # An image with bootc installs itself from a VM by default.
-        from bcvk import to_disk_bootc
+        from bcvk.to_disk import bootc as to_disk_bootc
 
         if to_disk_bootc.available():
             raise _UseBootc
@@ -835,7 +836,8 @@ def convert_raw(
 def make_esp(
     plan: Plan, work: Path, kernel: dict[str, Any], files: dict[str, Any], arch: str
 ) -> Path:
-    from bcvk import bootloader, diskfs
+    from bcvk.to_disk import bootloader
+    from bcvk.to_disk import mkfs as diskfs
 
     boot_files = work / "boot-files"
     boot_files.mkdir()

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcvk import podman, state
-from bcvk.config import INSTANCE_TYPES, MIB, parse_size
+from bcvk.ephemeral import registry as state
 from bcvk.errors import BcvkError, UsageError
-from bcvk.qemu import PortForward
+from bcvk.host import podman
+from bcvk.host.qemu import PortForward
+from bcvk.values import INSTANCE_TYPES, MIB, parse_size
 
 DEFAULT_MEMORY = "2G"
 DEFAULT_SSH_TIMEOUT = 240.0

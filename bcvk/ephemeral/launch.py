@@ -19,13 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from bcvk import images, podman, qemu, qmp, rootfs, run, state, virtiofsd
-from bcvk.config import GIB, MIB
+from bcvk import run
+from bcvk.ephemeral import cache as rootfs
+from bcvk.ephemeral import registry as state
+from bcvk.ephemeral.options import DiskFile, Options
 from bcvk.errors import BcvkError, ToolMissingError, WaitTimeout
-from bcvk.imagetree import TreeFacts
+from bcvk.host import podman, qemu, qmp, virtiofsd
+from bcvk.host.qemu import Accel, RootfsKind
+from bcvk.image import inspect as images
+from bcvk.image.tree import TreeFacts
 from bcvk.log import logger
-from bcvk.qemu import Accel, RootfsKind
-from bcvk.vmoptions import DiskFile, Options
+from bcvk.values import GIB, MIB
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
 

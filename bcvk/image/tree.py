@@ -2,7 +2,7 @@
 
 Everything here only reads files below ``root``; absolute symlinks inside the
 tree are resolved relative to ``root`` so the host's files are never consulted.
-When rootless, ``python -m bcvk.imagetree ROOT`` runs inside ``podman unshare``
+When rootless, ``python -m bcvk.image.tree ROOT`` runs inside ``podman unshare``
 and prints the facts as JSON.
 """
 
@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from bcvk import initramfs
+from bcvk.image import initramfs
 
 _MAX_LINKS = 40
 

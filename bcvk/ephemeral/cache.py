@@ -8,7 +8,7 @@ initramfs (copied out, or extracted from a UKI) and, for the block transport,
 Entries are built under an exclusive ``flock`` to a temporary name and then
 renamed, so two VMs starting at once build once and never see half a file.
 When rootless, the image mount exists only inside ``podman unshare``; the
-work that reads the tree then runs there as ``python -m bcvk.rootfs``.
+work that reads the tree then runs there as ``python -m bcvk.ephemeral.cache``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bcvk import imagetree, paths, podman, run, state
+from bcvk import paths, run
+from bcvk.ephemeral import registry as state
 from bcvk.errors import BcvkError, CommandError
-from bcvk.imagetree import Kernel, TreeFacts
+from bcvk.host import podman
+from bcvk.image import tree as imagetree
+from bcvk.image.tree import Kernel, TreeFacts
 from bcvk.log import logger
 
 FACTS = "facts.json"
@@ -279,7 +282,7 @@ def _run_prepare(mnt: Path, entry: Entry, block_label: str | None, want_facts: b
     if not podman.rootless():
         prepare_tree(mnt, entry.path, block_label=block_label, want_facts=want_facts)
         return
-    argv = [sys.executable, "-m", "bcvk.rootfs", os.fspath(mnt), os.fspath(entry.path)]
+    argv = [sys.executable, "-m", "bcvk.ephemeral.cache", os.fspath(mnt), os.fspath(entry.path)]
     if block_label:
         argv += ["--block", block_label]
     if want_facts:
@@ -423,7 +426,7 @@ def prune(*, older_than_days: float | None, everything: bool, dry_run: bool) -> 
 
 
 def main(argv: list[str]) -> int:
-    """``python -m bcvk.rootfs ROOT OUT [--block LABEL] [--facts]`` (inside podman unshare)."""
+    """``python -m bcvk.ephemeral.cache ROOT OUT [--block LABEL] [--facts]`` (in podman unshare)."""
     root, out = Path(argv[0]), Path(argv[1])
     label = argv[argv.index("--block") + 1] if "--block" in argv else None
     prepare_tree(root, out, block_label=label, want_facts="--facts" in argv)

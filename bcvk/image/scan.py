@@ -2,7 +2,7 @@
 
 The functions that read the tree run where the image mount is visible: in
 this process when root, else inside ``podman unshare`` through
-``python -m bcvk.populate COMMAND ARGS`` which prints JSON.  Nothing here
+``python -m bcvk.image.scan COMMAND ARGS`` which prints JSON.  Nothing here
 writes into the tree.
 
 What each filesystem tool keeps (verified on Debian 12: e2fsprogs 1.47.0,
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bcvk import imagetree
+from bcvk.image import tree as imagetree
 
 # ------------------------------------------------------------------ extras
 
@@ -185,7 +185,7 @@ def image_kargs(root: Path, arch: str) -> list[str]:
 
 def facts(root: Path, arch: str) -> dict[str, object]:
     """Everything the disk builder needs to know about the tree, as JSON."""
-    from bcvk import bootloader
+    from bcvk.to_disk import bootloader
 
     text = imagetree.read_text(root, "/etc/os-release") or imagetree.read_text(
         root, "/usr/lib/os-release"

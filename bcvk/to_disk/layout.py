@@ -12,8 +12,8 @@ import enum
 import uuid
 from dataclasses import dataclass
 
-from bcvk.config import GIB, MIB, format_size
 from bcvk.errors import UsageError
+from bcvk.values import GIB, MIB, format_size
 
 SECTOR = 512
 ALIGN = MIB  # partitions start and end on MiB boundaries

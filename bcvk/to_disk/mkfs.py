@@ -5,7 +5,7 @@ xfs: ``mkfs.xfs -p`` with a protofile generated from the tree plus those
 files, then ``xfs_db`` restores sticky bits.  btrfs: ``mkfs.btrfs --rootdir``
 of a staged copy of the tree plus those files (btrfs-progs has no offline
 writer).  What each tool cannot keep is listed by ``loss_warning``; the table
-of verified facts is in ``bcvk.populate``.
+of verified facts is in ``bcvk.image.scan``.
 
 Tree-reading steps run where the image mount is visible: inside ``podman
 unshare`` when rootless.
@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bcvk import podman, populate, run
-from bcvk.disk import Filesystem
+from bcvk import run
 from bcvk.errors import BcvkError
+from bcvk.host import podman
+from bcvk.image import scan as populate
+from bcvk.to_disk.layout import Filesystem
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,12 @@ def in_namespace(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def helper(*args: str | os.PathLike[str]) -> Any:
-    """``bcvk.populate`` ARGS where the image mount is visible: in this process
-    when root, else ``python -m bcvk.populate`` inside podman's namespace."""
+    """``bcvk.image.scan`` ARGS where the image mount is visible: in this process
+    when root, else ``python -m bcvk.image.scan`` inside podman's namespace."""
     words = [os.fspath(a) for a in args]
     if not podman.rootless():
         return json.loads(json.dumps(populate.dispatch(words)))
-    argv = [sys.executable, "-m", "bcvk.populate", *words]
+    argv = [sys.executable, "-m", "bcvk.image.scan", *words]
     return json.loads(run.output(in_namespace(argv)))
 
 

@@ -32,12 +32,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bcvk import accel, credentials, launch, podman, qmp, rootfs, run, ssh, state
-from bcvk.errors import BcvkError, NotFoundError, UsageError, WaitTimeout
-from bcvk.imagetree import TreeFacts
-from bcvk.launch import Plan, console_tail, file_tail
-from bcvk.log import logger
-from bcvk.vmoptions import (
+from bcvk import run
+from bcvk.ephemeral import cache as rootfs
+from bcvk.ephemeral import launch
+from bcvk.ephemeral import registry as state
+from bcvk.ephemeral.launch import Plan, console_tail, file_tail
+from bcvk.ephemeral.options import (
     DEFAULT_SSH_TIMEOUT,
     ITYPES,
     Bind,
@@ -58,6 +58,11 @@ from bcvk.vmoptions import (
     parse_vcpus,
     split_ssh_args,
 )
+from bcvk.errors import BcvkError, NotFoundError, UsageError, WaitTimeout
+from bcvk.guest import credentials
+from bcvk.host import accel, podman, qmp, ssh
+from bcvk.image.tree import TreeFacts
+from bcvk.log import logger
 
 __all__ = [
     "DEFAULT_SSH_TIMEOUT",

@@ -8,9 +8,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from bcvk import imagetree, podman, run
+from bcvk import run
 from bcvk.errors import BcvkError
-from bcvk.imagetree import TreeFacts
+from bcvk.host import podman
+from bcvk.image import tree as imagetree
+from bcvk.image.tree import TreeFacts
 
 # podman/OCI architecture names for `platform.machine()` values.
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x"}
@@ -179,7 +181,7 @@ def probe_tree(ref: str) -> TreeFacts:
         if not podman.rootless():
             return imagetree.probe(root)
         # A rootless mount exists only inside podman's user namespace.
-        argv = podman.unshare_argv([sys.executable, "-m", "bcvk.imagetree", str(root)])
+        argv = podman.unshare_argv([sys.executable, "-m", "bcvk.image.tree", str(root)])
         out = run.output(argv)
         return TreeFacts.from_json(json.loads(out))
 

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bcvk import podman, run, ssh
-from bcvk.config import MIB
+from bcvk import run
 from bcvk.errors import BcvkError, UsageError
+from bcvk.host import podman, ssh
 from bcvk.log import logger, step
+from bcvk.values import MIB
 
 if TYPE_CHECKING:
     from bcvk.to_disk import DiskFormat, Options, Result
@@ -102,7 +103,7 @@ def failure(returncode: int, output: Sequence[str]) -> BcvkError:
 
 
 def check_options(opts: Options) -> None:
-    from bcvk.disk import PartitionTable
+    from bcvk.to_disk.layout import PartitionTable
 
     if opts.partition_table is not PartitionTable.gpt:
         raise UsageError(
