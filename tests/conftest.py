@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -73,8 +74,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 # ---------------------------------------------------------------- helpers
 
 
+# The environment under test is the one running pytest: its console scripts
+# sit beside its interpreter, whatever that environment is called.
+BIN_DIR = Path(sys.executable).parent
+
+
 def bcvk_bin() -> str:
-    return shutil.which("bcvk") or str(ROOT / ".venv" / "bin" / "bcvk")
+    return str(BIN_DIR / "bcvk") if (BIN_DIR / "bcvk").exists() else shutil.which("bcvk") or "bcvk"
 
 
 def bcvk(
@@ -106,9 +112,9 @@ def bcvk(
 
 @functools.cache
 def user_bin_dir(user: str) -> Path:
-    """Where USER finds bcvk: this checkout's venv, or the copy made for it
-    by scripts/setup-rootless-venv.sh when the checkout is private."""
-    own = ROOT / ".venv" / "bin"
+    """Where USER finds bcvk: the environment under test, or the copy made for
+    it by scripts/setup-rootless-venv.sh when the checkout is private."""
+    own = BIN_DIR
     probe = ["runuser", "-u", user, "--", "test", "-r", str(ROOT / "bcvk" / "__init__.py")]
     if subprocess.run(probe, check=False).returncode == 0:
         return own

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from bcvk import pb
 from bcvk.libvirt import xml as lx
-from tests.conftest import ROOT, bcvk
+from tests.conftest import BIN_DIR, bcvk
 from tests.unit.testdriver import domain_xml, node_file
 
 IMAGE = "localhost/bcvk/debian-bootc:12"
@@ -122,8 +123,7 @@ def test_run_flag_errors_need_no_libvirt(tmp_path: Path, runtime: dict[str, str]
 
 
 def test_podman_bootc_entry_point(uri: str, runtime: dict[str, str]) -> None:
-    script = ROOT / ".venv" / "bin" / "podman-bootc"
-    import subprocess
+    script = BIN_DIR / "podman-bootc"
 
     helped = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
     assert helped.stdout.startswith("Usage: podman-bootc [OPTIONS] COMMAND")
