@@ -70,5 +70,12 @@ def entry() -> None:
     sys.exit(main())
 
 
+def podman_bootc_entry() -> None:
+    """The `podman-bootc` console script: `bcvk pb` under podman-bootc's name."""
+    from bcvk.cli.pb import pb
+
+    sys.exit(main(prog_name="podman-bootc", command=pb))
+
+
 if __name__ == "__main__":
     entry()

@@ -39,6 +39,10 @@ class ToolMissingError(BcvkError):
     """A host program bcvk needs is not installed."""
 
 
+class ImageContentError(BcvkError):
+    """An image holds something bcvk cannot read (a crafted or broken file)."""
+
+
 class WaitTimeout(BcvkError):
     """A deadline passed while waiting for a named condition."""
 

@@ -1,4 +1,4 @@
-"""Logging set-up: human lines or JSON lines on stderr, never on stdout."""
+"""Logging set-up (human or JSON lines on stderr, never on stdout), and log-file tails."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import contextvars
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TextIO
 
 logger = logging.getLogger("bcvk")
@@ -84,3 +86,29 @@ def step(what: str) -> Iterator[None]:
     start = time.monotonic()
     yield
     logger.debug("%s took %.2fs", what, time.monotonic() - start)
+
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def console_tail(path: Path, lines: int = 15) -> list[str]:
+    """The last LINES non-blank lines of a serial console log, without escape codes."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    cleaned = [_ANSI_RE.sub("", line).strip() for line in data.replace("\r", "\n").split("\n")]
+    return [line for line in cleaned if line][-lines:]
+
+
+def file_tail(path: Path, lines: int = 10) -> list[str]:
+    """The last LINES non-blank lines of a text file ([] if it cannot be read)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-lines:]

@@ -1,9 +1,22 @@
-"""Shared value types and parsers for sizes and other user input."""
+"""The typed values every command shares, each parsed from user text in one place.
+
+Sizes, memory and vCPU counts, instance types, port forwards, firmware,
+accelerators, pull policies, timeouts, VM names and labels: the CLI, the
+Python API and (later) configuration files all turn text into these objects
+through the functions here, so that two commands can never disagree about
+what ``-p 8080:80`` or ``--memory 2G`` means.  Every parser raises
+``UsageError`` (one line plus a hint) and nothing else.
+"""
 
 from __future__ import annotations
 
 import enum
+import math
+import os
 import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import TypeVar
 
 from bcvk.errors import UsageError
 
@@ -11,9 +24,12 @@ KIB = 1024
 MIB = 1024**2
 GIB = 1024**3
 TIB = 1024**4
+# Nothing bcvk makes (a disk, a swap file, guest RAM) is bigger than this;
+# anything larger is a typo, and bounding it keeps arithmetic honest.
+MAX_SIZE = 1024 * TIB
 
 _UNITS = {"": 1, "b": 1, "k": KIB, "m": MIB, "g": GIB, "t": TIB}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtb]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d{1,20}(?:\.\d{1,9})?)\s*([kmgtb]?)(?:i?b)?\s*", re.IGNORECASE)
 
 
 def parse_size(text: str, *, default_unit: str = "", what: str = "size") -> int:
@@ -22,7 +38,7 @@ def parse_size(text: str, *, default_unit: str = "", what: str = "size") -> int:
     Units are powers of 1024 whatever the spelling, as upstream treats them.
     A bare number is in ``default_unit`` (MiB for --memory, bytes otherwise).
     """
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.fullmatch(text)
     if not match:
         raise UsageError(
             f"invalid {what} {text!r}",
@@ -30,9 +46,14 @@ def parse_size(text: str, *, default_unit: str = "", what: str = "size") -> int:
         )
     number, unit = match.groups()
     unit = (unit or default_unit).lower()
-    value = int(float(number) * _UNITS[unit])
+    try:
+        value = int(Decimal(number) * _UNITS[unit])
+    except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
+        raise UsageError(f"invalid {what} {text!r}") from None
     if value <= 0:
         raise UsageError(f"invalid {what} {text!r}: must be positive")
+    if value > MAX_SIZE:
+        raise UsageError(f"invalid {what} {text!r}: larger than {format_size(MAX_SIZE)}")
     return value
 
 
@@ -47,6 +68,12 @@ def format_size(n: int) -> str:
         value /= 1024
     raise AssertionError("unreachable")
 
+
+# ---------------------------------------------------------------- machine size
+
+MIN_MEMORY_MIB = 128
+MAX_MEMORY_MIB = 1024 * 1024  # 1 TiB
+MAX_VCPUS = 256
 
 # KubeVirt U-series instance types (upstream bcvk's --itype): vCPUs, MiB.
 INSTANCE_TYPES: dict[str, tuple[int, int]] = {
@@ -63,7 +90,178 @@ INSTANCE_TYPES: dict[str, tuple[int, int]] = {
 }
 
 
+def parse_memory(text: str | int, what: str = "--memory") -> int:
+    """``2G``, ``1024M``, ``1024`` (MiB) → MiB, within 128 MiB … 1 TiB."""
+    if isinstance(text, int):
+        mib = text
+    else:
+        mib = parse_size(str(text), default_unit="m", what=what) // MIB
+    if not MIN_MEMORY_MIB <= mib <= MAX_MEMORY_MIB:
+        raise UsageError(
+            f"invalid {what} {text!r}: must be between {MIN_MEMORY_MIB} MiB and 1 TiB",
+            hint=f"e.g. {what} 2G or {what} 4096 (MiB)",
+        )
+    return mib
+
+
+def parse_vcpus(text: str | int, what: str = "--vcpus") -> int:
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid {what} {text!r}", hint="a whole number, e.g. 2") from None
+    if not 1 <= n <= MAX_VCPUS:
+        raise UsageError(f"invalid {what} {text!r}: must be between 1 and {MAX_VCPUS}")
+    return n
+
+
+def parse_itype(text: str) -> tuple[int, int]:
+    """An instance type → (vCPUs, MiB)."""
+    if text not in INSTANCE_TYPES:
+        raise UsageError(
+            f"unknown instance type {text!r}", hint="one of: " + ", ".join(INSTANCE_TYPES)
+        )
+    return INSTANCE_TYPES[text]
+
+
+def default_vcpus(cap: int = 4) -> int:
+    return max(1, min(os.cpu_count() or 2, cap))
+
+
+# ---------------------------------------------------------------- network
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """``-p HOST:GUEST``: 127.0.0.1:HOST on the host reaches GUEST in the guest."""
+
+    host: int
+    guest: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.guest}"
+
+    @classmethod
+    def parse(cls, text: str) -> PortForward:
+        parts = text.split(":")
+        if len(parts) != 2:
+            raise UsageError(
+                f"invalid port forward {text!r}: expected HOST:GUEST",
+                hint="give both ports, e.g. -p 8080:80 (as upstream bcvk, one number is refused)",
+            )
+        return cls(_port(parts[0], text), _port(parts[1], text))
+
+
+def _port(word: str, text: str) -> int:
+    if not word.isascii() or not word.isdigit() or not 1 <= int(word) <= 65535:
+        raise UsageError(
+            f"invalid port forward {text!r}: {word!r} is not a port",
+            hint="ports are numbers from 1 to 65535, e.g. -p 8080:80",
+        )
+    return int(word)
+
+
+def unique_host_ports(forwards: tuple[PortForward, ...]) -> tuple[PortForward, ...]:
+    hosts = [f.host for f in forwards]
+    if len(set(hosts)) != len(hosts):
+        raise UsageError("the same host port is forwarded twice", hint="use one -p per host port")
+    return forwards
+
+
+# ---------------------------------------------------------------- choices
+
+
+class Firmware(enum.StrEnum):
+    """How a machine boots; disks say which of these they support."""
+
+    uefi = "uefi"  # OVMF without secure boot (upstream: uefi-insecure)
+    uefi_secure = "uefi-secure"
+    bios = "bios"
+    both = "both"  # a disk bootable by either (bootc installer only)
+
+    @property
+    def is_uefi(self) -> bool:
+        return self is not Firmware.bios
+
+
+class Accel(enum.StrEnum):
+    kvm = "kvm"
+    tcg = "tcg"
+
+
+class PullPolicy(enum.StrEnum):
+    missing = "missing"
+    always = "always"
+    never = "never"
+
+
 class OutputFormat(enum.StrEnum):
     table = "table"
     json = "json"
     yaml = "yaml"
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def parse_choice(kind: type[E], value: object, what: str) -> E:
+    """VALUE as a member of the enum KIND, or a usage error listing the choices."""
+    try:
+        return kind(str(value))
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise UsageError(f"invalid {what} {value!r}", hint=f"choose one of: {choices}") from None
+
+
+# ---------------------------------------------------------------- time
+
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def parse_timeout(value: float | str, what: str = "--ssh-timeout") -> float:
+    """Seconds: finite, positive, at most a week (``nan`` would wait forever)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid {what} {value!r}", hint="seconds, e.g. 240") from None
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT:
+        raise UsageError(f"invalid {what} {value!r}: must be between 0 and a week, in seconds")
+    return seconds
+
+
+# ---------------------------------------------------------------- guest
+
+
+def parse_karg(text: str) -> str:
+    """A kernel argument: one line without control characters."""
+    if not text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise UsageError(
+            f"invalid kernel argument {text!r}",
+            hint="kernel arguments are one line without control characters",
+        )
+    return text
+
+
+# ---------------------------------------------------------------- names
+
+# A VM name is also a directory, a libvirt domain and part of file names.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_LABEL_RE = re.compile(r"[A-Za-z0-9_.:/=@+-]{1,128}")
+
+
+def validate_vm_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"invalid VM name {name!r}",
+            hint="use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+def validate_label(label: str) -> str:
+    """A label (``KEY`` or ``KEY=VALUE``): printable, no commas or blanks."""
+    if not _LABEL_RE.fullmatch(label):
+        raise UsageError(
+            f"invalid label {label!r}",
+            hint="labels are 1-128 letters, digits and _ . : / = @ + -; no commas or spaces",
+        )
+    return label

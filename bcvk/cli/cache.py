@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bcvk.cli import CONTEXT, output
+from bcvk.cli import CONTEXT, options, output
 
 
 @click.group(context_settings=CONTEXT)
@@ -13,13 +13,13 @@ def cache() -> None:
 
 
 @cache.command("list")
-@output.format_option("table", "json")
+@options.format_option("table", "json")
 def list_(fmt: str) -> None:
     """List cached images: size, last use, whether still present or in use."""
-    from bcvk.ephemeral import cache as rootfs
+    from bcvk import ephemeral
     from bcvk.values import format_size
 
-    infos = rootfs.describe()
+    infos = ephemeral.cache_list()
     if fmt == "json":
         output.emit_json([i.to_json() for i in infos])
         return
@@ -54,11 +54,11 @@ def prune(days: float, everything: bool, dry_run: bool) -> None:
 
     An entry in use by a running VM (or being built) is never removed.
     """
-    from bcvk.ephemeral import cache as rootfs
+    from bcvk import ephemeral
     from bcvk.log import logger
     from bcvk.values import format_size
 
-    removed = rootfs.prune(older_than_days=days, everything=everything, dry_run=dry_run)
+    removed = ephemeral.cache_prune(older_than_days=days, everything=everything, dry_run=dry_run)
     for info in removed:
         click.echo(info.image_id)
     freed = sum(i.size for i in removed)

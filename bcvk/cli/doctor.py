@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from bcvk.cli import CONTEXT, output
+from bcvk.cli import CONTEXT, options, output
 
 
 @click.command(context_settings=CONTEXT)
-@output.format_option("table", "json")
+@options.format_option("table", "json")
 @click.option(
     "--image", help="bootc image whose kernel the KVM probe boots (default: any local one)."
 )

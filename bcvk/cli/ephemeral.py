@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from bcvk.cli import CONTEXT, output
+from bcvk.cli import options as shared
+from bcvk.values import Accel, PullPolicy
+
+if TYPE_CHECKING:
+    from bcvk.ephemeral import Options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,14 +78,7 @@ def vm_options(fn: F) -> F:
             metavar="FILE[:NAME[:FMT]]",
             help="Attach FILE as /dev/disk/by-id/virtio-NAME (created sparse if missing).",
         ),
-        click.option(
-            "-p",
-            "--port",
-            "ports",
-            multiple=True,
-            metavar="HOST:GUEST",
-            help="Forward 127.0.0.1:HOST to the guest's GUEST port (repeat).",
-        ),
+        shared.port_option,
         click.option("--add-swap", metavar="SIZE", help="Give the guest a swap disk of SIZE."),
         click.option(
             "--virtiofsd",
@@ -89,8 +87,8 @@ def vm_options(fn: F) -> F:
         ),
         click.option(
             "--pull",
-            type=click.Choice(["missing", "always", "never"]),
-            default="missing",
+            type=click.Choice([p.value for p in PullPolicy]),
+            default=PullPolicy.missing.value,
             show_default=True,
             help="When to pull IMAGE from its registry.",
         ),
@@ -103,7 +101,7 @@ def vm_options(fn: F) -> F:
         ),
         click.option(
             "--accel",
-            type=click.Choice(["kvm", "tcg"]),
+            type=click.Choice([a.value for a in Accel]),
             help="Force an accelerator (also $BCVK_ACCEL); default: KVM only where it works.",
         ),
     ]
@@ -112,7 +110,7 @@ def vm_options(fn: F) -> F:
     return fn
 
 
-def _options(image: str, **kw: Any) -> Any:
+def _options(image: str, **kw: Any) -> Options:
     from bcvk import ephemeral
 
     kw.pop("ssh_keygen", None)
@@ -210,7 +208,7 @@ def ssh_cmd(ctx: click.Context, name: str, args: tuple[str, ...], ssh_timeout: f
 
 
 @ephemeral.command()
-@output.format_option("table", "json", json_flag=True)
+@shared.format_option("table", "json", json_flag=True)
 def ps(fmt: str) -> None:
     """List running ephemeral VMs."""
     from bcvk import ephemeral as core

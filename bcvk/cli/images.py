@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bcvk.cli import CONTEXT, output
+from bcvk.cli import CONTEXT, options, output
 
 
 @click.group(context_settings=CONTEXT)
@@ -15,7 +15,7 @@ def images() -> None:
 
 
 @images.command("list")
-@output.format_option("table", "json", json_flag=True)
+@options.format_option("table", "json", json_flag=True)
 def list_(fmt: str) -> None:
     """List images labelled containers.bootc=1."""
     show_bootc_images(fmt)
@@ -86,7 +86,7 @@ def _table(data: dict[str, object]) -> list[tuple[str, object]]:
 
 @images.command()
 @click.argument("image")
-@output.format_option("table", "yaml", "json")
+@options.format_option("table", "yaml", "json")
 @click.pass_context
 def inspect(ctx: click.Context, image: str, fmt: str) -> None:
     """Explain what is in IMAGE and whether it can boot.

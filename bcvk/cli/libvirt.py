@@ -5,11 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from bcvk.cli import CONTEXT, output
+from bcvk.cli import options as shared
+from bcvk.values import Firmware
+
+if TYPE_CHECKING:
+    from bcvk.libvirt import RunOptions, Vm
 
 
 def _uri(ctx: click.Context) -> str | None:
@@ -37,14 +42,6 @@ def libvirt(ctx: click.Context, uri: str | None) -> None:
     ctx.obj = {"uri": uri}
 
 
-def _size(value: str | None, what: str, default_unit: str = "") -> int | None:
-    from bcvk.values import parse_size
-
-    if value is None:
-        return None
-    return parse_size(value, default_unit=default_unit, what=what)
-
-
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options `run` and `create` share (applied bottom-up)."""
     options = [
@@ -53,7 +50,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "-R", "--replace", is_flag=True, help="Remove an existing bcvk VM of that name first."
         ),
         click.option("--memory", metavar="SIZE", help="Memory (M if no unit).  [default: 4G]"),
-        click.option("--cpus", "--vcpus", "cpus", type=int, help="vCPUs.  [default: 2]"),
+        click.option("--cpus", "--vcpus", "vcpus", metavar="N", help="vCPUs.  [default: 2]"),
         click.option("--itype", metavar="TYPE", help="Instance type (u1.small…); sets both."),
         click.option(
             "--disk-size",
@@ -62,19 +59,10 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Disk size; `df /` in the guest shows it.",
         ),
-        click.option(
-            "--filesystem", type=click.Choice(["ext4", "xfs", "btrfs"]), help="Root filesystem."
-        ),
+        shared.filesystem_option(),
         click.option("--root-size", metavar="SIZE", help="Root partition size (M if no unit)."),
         click.option("--karg", "kargs", multiple=True, metavar="ARG", help="Kernel argument."),
-        click.option(
-            "-p",
-            "--port",
-            "ports",
-            multiple=True,
-            metavar="HOST:GUEST",
-            help="Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable).",
-        ),
+        shared.port_option,
         click.option(
             "--bind",
             "binds",
@@ -98,12 +86,12 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             metavar="HOST:TAG",
             help="Raw virtiofs share; mount it yourself: mount -t virtiofs TAG DIR.",
         ),
-        click.option(
-            "--firmware",
-            type=click.Choice(["uefi", "uefi-insecure", "uefi-secure", "bios"]),
-            default="uefi",
-            show_default=True,
-            help="uefi: OVMF with secure boot off (alias uefi-insecure).",
+        shared.firmware_option(
+            Firmware.uefi,
+            Firmware.uefi_secure,
+            Firmware.bios,
+            extra=("uefi-insecure",),
+            help_text="uefi: OVMF with secure boot off (alias uefi-insecure).",
         ),
         click.option(
             "--ssh-key",
@@ -134,49 +122,21 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _build_options(kwargs: dict[str, Any], *, start: bool, ssh_wait: bool) -> Any:
-    from bcvk.errors import UsageError
-    from bcvk.libvirt import xml as lx
-    from bcvk.libvirt.domains import RunOptions
-    from bcvk.values import GIB
+def _run_options(
+    ctx: click.Context, kwargs: dict[str, Any], *, start: bool, ssh_wait: bool
+) -> RunOptions:
+    from bcvk import libvirt as core
 
-    ports = []
-    for text in kwargs["ports"]:
-        try:
-            ports.append(lx.PortForward.parse(text))
-        except ValueError as exc:
-            raise UsageError(str(exc), hint="use -p HOST:GUEST, e.g. -p 8080:80") from None
-    firmware = kwargs["firmware"]
-    if firmware == "uefi-insecure":
-        firmware = "uefi"
-    return RunOptions(
-        name=kwargs["name"],
-        replace=kwargs["replace"],
-        memory=_size(kwargs["memory"], "--memory", "m"),
-        vcpus=kwargs["cpus"],
-        itype=kwargs["itype"],
-        disk_size=_size(kwargs["disk_size"], "--disk-size") or 20 * GIB,
-        filesystem=kwargs["filesystem"],
-        root_size=_size(kwargs["root_size"], "--root-size", "m"),
-        kargs=tuple(kwargs["kargs"]),
-        ports=tuple(ports),
-        binds=tuple(kwargs["binds"]),
-        binds_ro=tuple(kwargs["binds_ro"]),
-        volumes=tuple(kwargs["volumes"]),
-        firmware=lx.Firmware(firmware),
-        ssh_key=kwargs["ssh_key"],
-        tpm=not kwargs["disable_tpm"],
-        labels=tuple(kwargs["labels"]),
-        transient=kwargs["transient"],
-        console_log=kwargs["console_log"],
+    return core.make_run_options(
+        _uri(ctx),
+        tpm=not kwargs.pop("disable_tpm"),
         start=start,
         ssh_wait=ssh_wait,
-        timeout=kwargs["timeout"],
-        pool=kwargs["pool"],
+        **kwargs,
     )
 
 
-def _print_vm_created(vm: Any, started: bool) -> None:
+def _print_vm_created(vm: Vm, started: bool) -> None:
 
     md = vm.metadata
     output.emit_pairs(
@@ -204,16 +164,16 @@ def run(ctx: click.Context, /, image: str, ssh_: bool, ssh_wait: bool, **kwargs:
     The first VM of an image builds a base disk in the storage pool (with
     `bcvk to-disk`); later VMs are copy-on-write clones of it.
     """
+    from bcvk import libvirt as core
     from bcvk.errors import UsageError
-    from bcvk.libvirt import domains
 
     kwargs.pop("detach", None)
     if ssh_ and ssh_wait:
         raise UsageError("--ssh and --ssh-wait exclude each other")
-    opts = _build_options(kwargs, start=True, ssh_wait=ssh_ or ssh_wait)
-    vm = domains.run(image, opts, uri=_uri(ctx))
+    opts = _run_options(ctx, kwargs, start=True, ssh_wait=ssh_ or ssh_wait)
+    vm = core.run(image, opts, uri=_uri(ctx))
     if ssh_:
-        ctx.exit(domains.ssh_interactive(vm.name, uri=_uri(ctx)))
+        ctx.exit(core.ssh_interactive(vm.name, uri=_uri(ctx)))
     if ssh_wait:
         sys.stderr.write(f"Ready; use `bcvk libvirt ssh {vm.name}` to connect\n")
     _print_vm_created(vm, True)
@@ -226,23 +186,23 @@ def run(ctx: click.Context, /, image: str, ssh_: bool, ssh_wait: bool, **kwargs:
 @click.pass_context
 def create(ctx: click.Context, /, image: str, start_: bool, **kwargs: Any) -> None:
     """Define a VM of bootc IMAGE without starting it (unless --start)."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
 
-    opts = _build_options(kwargs, start=start_, ssh_wait=False)
-    vm = domains.run(image, opts, uri=_uri(ctx))
+    opts = _run_options(ctx, kwargs, start=start_, ssh_wait=False)
+    vm = core.run(image, opts, uri=_uri(ctx))
     _print_vm_created(vm, start_)
 
 
 @libvirt.command("list", context_settings=CONTEXT)
 @click.option("-a", "--all", "all_", is_flag=True, help="Include VMs that are not running.")
 @click.option("--label", help="Only VMs with this label.")
-@output.format_option("table", "json")
+@shared.format_option("table", "json")
 @click.pass_context
 def list_(ctx: click.Context, all_: bool, label: str | None, fmt: str) -> None:
     """List bcvk's VMs (running ones unless --all)."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
 
-    vms = domains.list_vms(_uri(ctx), all_states=all_, label=label)
+    vms = core.list_vms(_uri(ctx), all_states=all_, label=label)
     if fmt == "json":
         output.emit_json([vm.to_json() for vm in vms])
         return
@@ -266,14 +226,14 @@ def list_(ctx: click.Context, all_: bool, label: str | None, fmt: str) -> None:
 @click.pass_context
 def ssh(ctx: click.Context, name: str, command: tuple[str, ...], timeout: float) -> None:
     """Open a shell in VM NAME, or run COMMAND there (`-- CMD…`); exits with its status."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
 
     args = list(command)
     if args and args[0] == "--":
         args = args[1:]
     if not args or sys.stdin.isatty():
-        ctx.exit(domains.ssh_interactive(name, args, uri=_uri(ctx), timeout=timeout))
-    result = domains.ssh_command(name, args, uri=_uri(ctx), capture=False, timeout=timeout)
+        ctx.exit(core.ssh_interactive(name, args, uri=_uri(ctx), timeout=timeout))
+    result = core.ssh_command(name, args, uri=_uri(ctx), capture=False, timeout=timeout)
     ctx.exit(result.returncode)
 
 
@@ -285,11 +245,11 @@ def ssh(ctx: click.Context, name: str, command: tuple[str, ...], timeout: float)
 @click.pass_context
 def start(ctx: click.Context, name: str, ssh_: bool, ssh_wait: bool, timeout: float) -> None:
     """Start VM NAME."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
 
-    domains.start(name, uri=_uri(ctx), ssh_wait=ssh_ or ssh_wait, timeout=timeout)
+    core.start(name, uri=_uri(ctx), ssh_wait=ssh_ or ssh_wait, timeout=timeout)
     if ssh_:
-        ctx.exit(domains.ssh_interactive(name, uri=_uri(ctx)))
+        ctx.exit(core.ssh_interactive(name, uri=_uri(ctx)))
 
 
 @libvirt.command(context_settings=CONTEXT)
@@ -299,9 +259,9 @@ def start(ctx: click.Context, name: str, ssh_: bool, ssh_wait: bool, timeout: fl
 @click.pass_context
 def stop(ctx: click.Context, name: str, force: bool, timeout: float) -> None:
     """Shut VM NAME down (forced off if it does not stop within --timeout)."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
 
-    domains.stop(name, uri=_uri(ctx), force=force, timeout=timeout)
+    core.stop(name, uri=_uri(ctx), force=force, timeout=timeout)
 
 
 def _confirm(question: str, force: bool) -> None:
@@ -317,14 +277,11 @@ def _confirm(question: str, force: bool) -> None:
 @click.pass_context
 def rm(ctx: click.Context, name: str, force: bool) -> None:
     """Remove VM NAME with its disk and generated SSH key (bcvk's VMs only)."""
-    from bcvk.libvirt import domains
-    from bcvk.libvirt.connection import connect
-    from bcvk.libvirt.vms import get_vm
+    from bcvk import libvirt as core
 
-    with connect(_uri(ctx)) as conn:
-        get_vm(conn, name)  # unknown or foreign domains fail before asking
-        _confirm(f"Remove VM {name} and its disk?", force)
-        domains.remove(conn, name, force=force)
+    core.inspect(name, _uri(ctx))  # unknown or foreign domains fail before asking
+    _confirm(f"Remove VM {name} and its disk?", force)
+    core.rm(name, uri=_uri(ctx), force=force)
 
 
 @libvirt.command("rm-all", context_settings=CONTEXT)
@@ -333,15 +290,15 @@ def rm(ctx: click.Context, name: str, force: bool) -> None:
 @click.pass_context
 def rm_all(ctx: click.Context, force: bool, label: str | None) -> None:
     """Remove every bcvk VM (with --label: those with that label)."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
     from bcvk.log import logger
 
-    vms = domains.list_vms(_uri(ctx), all_states=True, label=label)
+    vms = core.list_vms(_uri(ctx), all_states=True, label=label)
     if not vms:
         logger.info("No bcvk VMs to remove")
         return
     _confirm(f"Remove {len(vms)} VM(s): {', '.join(v.name for v in vms)}?", force)
-    removed, skipped = domains.rm_all(uri=_uri(ctx), force=force, label=label)
+    removed, skipped = core.rm_all(uri=_uri(ctx), force=force, label=label)
     for name in removed:
         logger.info("Removed %s", name)
     for name in skipped:
@@ -350,27 +307,27 @@ def rm_all(ctx: click.Context, force: bool, label: str | None) -> None:
 
 @libvirt.command(context_settings=CONTEXT)
 @click.argument("name")
-@output.format_option("yaml", "json", "xml")
+@shared.format_option("yaml", "json", "xml")
 @click.pass_context
 def inspect(ctx: click.Context, name: str, fmt: str) -> None:
     """Show what bcvk knows about VM NAME (xml: the libvirt domain XML)."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
 
     if fmt == "xml":
-        sys.stdout.write(domains.domain_xml(name, _uri(ctx)))
+        sys.stdout.write(core.domain_xml(name, _uri(ctx)))
         return
-    data = domains.inspect(name, _uri(ctx)).details()
+    data = core.inspect(name, _uri(ctx)).details()
     output.emit_data(fmt, data)
 
 
 @libvirt.command(context_settings=CONTEXT)
-@output.format_option("yaml", "json")
+@shared.format_option("yaml", "json")
 @click.pass_context
 def status(ctx: click.Context, fmt: str) -> None:
     """libvirt's version, the features bcvk relies on, and VM counts."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
 
-    data = domains.status(_uri(ctx))
+    data = core.status(_uri(ctx))
     output.emit_data(fmt, data)
 
 
@@ -379,7 +336,7 @@ def status(ctx: click.Context, fmt: str) -> None:
 @click.option("--pool", default="default", show_default=True, help="Storage pool.")
 @click.option("--volume-name", help="[default: bootc-<image>-<digest12>.qcow2]")
 @click.option("--disk-size", metavar="SIZE", default="20G", show_default=True)
-@click.option("--filesystem", type=click.Choice(["ext4", "xfs", "btrfs"]))
+@shared.filesystem_option()
 @click.option("--root-size", metavar="SIZE")
 @click.option("--karg", "kargs", multiple=True, metavar="ARG")
 @click.option("--replace", is_flag=True, help="Overwrite an existing volume of that name.")
@@ -396,16 +353,19 @@ def upload(
     replace: bool,
 ) -> None:
     """Build IMAGE's disk and stream it into a storage pool (works for remote URIs)."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
+    from bcvk.values import parse_size
 
-    path = domains.upload(
+    path = core.upload(
         image,
         uri=_uri(ctx),
         pool=pool,
         volume_name=volume_name,
-        disk_size=_size(disk_size, "--disk-size") or 0,
+        disk_size=parse_size(disk_size, what="--disk-size"),
         filesystem=filesystem,
-        root_size=_size(root_size, "--root-size", "m"),
+        root_size=parse_size(root_size, default_unit="m", what="--root-size")
+        if root_size
+        else None,
         kargs=kargs,
         replace=replace,
     )
@@ -419,14 +379,14 @@ def base_disks() -> None:
 
 @base_disks.command("list", context_settings=CONTEXT)
 @click.option("--pool", default="default", show_default=True)
-@output.format_option("table", "json")
+@shared.format_option("table", "json")
 @click.pass_context
 def base_disks_list(ctx: click.Context, pool: str, fmt: str) -> None:
     """List base disks with how many VM disks use each."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
     from bcvk.values import format_size
 
-    rows = domains.base_disks(_uri(ctx), pool)
+    rows = core.base_disks(_uri(ctx), pool)
     if fmt == "json":
         output.emit_json([r.to_json() for r in rows])
         return
@@ -452,7 +412,7 @@ def base_disks_list(ctx: click.Context, pool: str, fmt: str) -> None:
 @click.pass_context
 def base_disks_prune(ctx: click.Context, pool: str, dry_run: bool) -> None:
     """Delete base disks no VM disk references."""
-    from bcvk.libvirt import domains
+    from bcvk import libvirt as core
 
-    for base in domains.prune_base_disks(_uri(ctx), pool, dry_run=dry_run):
+    for base in core.prune_base_disks(_uri(ctx), pool, dry_run=dry_run):
         sys.stdout.write(("would delete " if dry_run else "deleted ") + base.name + "\n")

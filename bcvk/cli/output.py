@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import click
-
 from bcvk.log import use_colour
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def format_option(*choices: str, json_flag: bool = False) -> Callable[[F], F]:
-    """``--format`` over CHOICES, the first being the default, passed as ``fmt``.
-
-    JSON_FLAG adds upstream's ``--json`` spelling; the command then just sees
-    ``fmt="json"``.
-    """
-
-    def decorate(fn: F) -> F:
-        target: Callable[..., Any] = fn
-        if json_flag:
-
-            @functools.wraps(fn)
-            def folded(*args: Any, as_json: bool, fmt: str, **kwargs: Any) -> Any:
-                return fn(*args, fmt="json" if as_json else fmt, **kwargs)
-
-            target = click.option("--json", "as_json", is_flag=True, help="Same as --format json.")(
-                folded
-            )
-        option = click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(list(choices)),
-            default=choices[0],
-            show_default=True,
-            help=(
-                "Table for people, JSON for scripts."
-                if set(choices) == {"table", "json"}
-                else "Output format."
-            ),
-        )
-        return option(target)  # type: ignore[return-value]
-
-    return decorate
 
 
 def emit_data(fmt: str, data: Any) -> None:

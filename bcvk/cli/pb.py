@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from bcvk.cli import CONTEXT, output
+from bcvk.cli import CONTEXT, options, output
 from bcvk.cli.completion import completion
 
 LEVELS = ("debug", "info", "warn", "warning", "error", "fatal", "panic")
@@ -72,14 +72,6 @@ def pb(ctx: click.Context, log_level: str | None, uri: str | None) -> None:
     ctx.obj = {**(ctx.obj or {}), "pb_uri": uri}
 
 
-def _size(value: str | None, what: str, default_unit: str = "") -> int | None:
-    from bcvk.values import parse_size
-
-    if value is None:
-        return None
-    return parse_size(value, default_unit=default_unit, what=what)
-
-
 def _command(args: tuple[str, ...]) -> list[str]:
     command = list(args)
     if command and command[0] == "--":
@@ -97,11 +89,7 @@ def _command(args: tuple[str, ...]) -> list[str]:
     metavar="DIR",
     help="Attach a cloud-init NoCloud seed ISO built from DIR (needs DIR/user-data).",
 )
-@click.option(
-    "--filesystem",
-    type=click.Choice(["ext4", "xfs", "btrfs"]),
-    help="Root filesystem.  [default: the image's choice]",
-)
+@options.filesystem_option("Root filesystem.  [default: the image's choice]")
 @click.option("-B", "--background", is_flag=True, help="Return once the VM is ready.")
 @click.option("--rm", "rm_", is_flag=True, help="Remove the VM when the session ends.")
 @click.option("--quiet", is_flag=True, help="Do not show the boot console.")
@@ -113,15 +101,8 @@ def _command(args: tuple[str, ...]) -> list[str]:
 )
 @click.option("--name", help="Create an additional VM of the image with this name.")
 @click.option("--memory", metavar="SIZE", default="2048", show_default=True, help="MiB if no unit.")
-@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option(
-    "-p",
-    "--port",
-    "ports",
-    multiple=True,
-    metavar="HOST:GUEST",
-    help="Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable).",
-)
+@click.option("--cpus", metavar="N", default="2", show_default=True, help="vCPUs.")
+@options.port_option
 @click.option(
     "-v",
     "--volume",
@@ -136,7 +117,11 @@ def _command(args: tuple[str, ...]) -> list[str]:
     help="Private key (FILE.pub beside it).  [default: a new one per VM]",
 )
 @click.option(
-    "--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for SSH."
+    "--timeout",
+    default="300",
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds to wait for SSH.",
 )
 @click.pass_context
 def run(ctx: click.Context, /, image: str, command: tuple[str, ...], **kw: Any) -> None:
@@ -149,43 +134,23 @@ def run(ctx: click.Context, /, image: str, command: tuple[str, ...], **kw: Any) 
     """
     from bcvk import pb as core
     from bcvk.errors import UsageError
-    from bcvk.libvirt import xml as lx
 
-    ports = []
-    for text in kw["ports"]:
-        try:
-            ports.append(lx.PortForward.parse(text))
-        except ValueError as exc:
-            raise UsageError(str(exc), hint="use -p HOST:GUEST, e.g. -p 8080:80") from None
     if kw["rm_"] and kw["background"]:
         raise UsageError(
             "--rm cannot be combined with -B/--background",
             hint="a background VM has no session whose end could remove it",
         )
-    opts = core.RunOptions(
-        user=kw["user"],
-        cloudinit=kw["cloudinit"],
-        filesystem=kw["filesystem"],
-        root_size_max=_size(kw["root_size_max"], "--root-size-max"),
-        disk_size=_size(kw["disk_size"], "--disk-size"),
-        name=kw["name"],
-        memory=_size(kw["memory"], "--memory", "m") or core.DEFAULT_MEMORY,
-        cpus=kw["cpus"],
-        ports=tuple(ports),
-        volumes=tuple(kw["volumes"]),
-        ssh_key=kw["ssh_key"],
-        quiet=kw["quiet"] or not sys.stderr.isatty(),
-        timeout=kw["timeout"],
-    )
+    rm, background = kw.pop("rm_"), kw.pop("background")
+    opts = core.make_run_options(_uri(ctx), quiet=kw.pop("quiet") or not sys.stderr.isatty(), **kw)
     vm, status = core.run_session(
         image,
         opts,
         _command(command),
-        rm=kw["rm_"],
-        background=kw["background"],
+        rm=rm,
+        background=background,
         uri=_uri(ctx),
     )
-    if kw["background"]:
+    if background:
         sys.stdout.write(vm.id + "\n")
     ctx.exit(status)
 
@@ -219,7 +184,7 @@ def ssh(ctx: click.Context, vm_id: str | None, command: tuple[str, ...], user: s
 
 
 @pb.command("list", context_settings=CONTEXT)
-@output.format_option("table", "json")
+@options.format_option("table", "json")
 @click.pass_context
 def list_(ctx: click.Context, fmt: str) -> None:
     """List podman-bootc VMs (read from libvirt)."""
@@ -312,7 +277,7 @@ pb.add_command(
 
 @pb.command(context_settings=CONTEXT)
 @click.argument("vm_id", metavar="ID")
-@output.format_option("json", "yaml")
+@options.format_option("json", "yaml")
 @click.pass_context
 def inspect(ctx: click.Context, vm_id: str, fmt: str) -> None:
     """Show what is known about VM ID."""
@@ -323,7 +288,7 @@ def inspect(ctx: click.Context, vm_id: str, fmt: str) -> None:
 
 
 @pb.command(context_settings=CONTEXT)
-@output.format_option("table", "json")
+@options.format_option("table", "json")
 def images(fmt: str) -> None:
     """List bootc images (label containers.bootc=1) in podman's store."""
     from bcvk.cli.images import show_bootc_images
@@ -332,10 +297,3 @@ def images(fmt: str) -> None:
 
 
 pb.add_command(completion)
-
-
-def podman_bootc_entry() -> None:
-    """The `podman-bootc` console script: `bcvk pb` under podman-bootc's name."""
-    from bcvk.__main__ import main
-
-    sys.exit(main(prog_name="podman-bootc", command=pb))

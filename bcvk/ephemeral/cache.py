@@ -7,8 +7,8 @@ initramfs (copied out, or extracted from a UKI) and, for the block transport,
 
 Entries are built under an exclusive ``flock`` to a temporary name and then
 renamed, so two VMs starting at once build once and never see half a file.
-When rootless, the image mount exists only inside ``podman unshare``; the
-work that reads the tree then runs there as ``python -m bcvk.ephemeral.cache``.
+When rootless, the image mount exists only inside podman's user namespace;
+the work that reads the tree runs there (``bcvk.image.inns``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import json
 import os
 import shutil
 import stat
-import struct
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +27,10 @@ from bcvk import paths, run
 from bcvk.ephemeral import registry as state
 from bcvk.errors import BcvkError, CommandError
 from bcvk.host import podman
-from bcvk.image import tree as imagetree
-from bcvk.image.tree import Kernel, TreeFacts
+from bcvk.image import inns
+from bcvk.image.facts import TreeFacts, probe
+from bcvk.image.tree import Kernel, resolve
+from bcvk.image.uki import extract_uki
 from bcvk.log import logger
 
 FACTS = "facts.json"
@@ -40,8 +40,8 @@ ROOTFS = "rootfs.ext4"
 USED = "last-used"
 META = "image.json"
 LOCK = "lock"
-# Bumped when the layout or the way rootfs.ext4 is made changes.
-FORMAT = 1
+# Bumped when the layout, the facts or the way rootfs.ext4 is made change.
+FORMAT = 2
 
 
 def cache_root() -> Path:
@@ -124,44 +124,6 @@ class Prepared:
     label: str | None
 
 
-# ---------------------------------------------------------------- UKI
-
-
-def pe_sections(data: bytes) -> dict[str, bytes]:
-    """Sections of a PE/COFF file (a UKI) by name, each cut to its real size."""
-    if data[:2] != b"MZ" or len(data) < 0x40:
-        raise ValueError("not a PE file (no MZ header)")
-    (pe_offset,) = struct.unpack_from("<I", data, 0x3C)
-    if data[pe_offset : pe_offset + 4] != b"PE\0\0":
-        raise ValueError("not a PE file (no PE signature)")
-    coff = pe_offset + 4
-    (count,) = struct.unpack_from("<H", data, coff + 2)
-    (optional_size,) = struct.unpack_from("<H", data, coff + 16)
-    table = coff + 20 + optional_size
-    sections: dict[str, bytes] = {}
-    for i in range(count):
-        header = table + 40 * i
-        raw_name, virtual_size, _, raw_size, raw_offset = struct.unpack_from(
-            "<8sIIII", data, header
-        )
-        name = raw_name.rstrip(b"\0").decode("ascii", errors="replace")
-        size = min(virtual_size, raw_size) if virtual_size else raw_size
-        sections[name] = data[raw_offset : raw_offset + size]
-    return sections
-
-
-def extract_uki(uki: Path, kernel_out: Path, initrd_out: Path) -> bool:
-    """Write a UKI's .linux and .initrd; returns whether it had an initrd."""
-    sections = pe_sections(uki.read_bytes())
-    if ".linux" not in sections:
-        raise BcvkError(f"{uki} has no .linux section; it is not a unified kernel image")
-    kernel_out.write_bytes(sections[".linux"])
-    if ".initrd" in sections:
-        initrd_out.write_bytes(sections[".initrd"])
-        return True
-    return False
-
-
 # ---------------------------------------------------------------- ext4
 
 
@@ -242,13 +204,18 @@ def _copy(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-def prepare_tree(root: Path, out: Path, *, block_label: str | None, want_facts: bool) -> None:
-    """Read the mounted image at ROOT into the cache entry OUT.
+@inns.entry
+def prepare_tree(root: str, out: str, block_label: str, want_facts: str) -> None:
+    """Read the mounted image at ROOT into the cache entry OUT (via ``inns.call``).
 
-    Runs in bcvk when root, or inside ``podman unshare`` when rootless.
-    Writes facts, kernel/initramfs when missing, and rootfs.ext4 if asked.
+    Writes facts, kernel/initramfs when missing, and rootfs.ext4 labelled
+    BLOCK_LABEL unless that is empty; WANT_FACTS is "1" or "".
     """
-    facts = imagetree.probe(root) if want_facts else None
+    _fill_entry(Path(root), Path(out), block_label or None, bool(want_facts))
+
+
+def _fill_entry(root: Path, out: Path, block_label: str | None, want_facts: bool) -> None:
+    facts = probe(root) if want_facts else None
     if facts is not None:
         if len(facts.kernels) == 1:
             _extract_kernel(root, facts.kernels[0], out)
@@ -260,7 +227,7 @@ def prepare_tree(root: Path, out: Path, *, block_label: str | None, want_facts: 
 
 
 def _extract_kernel(root: Path, kernel: Kernel, out: Path) -> None:
-    source = imagetree.resolve(root, kernel.path)
+    source = resolve(root, kernel.path)
     if source is None:
         raise BcvkError(f"kernel {kernel.path} vanished from the image")
     if kernel.kind == "uki":
@@ -273,21 +240,13 @@ def _extract_kernel(root: Path, kernel: Kernel, out: Path) -> None:
         return
     _copy(source, out / KERNEL)
     if kernel.initramfs:
-        initrd = imagetree.resolve(root, kernel.initramfs)
+        initrd = resolve(root, kernel.initramfs)
         if initrd is not None:
             _copy(initrd, out / INITRD)
 
 
 def _run_prepare(mnt: Path, entry: Entry, block_label: str | None, want_facts: bool) -> None:
-    if not podman.rootless():
-        prepare_tree(mnt, entry.path, block_label=block_label, want_facts=want_facts)
-        return
-    argv = [sys.executable, "-m", "bcvk.ephemeral.cache", os.fspath(mnt), os.fspath(entry.path)]
-    if block_label:
-        argv += ["--block", block_label]
-    if want_facts:
-        argv.append("--facts")
-    run.run(podman.unshare_argv(argv))
+    inns.call(prepare_tree, mnt, entry.path, block_label or "", "1" if want_facts else "")
 
 
 def prepare(image: str, image_id: str, *, block: bool, mount: Callable[[], Path]) -> Prepared:
@@ -300,7 +259,7 @@ def prepare(image: str, image_id: str, *, block: bool, mount: Callable[[], Path]
     entry = entry_for(image_id)
     cache_root().mkdir(parents=True, exist_ok=True)
     entry.path.mkdir(mode=0o755, exist_ok=True)
-    with state.locked(entry.lock):
+    with paths.locked(entry.lock):
         facts = entry.facts()
         need_facts = facts is None
         label = label_for(image_id) if block else None
@@ -390,7 +349,7 @@ def describe() -> list[CacheInfo]:
         in_use = entry.image_id in live_ids or any(
             f.startswith(os.fspath(entry.path) + "/") for f in held
         )
-        with state.locked(entry.lock, blocking=False) as free:
+        with paths.locked(entry.lock, blocking=False) as free:
             in_use = in_use or not free
         meta = entry.meta()
         infos.append(
@@ -417,30 +376,9 @@ def prune(*, older_than_days: float | None, everything: bool, dry_run: bool) -> 
             continue
         entry = entry_for(info.image_id)
         if not dry_run:
-            with state.locked(entry.lock, blocking=False) as free:
+            with paths.locked(entry.lock, blocking=False) as free:
                 if not free:
                     continue
                 shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(info)
     return removed
-
-
-def main(argv: list[str]) -> int:
-    """``python -m bcvk.ephemeral.cache ROOT OUT [--block LABEL] [--facts]`` (in podman unshare)."""
-    root, out = Path(argv[0]), Path(argv[1])
-    label = argv[argv.index("--block") + 1] if "--block" in argv else None
-    prepare_tree(root, out, block_label=label, want_facts="--facts" in argv)
-    return 0
-
-
-def _unmount_record(record: state.VmRecord) -> None:
-    if record.mount:
-        podman.unmount_image(record.mount)
-
-
-# Reaping a VM's state may have to drop the image mount a killed bcvk left.
-state.set_unmounter(_unmount_record)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

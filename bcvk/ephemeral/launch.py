@@ -1,16 +1,17 @@
 """Starting the processes of an ephemeral VM: virtiofsd(s) and QEMU.
 
-``Plan`` gathers what one launch needs (image, cache entry, transport,
-state directory); ``launch`` starts the children concurrently.  Everything a
-child is recorded in the VM's state as soon as it exists, so a bcvk killed at
-any point leaves a record the next command can reap.
+``Machine`` is what boots, decided before any process starts (``prepare``);
+``Launch`` holds what one start owns until the VM runs or is torn down (the
+image mount, sockets, children, log files).  ``launch`` starts the children
+concurrently.  Every child is recorded in the VM's registry entry as soon as
+it exists, so a bcvk killed at any point leaves a record the next command
+can reap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import socket
 import subprocess
 import tempfile
@@ -20,75 +21,89 @@ from pathlib import Path
 from typing import IO, Any
 
 from bcvk import run
-from bcvk.ephemeral import cache as rootfs
-from bcvk.ephemeral import registry as state
-from bcvk.ephemeral.options import DiskFile, Options
+from bcvk.ephemeral import cache, registry
+from bcvk.ephemeral.options import DiskFile, Options, RootfsMode
 from bcvk.errors import BcvkError, ToolMissingError, WaitTimeout
+from bcvk.guest.mounts import Share
 from bcvk.host import podman, qemu, qmp, virtiofsd
-from bcvk.host.qemu import Accel, RootfsKind
-from bcvk.image import inspect as images
-from bcvk.image.tree import TreeFacts
-from bcvk.log import logger
-from bcvk.values import GIB, MIB
-
-_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def console_tail(path: Path, lines: int = 15) -> list[str]:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 16384))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    cleaned = [_ANSI_RE.sub("", line).strip() for line in data.replace("\r", "\n").split("\n")]
-    return [line for line in cleaned if line][-lines:]
-
-
-def file_tail(path: Path, lines: int = 10) -> list[str]:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return []
-    return [line for line in text.splitlines() if line.strip()][-lines:]
+from bcvk.host.qemu import RootfsKind
+from bcvk.image.facts import TreeFacts
+from bcvk.image.inspect import host_arch, judge
+from bcvk.log import file_tail, logger
+from bcvk.values import GIB, Accel
 
 
 @dataclass
-class Plan:
-    """What one launch needs, gathered before any process starts."""
+class Launch:
+    """What one start owns: its registry entry, the image mount, sockets, children."""
 
     opts: Options
     info: podman.ImageInfo
-    vmdir: state.VmDir
-    record: state.VmRecord
-    prepared: rootfs.Prepared | None = None
-    kind: RootfsKind = RootfsKind.block
-    virtiofsd: Path | None = None
+    vmdir: registry.VmDir
+    record: registry.VmRecord
     mount_path: Path | None = None
     listeners: list[socket.socket] = field(default_factory=list)
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[IO[bytes]] = field(default_factory=list)
-    qemu_binary: str = ""
+
+    def mount(self) -> Path:
+        """Mount the image (recorded first, so a killed bcvk's mount is reaped)."""
+        if self.mount_path is None:
+            self.record.mount = self.info.id
+            self.record.mount_state = "mounting"
+            self.vmdir.write(self.record)
+            self.mount_path = podman.mount_image(self.info.id)
+            self.record.mount_state = "mounted"
+            self.vmdir.write(self.record)
+        return self.mount_path
+
+    def unmount(self) -> None:
+        if self.mount_path is not None:
+            podman.unmount_image(self.info.id)
+            self.mount_path = None
+            self.record.mount = None
+            self.record.mount_state = None
+            self.vmdir.write(self.record)
+
+    def close(self) -> None:
+        """Close what only the starting process needs (children keep their copies)."""
+        for sock in self.listeners:
+            sock.close()
+        self.listeners.clear()
+        for f in self.logs:
+            f.close()
+        self.logs.clear()
 
 
-def qemu_binary() -> str:
-    explicit = os.environ.get("QEMU_BIN")
-    if explicit:
-        return explicit
-    arch = os.uname().machine
-    return os.fspath(run.require(f"qemu-system-{arch}", "/usr/libexec/qemu-kvm", why="to run VMs"))
+@dataclass(frozen=True)
+class Machine:
+    """What boots, decided once: kernel, root transport, QEMU, accelerator."""
+
+    opts: Options
+    prepared: cache.Prepared
+    transport: RootfsKind
+    virtiofsd: Path | None  # serves the root (virtiofs) and binds; None: binds over 9p
+    qemu: Path
+    accel: Accel
+
+    @property
+    def facts(self) -> TreeFacts:
+        return self.prepared.facts
+
+    @property
+    def ninep(self) -> bool:
+        """Whether binds go over 9p (no virtiofsd on this host)."""
+        return self.virtiofsd is None
 
 
 def choose_rootfs(opts: Options, facts: TreeFacts | None) -> tuple[RootfsKind, Path | None]:
     """The rootfs transport and the virtiofsd to use (for binds too), if any."""
     binary = virtiofsd.find(opts.virtiofsd)  # raises if an explicit path is bad
-    if opts.rootfs == "virtiofs":
+    if opts.rootfs is RootfsMode.virtiofs:
         if binary is None:
             raise ToolMissingError("--rootfs virtiofs: virtiofsd not found", hint=virtiofsd.HINT)
         return RootfsKind.virtiofs, binary
-    if opts.rootfs == "block":
+    if opts.rootfs is RootfsMode.block:
         return RootfsKind.block, binary
     caps = facts.initramfs if facts else {}
     if binary is None:
@@ -103,193 +118,67 @@ def choose_rootfs(opts: Options, facts: TreeFacts | None) -> tuple[RootfsKind, P
     return RootfsKind.virtiofs, binary
 
 
-def judge(plan: Plan, facts: TreeFacts) -> None:
-    problems, warnings = images.judge(plan.info, facts, images.host_arch())
+def check_bootable(opts: Options, info: podman.ImageInfo, facts: TreeFacts) -> None:
+    """Refuse, before QEMU starts, an image ``images inspect`` says cannot boot."""
+    problems, warnings = judge(info, facts, host_arch())
     if problems:
-        hint = "run `bcvk images inspect " + plan.opts.image + "` for details"
+        hint = "run `bcvk images inspect " + opts.image + "` for details"
         if not facts.kernels:
             hint = (
                 "this is not a bootc image: a bootc image carries a kernel under "
                 "/usr/lib/modules/<version>/ (see images/README.md)"
             )
-        raise BcvkError(f"image {plan.opts.image} cannot boot: {problems[0]}", hint=hint)
+        raise BcvkError(f"image {opts.image} cannot boot: {problems[0]}", hint=hint)
     for warning in warnings:
-        if "virtiofs" in warning and plan.opts.rootfs == "block":
+        if "virtiofs" in warning and opts.rootfs is RootfsMode.block:
             continue
-        logger.warning("%s: %s", plan.opts.image, warning)
+        logger.warning("%s: %s", opts.image, warning)
 
 
-def mount(plan: Plan) -> Path:
-    """Mount the image for this VM (recorded first, so a killed bcvk's mount is reaped)."""
-    if plan.mount_path is None:
-        plan.record.mount = plan.info.id
-        plan.record.mount_state = "mounting"
-        plan.vmdir.write(plan.record)
-        plan.mount_path = podman.mount_image(plan.info.id)
-        plan.record.mount_state = "mounted"
-        plan.vmdir.write(plan.record)
-    return plan.mount_path
+def prepare(launch: Launch) -> Machine:
+    """The per-image cache entry, checked, with its transport, QEMU and accelerator."""
+    from bcvk.host import accel
+
+    opts, image_id = launch.opts, launch.info.id
+    prepared = cache.prepare(opts.image, image_id, block=False, mount=launch.mount)
+    check_bootable(opts, launch.info, prepared.facts)
+    transport, binary = choose_rootfs(opts, prepared.facts)
+    if transport is RootfsKind.block:
+        prepared = cache.prepare(opts.image, image_id, block=True, mount=launch.mount)
+        launch.unmount()
+    launch.record.rootfs = transport.value
+    binary_qemu = qemu.find_qemu()
+    verdict = accel.decide(os.fspath(binary_qemu), prepared.kernel, override=opts.accel)
+    launch.record.accel = verdict.accel
+    logger.debug("accelerator %s: %s", verdict.accel, verdict.reason)
+    return Machine(opts, prepared, transport, binary, binary_qemu, Accel(verdict.accel))
 
 
-def unmount(plan: Plan) -> None:
-    if plan.mount_path is not None:
-        podman.unmount_image(plan.info.id)
-        plan.mount_path = None
-        plan.record.mount = None
-        plan.record.mount_state = None
-        plan.vmdir.write(plan.record)
+# ---------------------------------------------------------------- devices
 
 
-def prepare(plan: Plan) -> None:
-    opts = plan.opts
-    prepared = rootfs.prepare(opts.image, plan.info.id, block=False, mount=lambda: mount(plan))
-    judge(plan, prepared.facts)
-    plan.kind, plan.virtiofsd = choose_rootfs(opts, prepared.facts)
-    if plan.kind is RootfsKind.block:
-        prepared = rootfs.prepare(opts.image, plan.info.id, block=True, mount=lambda: mount(plan))
-        unmount(plan)
-    plan.prepared = prepared
-    plan.record.rootfs = plan.kind.value
-
-
-def _helper_argv(plan: Plan, argv: list[str]) -> list[str]:
-    """Wrap a virtiofsd command so that it can see rootless mounts."""
-    if not podman.rootless():
-        return argv
-    if not plan.opts.detach:
-        # podman unshare keeps its child alive if podman itself dies; tie it
-        # to podman so that a killed bcvk leaves nothing behind.
-        setpriv = run.find_binary("setpriv")
-        if setpriv is not None:
-            argv = [os.fspath(setpriv), "--pdeathsig", "TERM", "--", *argv]
-    return podman.unshare_argv(argv)
-
-
-def _spawn(plan: Plan, role: str, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    out = log.open("ab")
-    plan.logs.append(out)
-    proc = run.spawn(
-        argv,
-        stdout=kw.pop("stdout", out),
-        stderr=out,
-        die_with_parent=not plan.opts.detach,
-        new_session=True,
-        **kw,
-    )
-    plan.children.append(proc)
-    entry = state.Proc.of(role, proc.pid)
-    if role == "qemu":
-        plan.record.qemu = entry
-    else:
-        plan.record.helpers.append(entry)
-    plan.vmdir.write(plan.record)
-    return proc
-
-
-def _sequential() -> bool:
-    # For measurements: the classic order (virtiofsd, wait for its socket, QEMU).
-    return os.environ.get("BCVK_LAUNCH", "") == "sequential"
-
-
-def _virtiofsd_argv(
-    plan: Plan, shared: Path, index: int, readonly: bool, fd: int | None
-) -> list[str]:
-    assert plan.virtiofsd is not None
-    socket_path = None if fd is not None else plan.vmdir.socket(index)
-    # The image is immutable: the guest may cache everything it reads from
-    # it, which under TCG makes the difference between a boot of a minute
-    # and one of many.  Host directories may change under the guest: no cache.
-    image = index == 0 and plan.kind is RootfsKind.virtiofs
-    argv = virtiofsd.argv(
-        plan.virtiofsd,
-        shared,
-        socket_path,
-        readonly=readonly,
-        fd=fd,
-        cache="always" if image else "never",
-    )
-    return _helper_argv(plan, argv)
-
-
-def _fd_passing() -> bool:
-    # `podman unshare` hands inherited descriptors on to its command, so the
-    # rootless virtiofsd gets its listening socket the same way.
-    return not _sequential()
-
-
-def _shares(plan: Plan) -> list[tuple[str, Path | None, bool]]:
-    """(tag, host dir or None for the image, readonly) of every virtiofs share."""
-    shares: list[tuple[str, Path | None, bool]] = []
-    if plan.kind is RootfsKind.virtiofs:
-        shares.append((qemu.ROOTFS_TAG, None, True))
-    if plan.virtiofsd is not None:
-        shares += [(b.tag, b.host, b.readonly) for b in plan.opts.binds]
-    return shares
-
-
-def _qemu_spec(
-    plan: Plan,
-    smbios: tuple[str, ...],
-    extra_kargs: tuple[str, ...],
-    virtiofs: tuple[qemu.VirtiofsShare, ...],
-    drives: tuple[qemu.Drive, ...],
-    accel_name: str,
-    qmp_fd: int,
-) -> qemu.QemuSpec:
-    opts = plan.opts
-    prepared = plan.prepared
-    assert prepared is not None
-    facts = prepared.facts
-    ninep: tuple[qemu.NinePShare, ...] = ()
-    if plan.virtiofsd is None:
-        ninep = tuple(qemu.NinePShare(b.tag, os.fspath(b.host), b.readonly) for b in opts.binds)
-    cmdline = qemu.kernel_args(
-        rootfs=plan.kind,
-        block_label=prepared.label,
-        selinux_off=facts.selinux,
-        extra=(*extra_kargs, *opts.kargs),
-    )
-    return qemu.QemuSpec(
-        binary=plan.qemu_binary,
-        accel=Accel(accel_name),
-        memory_mib=opts.memory_mib,
-        vcpus=opts.vcpus,
-        kernel=os.fspath(prepared.kernel),
-        initrd=os.fspath(prepared.initrd) if prepared.initrd else None,
-        cmdline=" ".join(cmdline),
-        ssh_port=plan.record.ssh_port,
-        forwards=opts.ports,
-        virtiofs=virtiofs,
-        ninep=ninep,
-        drives=drives,
-        smbios=smbios,
-        console_log=os.fspath(plan.record.console_log),
-        console_on_stdio=opts.console,
-        qmp_fd=qmp_fd,
-        name=plan.record.name,
-    )
-
-
-def drives(plan: Plan) -> tuple[qemu.Drive, ...]:
-    opts = plan.opts
-    prepared = plan.prepared
-    assert prepared is not None
-    drives: list[qemu.Drive] = []
-    if plan.kind is RootfsKind.block:
-        assert prepared.rootfs is not None
-        drives.append(qemu.Drive(os.fspath(prepared.rootfs), "raw", "bcvk-rootfs", readonly=True))
+def drives(machine: Machine, launch: Launch) -> tuple[qemu.Drive, ...]:
+    """The block devices: the root image (block transport), --mount-disk-file, swap."""
+    opts = machine.opts
+    found: list[qemu.Drive] = []
+    if machine.transport is RootfsKind.block:
+        assert machine.prepared.rootfs is not None
+        rootfs = os.fspath(machine.prepared.rootfs)
+        found.append(qemu.Drive(rootfs, "raw", "bcvk-rootfs", readonly=True))
     for disk in opts.disks:
         if not disk.path.exists():
-            size = max(2 * plan.info.size, 4 * GIB)
-            _create_disk(disk, size)
-        drives.append(qemu.Drive(os.fspath(disk.path), disk.format, disk.name))
+            _create_disk(launch, disk, max(2 * launch.info.size, 4 * GIB))
+        found.append(qemu.Drive(os.fspath(disk.path), disk.format, disk.name))
     if opts.add_swap:
-        swap = _make_swap(plan, opts.add_swap)
-        drives.append(qemu.Drive(os.fspath(swap), "raw", "swap"))
-    return tuple(drives)
+        swap = _make_swap(launch, opts.add_swap)
+        found.append(qemu.Drive(os.fspath(swap), "raw", "swap"))
+    return tuple(found)
 
 
-def _create_disk(disk: DiskFile, size: int) -> None:
+def _create_disk(launch: Launch, disk: DiskFile, size: int) -> None:
+    # Made for this VM: a failed start must not leave a multi-GiB file behind.
+    launch.record.files.append(os.fspath(disk.path))
+    launch.vmdir.write(launch.record)
     if disk.format == "qcow2":
         run.run([run.require("qemu-img"), "create", "-q", "-f", "qcow2", disk.path, str(size)])
     else:
@@ -297,12 +186,19 @@ def _create_disk(disk: DiskFile, size: int) -> None:
             f.truncate(size)
 
 
-def _make_swap(plan: Plan, size: int) -> Path:
+def keep_created_disks(launch: Launch) -> None:
+    """Once the VM runs, disks it created are the user's: no longer ours to remove."""
+    made = {os.fspath(d.path) for d in launch.opts.disks}
+    launch.record.files = [f for f in launch.record.files if f not in made]
+    launch.vmdir.write(launch.record)
+
+
+def _make_swap(launch: Launch, size: int) -> Path:
     # Large files belong on disk, not in the (often tmpfs) runtime dir.
-    fd, name = tempfile.mkstemp(prefix=f"bcvk-swap-{plan.record.name}-", dir="/var/tmp")
+    fd, name = tempfile.mkstemp(prefix=f"bcvk-swap-{launch.record.name}-", dir="/var/tmp")
     os.close(fd)
-    plan.record.files.append(name)
-    plan.vmdir.write(plan.record)
+    launch.record.files.append(name)
+    launch.vmdir.write(launch.record)
     path = Path(name)
     with path.open("r+b") as f:
         f.truncate(size)
@@ -311,24 +207,127 @@ def _make_swap(plan: Plan, size: int) -> Path:
     return path
 
 
-def seed(plan: Plan, files: tuple[tuple[str, str], ...]) -> qemu.Drive | None:
-    """A NoCloud seed (vfat labelled cidata) for images running cloud-init."""
-    if not files:
-        return None
-    mkfs = run.find_binary("mkfs.vfat", "/usr/sbin/mkfs.vfat", "/sbin/mkfs.vfat")
-    mcopy = run.find_binary("mcopy")
-    if mkfs is None or mcopy is None:
-        logger.warning("cloud-init seed skipped: mkfs.vfat or mcopy missing (dosfstools, mtools)")
-        return None
-    seed = plan.vmdir.path / "seed.img"
-    with seed.open("wb") as f:
-        f.truncate(2 * MIB)
-    run.run([mkfs, "-n", "CIDATA", seed])
-    for name, content in files:
-        source = plan.vmdir.path / name
-        source.write_text(content)
-        run.run([mcopy, "-i", seed, source, f"::{name}"])
-    return qemu.Drive(os.fspath(seed), "raw", "cidata", readonly=True)
+# ---------------------------------------------------------------- processes
+
+
+def _helper_argv(launch: Launch, argv: list[str]) -> list[str]:
+    """Wrap a virtiofsd command so that it can see rootless mounts."""
+    if not podman.rootless():
+        return argv
+    if not launch.opts.detach:
+        # podman unshare keeps its child alive if podman itself dies; tie it
+        # to podman so that a killed bcvk leaves nothing behind.
+        setpriv = run.find_binary("setpriv")
+        if setpriv is not None:
+            argv = [os.fspath(setpriv), "--pdeathsig", "TERM", "--", *argv]
+    return podman.unshare_argv(argv)
+
+
+def _spawn(
+    launch: Launch, role: str, argv: list[str], log: Path, **kw: Any
+) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    launch.logs.append(out)
+    proc = run.spawn(
+        argv,
+        stdout=kw.pop("stdout", out),
+        stderr=out,
+        die_with_parent=not launch.opts.detach,
+        new_session=True,
+        **kw,
+    )
+    launch.children.append(proc)
+    entry = registry.Proc.of(role, proc.pid)
+    if role == "qemu":
+        launch.record.qemu = entry
+    else:
+        launch.record.helpers.append(entry)
+    launch.vmdir.write(launch.record)
+    return proc
+
+
+def _sequential() -> bool:
+    # For measurements: the classic order (virtiofsd, wait for its socket, QEMU).
+    return os.environ.get("BCVK_LAUNCH", "") == "sequential"
+
+
+@dataclass(frozen=True)
+class _Served:
+    """One virtiofs share: the image (host None) or a bind."""
+
+    tag: str
+    host: Path | None
+    readonly: bool
+
+
+def _served(machine: Machine) -> list[_Served]:
+    served: list[_Served] = []
+    if machine.transport is RootfsKind.virtiofs:
+        served.append(_Served(qemu.ROOTFS_TAG, None, True))
+    if not machine.ninep:
+        served += [_Served(b.tag, Path(b.source), b.readonly) for b in machine.opts.binds]
+    return served
+
+
+def _virtiofsd_argv(
+    machine: Machine, launch: Launch, shared: Path, index: int, readonly: bool, fd: int | None
+) -> list[str]:
+    assert machine.virtiofsd is not None
+    socket_path = None if fd is not None else launch.vmdir.socket(index)
+    # The image is immutable: the guest may cache everything it reads from
+    # it, which under TCG makes the difference between a boot of a minute
+    # and one of many.  Host directories may change under the guest: no cache.
+    image = index == 0 and machine.transport is RootfsKind.virtiofs
+    argv = virtiofsd.argv(
+        machine.virtiofsd,
+        shared,
+        socket_path,
+        readonly=readonly,
+        fd=fd,
+        cache="always" if image else "never",
+    )
+    return _helper_argv(launch, argv)
+
+
+def ninep_shares(binds: tuple[Share, ...]) -> tuple[qemu.NinePShare, ...]:
+    return tuple(qemu.NinePShare(b.tag, b.source, b.readonly) for b in binds)
+
+
+def qemu_spec(
+    machine: Machine,
+    launch: Launch,
+    smbios: tuple[str, ...],
+    extra_kargs: tuple[str, ...],
+    virtiofs: tuple[qemu.VirtiofsShare, ...],
+    drives: tuple[qemu.Drive, ...],
+    qmp_fd: int,
+) -> qemu.QemuSpec:
+    opts, prepared = machine.opts, machine.prepared
+    cmdline = qemu.kernel_args(
+        rootfs=machine.transport,
+        block_label=prepared.label,
+        selinux_off=prepared.facts.selinux,
+        extra=(*extra_kargs, *opts.kargs),
+    )
+    return qemu.QemuSpec(
+        binary=os.fspath(machine.qemu),
+        accel=machine.accel,
+        memory_mib=opts.memory_mib,
+        vcpus=opts.vcpus,
+        kernel=os.fspath(prepared.kernel),
+        initrd=os.fspath(prepared.initrd) if prepared.initrd else None,
+        cmdline=" ".join(cmdline),
+        ssh_port=launch.record.ssh_port,
+        forwards=opts.ports,
+        virtiofs=virtiofs,
+        ninep=ninep_shares(opts.binds) if machine.ninep else (),
+        drives=drives,
+        smbios=smbios,
+        console_log=os.fspath(launch.record.console_log),
+        console_on_stdio=opts.console,
+        qmp_fd=qmp_fd,
+        name=launch.record.name,
+    )
 
 
 def since_process_start() -> float:
@@ -343,11 +342,11 @@ def since_process_start() -> float:
 
 
 async def launch(
-    plan: Plan,
+    machine: Machine,
+    launch: Launch,
     smbios: tuple[str, ...],
     kargs: tuple[str, ...],
     drives: tuple[qemu.Drive, ...],
-    accel_name: str,
 ) -> None:
     """Start virtiofsd(s) and QEMU concurrently.
 
@@ -356,52 +355,54 @@ async def launch(
     waits in the socket backlog until virtiofsd runs.  Sequential mode (for
     measurements) starts virtiofsd, waits for its socket, then QEMU.
     """
-    vmdir = plan.vmdir
+    vmdir = launch.vmdir
     qmp_sock = qmp.unix_listener(vmdir.qmp)
-    plan.listeners.append(qmp_sock)
-    fd_passing = _fd_passing()
-    shares = _shares(plan)
+    launch.listeners.append(qmp_sock)
+    # `podman unshare` hands inherited descriptors on to its command, so the
+    # rootless virtiofsd gets its listening socket the same way.
+    fd_passing = not _sequential()
+    served = _served(machine)
     listeners: dict[int, socket.socket] = {}
     connected: dict[int, socket.socket] = {}
     if fd_passing:
-        for index in range(len(shares)):
+        for index in range(len(served)):
             listeners[index] = qmp.unix_listener(vmdir.socket(index))
-            plan.listeners.append(listeners[index])
+            launch.listeners.append(listeners[index])
             # QEMU's end, connected already: it waits in the backlog until
             # virtiofsd accepts it.
             connected[index] = qmp.unix_connect(vmdir.socket(index))
             connected[index].setblocking(True)
-            plan.listeners.append(connected[index])
+            launch.listeners.append(connected[index])
     virtiofs = tuple(
         qemu.VirtiofsShare(
-            tag,
+            share.tag,
             os.fspath(vmdir.socket(index)),
             connected[index].fileno() if index in connected else None,
         )
-        for index, (tag, _, _) in enumerate(shares)
+        for index, share in enumerate(served)
     )
-    spec = _qemu_spec(plan, smbios, kargs, virtiofs, drives, accel_name, qmp_sock.fileno())
+    spec = qemu_spec(machine, launch, smbios, kargs, virtiofs, drives, qmp_sock.fileno())
     qemu_argv = qemu.argv(spec)
     qemu_fds = [qmp_sock.fileno(), *(s.fileno() for s in connected.values())]
 
-    async def start_share(index: int, host: Path | None, readonly: bool) -> None:
-        shared = host if host is not None else await asyncio.to_thread(mount, plan)
+    async def start_share(index: int, share: _Served) -> None:
+        shared = share.host if share.host is not None else await asyncio.to_thread(launch.mount)
         fd = listeners[index].fileno() if index in listeners else None
-        argv = _virtiofsd_argv(plan, shared, index, readonly, fd)
+        argv = _virtiofsd_argv(machine, launch, shared, index, share.readonly, fd)
         log = vmdir.path / f"virtiofsd-{index}.log"
-        _spawn(plan, "virtiofsd", argv, log, pass_fds=[fd] if fd is not None else [])
+        _spawn(launch, "virtiofsd", argv, log, pass_fds=[fd] if fd is not None else [])
         if fd is None:
-            await _wait_socket(plan, vmdir.socket(index), log)
+            await _wait_socket(launch, vmdir.socket(index), log)
 
     def start_qemu() -> None:
         _spawn(
-            plan,
+            launch,
             "qemu",
             qemu_argv,
             vmdir.qemu_log,
             pass_fds=qemu_fds,
-            stdin=None if plan.opts.console else subprocess.DEVNULL,
-            stdout=None if plan.opts.console else subprocess.DEVNULL,
+            stdin=None if machine.opts.console else subprocess.DEVNULL,
+            stdout=None if machine.opts.console else subprocess.DEVNULL,
         )
         logger.debug("launch phase: QEMU started %.3fs after bcvk started", since_process_start())
 
@@ -409,20 +410,20 @@ async def launch(
         # Children are spawned from this (the main) thread: a parent-death
         # signal fires when the *thread* that forked the child exits.
         start_qemu()
-        await asyncio.gather(*(start_share(i, host, ro) for i, (_, host, ro) in enumerate(shares)))
+        await asyncio.gather(*(start_share(i, share) for i, share in enumerate(served)))
     else:
-        for i, (_, host, ro) in enumerate(shares):
-            await start_share(i, host, ro)
+        for i, share in enumerate(served):
+            await start_share(i, share)
         start_qemu()
-    for sock in plan.listeners:
+    for sock in launch.listeners:
         sock.close()
-    plan.listeners.clear()
+    launch.listeners.clear()
 
 
-async def _wait_socket(plan: Plan, path: Path, log: Path, timeout: float = 30.0) -> None:
+async def _wait_socket(launch: Launch, path: Path, log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        for child in plan.children:
+        for child in launch.children:
             if child.poll() is not None:
                 raise BcvkError(
                     f"virtiofsd exited with status {child.returncode} before creating {path.name}",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any
 
 from bcvk import paths
 from bcvk.errors import BcvkError, UsageError
+from bcvk.host import podman
 from bcvk.log import logger
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
@@ -259,27 +259,9 @@ class VmDir:
 
 
 @contextlib.contextmanager
-def locked(path: Path, *, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
-    """flock PATH for the block; yields False if non-blocking and busy."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if not blocking:
-            op |= fcntl.LOCK_NB
-        try:
-            fcntl.flock(fd, op)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
 def registry_lock() -> Iterator[None]:
     """Serialises creating, listing and reaping VM directories."""
-    with locked(ensure_root() / LOCK):
+    with paths.locked(ensure_root() / LOCK):
         yield
 
 
@@ -314,16 +296,6 @@ def create(name: str, make_record: Callable[[set[int]], VmRecord]) -> tuple[VmDi
         return d, record
 
 
-Unmounter = Callable[[VmRecord], None]
-_unmounter: Unmounter | None = None
-
-
-def set_unmounter(fn: Unmounter) -> None:
-    """How reaping drops a leaked image mount (set by the layer that owns podman)."""
-    global _unmounter
-    _unmounter = fn
-
-
 def reap(d: VmDir, record: VmRecord | None = None) -> None:
     """Undo everything a VM left: processes, image mount, outside files, its dir.
 
@@ -332,11 +304,6 @@ def reap(d: VmDir, record: VmRecord | None = None) -> None:
     so an image mount is never dropped twice.
     """
     record = record if record is not None else d.read()
-    needs_unmount = bool(record and record.mount and record.mount_state in _MOUNTED)
-    if needs_unmount and _unmounter is None:
-        # Keep the record: it is the only trace of the mount.
-        logger.debug("not reaping %s: no way to unmount its image here", d.name)
-        return
     if d.name.startswith("."):
         claimed = d.path  # a claim left by a reaper that died
     else:
@@ -351,9 +318,9 @@ def reap(d: VmDir, record: VmRecord | None = None) -> None:
     if record is not None:
         procs = [p for p in (record.qemu, *record.helpers) if p is not None]
         terminate(procs, timeout=3.0)
-        if needs_unmount and _unmounter is not None:
+        if record.mount and record.mount_state in _MOUNTED:
             try:
-                _unmounter(record)
+                podman.unmount_image(record.mount)
             except BcvkError as exc:
                 logger.warning("could not unmount image of VM %s: %s", record.name, exc)
         for extra in record.files:
@@ -419,8 +386,3 @@ def _used_ports(vms: list[tuple[VmDir, VmRecord]]) -> set[int]:
         ports.add(record.ssh_port)
         ports.update(host for host, _ in record.forwards)
     return ports
-
-
-def remove_dir(d: VmDir) -> None:
-    with registry_lock():
-        shutil.rmtree(d.path, ignore_errors=True)

@@ -8,8 +8,8 @@ with ``xorrisofs -volid cidata -joliet -rock``; bcvk does the same with
 refuses a seed without one) so that a directory with only ``user-data``
 works, as users expect.
 
-``credentials.py`` only has bcvk's own key-injection user-data; this
-module packs a directory the user wrote.
+``credentials.py`` writes bcvk's own key-injection user-data; this module
+packs it (``vfat_seed``) or a directory the user wrote (``build_seed``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from bcvk import run
 from bcvk.errors import NotFoundError, UsageError
+from bcvk.log import logger
+from bcvk.values import MIB
 
 VOLUME_ID = "cidata"
 SEED_FILES = ("user-data", "meta-data", "network-config", "vendor-data")
@@ -77,3 +80,25 @@ def build_seed(directory: Path, output: Path, *, instance_id: str, hostname: str
         partial.chmod(0o644)
         partial.replace(output)
     return output
+
+
+def vfat_seed(files: Sequence[tuple[str, str]], output: Path) -> bool:
+    """FILES ((name, content) pairs) as a 2 MiB FAT seed labelled cidata, without root.
+
+    For bcvk's own key-injection seed on ephemeral VMs; False (with a warning)
+    when dosfstools or mtools are missing, as the seed is only a fallback.
+    """
+    mkfs = run.find_binary("mkfs.vfat", *run.sbin("mkfs.vfat"))
+    mcopy = run.find_binary("mcopy")
+    if mkfs is None or mcopy is None:
+        logger.warning("cloud-init seed skipped: mkfs.vfat or mcopy missing (dosfstools, mtools)")
+        return False
+    with output.open("wb") as f:
+        f.truncate(2 * MIB)
+    run.run([mkfs, "-n", VOLUME_ID.upper(), output])
+    with tempfile.TemporaryDirectory(prefix="bcvk-cidata-", dir=output.parent) as tmp:
+        for name, content in files:
+            source = Path(tmp) / name
+            source.write_text(content)
+            run.run([mcopy, "-i", output, source, f"::{name}"])
+    return True

@@ -30,7 +30,8 @@ SMBIOS_MIN_SYSTEMD = 252
 # `_binary` form (its libsystemd-core has only the former's name).
 CMDLINE_BINARY_MIN_SYSTEMD = 253
 
-_CRED_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,255}$")
+# Kernel command-line words are split at blanks and quotes: stricter names there.
+_CMDLINE_NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
 
 
 class KeyRoute(enum.StrEnum):
@@ -64,19 +65,36 @@ def tmpfiles_authorized_key(public_key: str, user: str = "root", home: str = "/r
 
 
 def _check_name(name: str) -> str:
-    if not _CRED_NAME_RE.match(name):
+    """systemd's rule: a credential name is a valid file name.
+
+    So ``systemd.unit-dropin.local-fs.target~bcvk-mounts`` and the ``\x2d``
+    escapes of unit names are fine; a '/', NUL or control character is not.
+    """
+    if (
+        not name
+        or len(name.encode()) > 255
+        or name in (".", "..")
+        or any(c == "/" or ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
         raise ValueError(f"invalid credential name {name!r}")
     return name
 
 
+def _check_cmdline_name(name: str) -> str:
+    if not _CMDLINE_NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid credential name for the kernel command line {name!r}")
+    return name
+
+
 def smbios_value(name: str, data: bytes | str) -> str:
-    """The value of ``-smbios type=11,value=…`` carrying credential NAME."""
+    """The value of ``-smbios type=11,value=…`` (or a libvirt ``<oemStrings>`` entry)
+    carrying credential NAME."""
     return f"{SMBIOS_PREFIX}{_check_name(name)}={b64(data)}"
 
 
 def cmdline_arg(name: str, data: bytes | str) -> str:
     """A kernel command-line word carrying credential NAME (base64, systemd ≥ 253)."""
-    return f"{CMDLINE_PREFIX}{_check_name(name)}:{b64(data)}"
+    return f"{CMDLINE_PREFIX}{_check_cmdline_name(name)}:{b64(data)}"
 
 
 def cmdline_text_arg(name: str, text: str) -> str:
@@ -87,7 +105,7 @@ def cmdline_text_arg(name: str, text: str) -> str:
     """
     if "\n" in text.rstrip("\n") or '"' in text or any(ord(c) < 32 for c in text.rstrip("\n")):
         raise ValueError("a kernel command-line credential is one line without quotes")
-    return f'"{CMDLINE_TEXT_PREFIX}{_check_name(name)}:{text.rstrip(chr(10))}"'
+    return f'"{CMDLINE_TEXT_PREFIX}{_check_cmdline_name(name)}:{text.rstrip(chr(10))}"'
 
 
 def tmpfiles_authorized_key_line(public_key: str, user: str = "root", home: str = "/root") -> str:

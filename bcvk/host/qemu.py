@@ -1,4 +1,4 @@
-"""The QEMU command line for an ephemeral VM, as a pure function of a spec.
+"""The QEMU binary, and the command line of an ephemeral VM as a pure function of a spec.
 
 ``argv(spec)`` starts nothing and reads no file: everything QEMU needs is in
 the frozen ``QemuSpec``, so the command line can be checked against golden
@@ -9,13 +9,13 @@ line the same way.
 from __future__ import annotations
 
 import enum
+import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
-
-class Accel(enum.StrEnum):
-    kvm = "kvm"
-    tcg = "tcg"
+from bcvk import run
+from bcvk.values import Accel, PortForward
 
 
 class RootfsKind(enum.StrEnum):
@@ -60,12 +60,6 @@ class NinePShare:
 
 
 @dataclass(frozen=True)
-class PortForward:
-    host_port: int
-    guest_port: int
-
-
-@dataclass(frozen=True)
 class QemuSpec:
     binary: str
     accel: Accel
@@ -85,6 +79,16 @@ class QemuSpec:
     qmp_fd: int | None = None  # listening socket we bound and pass to QEMU
     qmp_socket: str | None = None  # else QEMU binds this path itself
     name: str | None = None
+
+
+def find_qemu(arch: str | None = None) -> Path:
+    """The QEMU every command runs: ``$QEMU_BIN``, else ``qemu-system-ARCH``, else
+    RHEL's ``/usr/libexec/qemu-kvm``.  ``doctor`` checks this same binary."""
+    explicit = os.environ.get("QEMU_BIN")
+    if explicit:
+        return Path(explicit)
+    arch = arch or platform.machine()
+    return run.require(f"qemu-system-{arch}", "/usr/libexec/qemu-kvm", why="to run VMs")
 
 
 def escape_option(value: str) -> str:
@@ -153,7 +157,7 @@ def argv(spec: QemuSpec) -> list[str]:
     # Network: user-mode, forwards only ever on loopback.
     netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
     for fwd in spec.forwards:
-        netdev += f",hostfwd=tcp:127.0.0.1:{fwd.host_port}-:{fwd.guest_port}"
+        netdev += f",hostfwd=tcp:127.0.0.1:{fwd.host}-:{fwd.guest}"
     args += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
 
     for i, share in enumerate(spec.virtiofs):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bcvk import run
-from bcvk.errors import BcvkError
+from bcvk.errors import BcvkError, UsageError
 
 # Fixed options: throwaway guests get new host keys every boot, so host-key
 # checking can only get in the way; BatchMode stops password prompts from
@@ -132,3 +132,28 @@ def interactive(target: Target, command: Sequence[str] = ()) -> int:
     tty = None if command else True
     result = run.run(argv(target, command, tty=tty), check=False, capture=False, stdout=1, stdin=0)
     return int(result.returncode)
+
+
+# ssh options that take a value (from ssh(1)).
+_VALUE_OPTIONS = set("BbcDEeFIiJLlmOoPpQRSWw")
+
+
+def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Leading ``-x``/``-o VALUE`` words are ssh options; the rest is the command."""
+    options: list[str] = []
+    words = list(args)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            return options, words[i + 1 :]
+        if not word.startswith("-") or word == "-":
+            break
+        options.append(word)
+        if len(word) == 2 and word[1] in _VALUE_OPTIONS:
+            if i + 1 >= len(words):
+                raise UsageError(f"ssh option {word} needs a value")
+            options.append(words[i + 1])
+            i += 1
+        i += 1
+    return options, words[i:]

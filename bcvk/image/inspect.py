@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import platform
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from bcvk import run
-from bcvk.errors import BcvkError
 from bcvk.host import podman
-from bcvk.image import tree as imagetree
-from bcvk.image.tree import TreeFacts
+from bcvk.image import inns
+from bcvk.image.facts import TreeFacts, probe_json
 
 # podman/OCI architecture names for `platform.machine()` values.
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x"}
@@ -128,19 +124,8 @@ def judge(info: podman.ImageInfo, facts: TreeFacts, arch: str) -> tuple[list[str
     """Problems (prevent booting) and warnings for an image; a pure function."""
     problems: list[str] = []
     warnings: list[str] = []
-    if not facts.kernels:
-        problems.append(
-            "no kernel found under /usr/lib/modules/<version>/ (vmlinuz) "
-            "or /boot/EFI/Linux (UKI); this looks like an application container, "
-            "not a bootc image"
-        )
-    elif len(facts.kernels) > 1:
-        found = ", ".join(f"{k.version} ({k.kind})" for k in facts.kernels)
-        problems.append(f"found {len(facts.kernels)} kernels, need exactly one: {found}")
-    elif facts.kernels[0].kind == "vmlinuz" and not facts.kernels[0].initramfs:
-        problems.append(
-            f"kernel {facts.kernels[0].version} has no initramfs.img beside its vmlinuz"
-        )
+    if kernel := facts.kernel_problem():
+        problems.append(kernel)
     if info.architecture and info.architecture != arch:
         problems.append(
             f"image architecture is {info.architecture} but this host is {arch}; "
@@ -178,12 +163,7 @@ def judge(info: podman.ImageInfo, facts: TreeFacts, arch: str) -> tuple[list[str
 def probe_tree(ref: str) -> TreeFacts:
     """Mount the image, read its facts, and always unmount."""
     with podman.mounted(ref) as root:
-        if not podman.rootless():
-            return imagetree.probe(root)
-        # A rootless mount exists only inside podman's user namespace.
-        argv = podman.unshare_argv([sys.executable, "-m", "bcvk.image.tree", str(root)])
-        out = run.output(argv)
-        return TreeFacts.from_json(json.loads(out))
+        return TreeFacts.from_json(inns.call(probe_json, root))
 
 
 def inspect(ref: str) -> Report:
@@ -191,13 +171,3 @@ def inspect(ref: str) -> Report:
     facts = probe_tree(ref)
     problems, warnings = judge(info, facts, host_arch())
     return Report(ref, info, facts, problems, warnings)
-
-
-def require_bootable(ref: str) -> Report:
-    report = inspect(ref)
-    if not report.bootable:
-        hint = "run `bcvk images inspect` for details"
-        if not report.facts.kernels:
-            hint = "a bootc image needs a kernel in /usr/lib/modules; see images/README.md"
-        raise BcvkError(f"image {ref} cannot boot: {report.problems[0]}", hint=hint)
-    return report

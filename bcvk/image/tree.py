@@ -2,21 +2,15 @@
 
 Everything here only reads files below ``root``; absolute symlinks inside the
 tree are resolved relative to ``root`` so the host's files are never consulted.
-When rootless, ``python -m bcvk.image.tree ROOT`` runs inside ``podman unshare``
-and prints the facts as JSON.
+When rootless it runs inside podman's user namespace (``bcvk.image.inns``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-from bcvk.image import initramfs
 
 _MAX_LINKS = 40
 
@@ -123,7 +117,7 @@ def init_system(root: Path) -> str | None:
 
 
 _WANTS_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
-_SSH_UNITS = ("ssh.service", "sshd.service", "ssh.socket", "sshd.socket")
+SSH_UNITS = ("ssh.service", "sshd.service", "ssh.socket", "sshd.socket")
 
 
 def unit_enabled(root: Path, units: tuple[str, ...]) -> bool:
@@ -168,65 +162,3 @@ def initramfs_generator(root: Path) -> str:
 
 def has_selinux_policy(root: Path) -> bool:
     return any(root.glob("etc/selinux/*/contexts/files/file_contexts"))
-
-
-@dataclass(frozen=True)
-class TreeFacts:
-    os_release: dict[str, str]
-    kernels: list[Kernel]
-    init: str | None
-    systemd_version: int | None
-    sshd_installed: bool
-    sshd_enabled: bool
-    has_bootc: bool
-    has_cloud_init: bool
-    default_target: str | None
-    initramfs_generator: str
-    initramfs: dict[str, bool] = field(default_factory=dict)
-    selinux: bool = False
-
-    def to_json(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> TreeFacts:
-        raw = dict(data)
-        kernels = raw.pop("kernels")
-        assert isinstance(kernels, list)
-        return cls(kernels=[Kernel(**k) for k in kernels], **raw)  # type: ignore[arg-type]
-
-
-def probe(root: Path) -> TreeFacts:
-    text = read_text(root, "/etc/os-release") or read_text(root, "/usr/lib/os-release") or ""
-    kernels = find_kernels(root)
-    caps: dict[str, bool] = {}
-    if len(kernels) == 1 and kernels[0].initramfs:
-        kver = kernels[0].version
-        builtin = read_text(root, f"/usr/lib/modules/{kver}/modules.builtin") or ""
-        image = resolve(root, kernels[0].initramfs)
-        if image is not None:
-            caps = initramfs.capabilities(image, builtin)
-    sshd = resolve(root, "/usr/sbin/sshd") is not None
-    return TreeFacts(
-        os_release=parse_os_release(text),
-        kernels=kernels,
-        init=init_system(root),
-        systemd_version=systemd_version(root),
-        sshd_installed=sshd,
-        sshd_enabled=sshd and unit_enabled(root, _SSH_UNITS),
-        has_bootc=resolve(root, "/usr/bin/bootc") is not None,
-        has_cloud_init=resolve(root, "/usr/bin/cloud-init") is not None,
-        default_target=default_target(root),
-        initramfs_generator=initramfs_generator(root),
-        initramfs=caps,
-        selinux=has_selinux_policy(root),
-    )
-
-
-def main(argv: list[str]) -> int:
-    print(json.dumps(probe(Path(argv[0])).to_json()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -10,57 +10,94 @@
 
 Every function takes ``uri=`` (default: ``$LIBVIRT_DEFAULT_URI``, else
 qemu:///system for root and qemu:///session otherwise).
+
+The package: ``uri`` and ``connection`` (libvirt itself), ``xml`` (domain
+XML as typed objects), ``vms`` (bcvk's view of a domain), ``basedisks``
+(shared base disks), ``lifecycle`` (operations on a domain), ``provision``
+(making one), ``domains`` (the verbs, offered here).  The names below are
+imported on first use, so that a light submodule (``xml``, what ``pb ssh``
+needs) does not load the disk builder with the package.
 """
 
 from __future__ import annotations
 
-from bcvk.libvirt.domains import (
-    RunOptions,
-    base_disks,
-    domain_xml,
-    inspect,
-    list_vms,
-    prune_base_disks,
-    rm,
-    rm_all,
-    run,
-    start,
-    status,
-    stop,
-    upload,
-)
-from bcvk.libvirt.domains import ssh_command as ssh
-from bcvk.libvirt.vms import Vm
-from bcvk.libvirt.xml import Firmware, PortForward
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bcvk.libvirt.domains import (
+        base_disks as base_disks,
+    )
+    from bcvk.libvirt.domains import (
+        create as create,
+    )
+    from bcvk.libvirt.domains import (
+        domain_xml as domain_xml,
+    )
+    from bcvk.libvirt.domains import (
+        inspect as inspect,
+    )
+    from bcvk.libvirt.domains import (
+        list_vms as list_vms,
+    )
+    from bcvk.libvirt.domains import (
+        make_run_options as make_run_options,
+    )
+    from bcvk.libvirt.domains import (
+        prune_base_disks as prune_base_disks,
+    )
+    from bcvk.libvirt.domains import (
+        rm as rm,
+    )
+    from bcvk.libvirt.domains import (
+        rm_all as rm_all,
+    )
+    from bcvk.libvirt.domains import (
+        run as run,
+    )
+    from bcvk.libvirt.domains import ssh_command as ssh  # noqa: F401 - a second name
+    from bcvk.libvirt.domains import (
+        ssh_command as ssh_command,
+    )
+    from bcvk.libvirt.domains import (
+        ssh_interactive as ssh_interactive,
+    )
+    from bcvk.libvirt.domains import (
+        start as start,
+    )
+    from bcvk.libvirt.domains import (
+        status as status,
+    )
+    from bcvk.libvirt.domains import (
+        stop as stop,
+    )
+    from bcvk.libvirt.domains import (
+        upload as upload,
+    )
+    from bcvk.libvirt.provision import RunOptions as RunOptions
+    from bcvk.libvirt.vms import Vm as Vm
+    from bcvk.values import Firmware as Firmware
+    from bcvk.values import PortForward as PortForward
+
+_HOME = {
+    "RunOptions": "bcvk.libvirt.provision",
+    "Vm": "bcvk.libvirt.vms",
+    "Firmware": "bcvk.values",
+    "PortForward": "bcvk.values",
+}
+_VERBS = (
+    "base_disks", "create", "domain_xml", "inspect", "list_vms", "make_run_options",
+    "prune_base_disks", "rm", "rm_all", "run", "ssh_command", "ssh_interactive", "start",
+    "status", "stop", "upload",
+)  # fmt: skip
+
+__all__ = sorted([*_HOME, *_VERBS, "ssh"])
 
 
-def create(image: str, options: RunOptions | None = None, **kwargs: object) -> Vm:
-    """Define a VM without starting it (``bcvk libvirt create``)."""
-    import dataclasses
-
-    uri = kwargs.pop("uri", None)
-    opts = options or RunOptions(**kwargs)  # type: ignore[arg-type]
-    opts = dataclasses.replace(opts, start=False, ssh_wait=False)
-    return run(image, opts, uri=uri if isinstance(uri, str) else None)
-
-
-__all__ = [
-    "Firmware",
-    "PortForward",
-    "RunOptions",
-    "Vm",
-    "base_disks",
-    "create",
-    "domain_xml",
-    "inspect",
-    "list_vms",
-    "prune_base_disks",
-    "rm",
-    "rm_all",
-    "run",
-    "ssh",
-    "start",
-    "status",
-    "stop",
-    "upload",
-]
+def __getattr__(name: str) -> Any:
+    if name == "ssh":
+        name = "ssh_command"
+    elif name not in _HOME and name not in _VERBS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_HOME.get(name, "bcvk.libvirt.domains"))
+    return getattr(module, name)

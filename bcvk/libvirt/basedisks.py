@@ -12,24 +12,21 @@ directory and streams the file into the pool through the libvirt API.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from xml.etree import ElementTree as ET
 
+from bcvk import to_disk
 from bcvk.errors import BcvkError
-from bcvk.host import podman
 from bcvk.libvirt.connection import Connection, Pool, Volume, VolumeInfo
 from bcvk.log import logger, step
 
-if TYPE_CHECKING:
-    from bcvk import to_disk
-
 PREFIX = "bootc-base-"
-XATTR_HASH = "user.bootc.cache_hash"  # what to-disk records (to_disk.XATTR_HASH)
 SUFFIX = ".qcow2"
 
 
@@ -38,33 +35,23 @@ class InstallOptions:
     """The to-disk choices that shape a base disk (all part of its cache key)."""
 
     disk_size: int
-    filesystem: str | None = None
+    filesystem: to_disk.Filesystem | None = None
     root_size: int | None = None
     kargs: tuple[str, ...] = ()
 
     def to_disk_options(self) -> to_disk.Options:
-        # Imported on use: listing VMs should not load the disk builder.
-        from bcvk import to_disk
-        from bcvk.to_disk.layout import Filesystem
-
         return to_disk.Options(
             format=to_disk.DiskFormat.qcow2,
-            filesystem=Filesystem(self.filesystem) if self.filesystem else None,
+            filesystem=self.filesystem,
             disk_size=self.disk_size,
             root_size=self.root_size,
             kargs=self.kargs,
         )
 
 
-def expected_hash(image: str, info: podman.ImageInfo, opts: InstallOptions) -> str:
-    """The to-disk cache hash a qcow2 of IMAGE built with OPTS carries."""
-    from bcvk import to_disk
-
-    tdo = opts.to_disk_options()
-    ref = to_disk.normalize_reference(image)
-    digest = info.digest or info.id
-    key = to_disk.cache_key(ref, digest, to_disk.DiskFormat.qcow2, opts.disk_size, tdo)
-    return to_disk.cache_hash(key)
+def disk_request(image: str, output: Path, opts: InstallOptions) -> to_disk.Request:
+    """The to-disk build of IMAGE's base disk at OUTPUT; its cache hash names the volume."""
+    return to_disk.request(image, output, opts.to_disk_options())
 
 
 def volume_name(cache_hash: str) -> str:
@@ -106,38 +93,17 @@ class BaseDisk:
 
 
 @contextlib.contextmanager
-def _scratch_dir() -> Iterator[Path]:
+def scratch_dir() -> Iterator[Path]:
     # /var/tmp: large, persistent-class storage that keeps user xattrs.
     base = Path("/var/tmp") if os.access("/var/tmp", os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="bcvk-upload-", dir=base) as tmp:
         yield Path(tmp)
 
 
-def build_local(image: str, output: Path, opts: InstallOptions) -> str:
-    """Build (or reuse) a qcow2 of IMAGE at OUTPUT with to-disk; returns its cache hash."""
-    from bcvk import to_disk
-
-    result = to_disk.build(
-        image,
-        output,
-        format="qcow2",
-        filesystem=opts.filesystem,
-        disk_size=opts.disk_size,
-        root_size=opts.root_size,
-        kargs=opts.kargs,
-    )
-    return result.cache_hash
-
-
 def upload_file(pool: Pool, source: Path, name: str, fmt: str) -> Volume:
     """Create volume NAME in POOL and stream SOURCE's bytes into it."""
     capacity = qcow2_virtual_size(source) if fmt == "qcow2" else source.stat().st_size
-    xml = (
-        f"<volume type='file'><name>{name}</name>"
-        f"<capacity unit='bytes'>{capacity}</capacity>"
-        f"<target><format type='{fmt}'/></target></volume>"
-    )
-    volume = pool.create_volume(xml, name)
+    volume = pool.create_volume(volume_xml(name, capacity, fmt), name)
     try:
         size = source.stat().st_size
         with step(f"Uploading {source.name} ({size // (1024 * 1024)} MiB) to pool {pool.name}"):
@@ -149,74 +115,76 @@ def upload_file(pool: Pool, source: Path, name: str, fmt: str) -> Volume:
     return volume
 
 
-def ensure(
-    conn: Connection, pool: Pool, image: str, info: podman.ImageInfo, opts: InstallOptions
-) -> BaseDisk:
+def ensure(conn: Connection, pool: Pool, image: str, opts: InstallOptions) -> BaseDisk:
     """The base disk for IMAGE+OPTS in POOL, built or rebuilt when missing or stale."""
-    expected = expected_hash(image, info, opts)
-    name = volume_name(expected)
-    directory = pool_writable(conn, pool)
     pool.refresh()  # see files removed (or added) behind libvirt's back
+    directory = pool_writable(conn, pool)
     if directory is not None:
-        output = directory / name
-        existed = output.exists()
+        # The cache hash names the volume and does not depend on the path.
+        staged = disk_request(image, directory / "bootc-base.qcow2", opts)
+        output = directory / volume_name(staged.cache_hash)
+        return _ensure_in_place(conn, pool, dataclasses.replace(staged, output=output))
+    with scratch_dir() as tmp:
+        req = disk_request(image, tmp / "bootc-base.qcow2", opts)
+        name = volume_name(req.cache_hash)
         volume = pool.volume(name)
-        if existed and volume is not None:
-            if _xattr(os.fspath(output), XATTR_HASH) == expected:
-                logger.info("Reusing base disk %s", name)
-                return BaseDisk(name, volume.path, volume.info().capacity, expected, True)
-            users = references([v.info() for v in pool.volumes()], domain_disk_paths(conn))
-            if users.get(os.fspath(output)):
-                # Rebuilding in place would swap the backing file under those VMs.
-                raise BcvkError(
-                    f"base disk {name} does not carry the expected cache hash, and VM disks "
-                    f"use it ({', '.join(users[os.fspath(output)])})",
-                    hint="remove those VMs, or restore the file; bcvk will not overwrite it",
-                )
-        with step(f"Preparing base disk {name}"):
-            got = build_local(image, output, opts)
-        if got != expected:
-            if not existed:
-                output.unlink(missing_ok=True)
-            raise BcvkError(
-                f"image {image} changed while its base disk was being built",
-                hint="retry once the image is no longer being rebuilt",
-            )
-        pool.refresh()
-        volume = pool.volume(name)
-        if volume is None:
-            raise BcvkError(f"pool {pool.name} does not show the base disk {output}")
-        capacity = volume.info().capacity
-        reused = existed and output.exists()
-        return BaseDisk(name, volume.path, capacity, expected, reused)
-    volume = pool.volume(name)
-    if volume is not None:
-        logger.info("Reusing base disk %s in pool %s", name, pool.name)
-        vinfo = volume.info()
-        return BaseDisk(name, vinfo.path, vinfo.capacity, expected, True)
-    with _scratch_dir() as tmp:
-        output = tmp / name
+        if volume is not None:
+            logger.info("Reusing base disk %s in pool %s", name, pool.name)
+            vinfo = volume.info()
+            return BaseDisk(name, vinfo.path, vinfo.capacity, req.cache_hash, True)
         with step(f"Building base disk {name} locally"):
-            got = build_local(image, output, opts)
-        if got != expected:
-            raise BcvkError(
-                f"image {image} changed while its base disk was being built",
-                hint="retry once the image is no longer being rebuilt",
-            )
-        volume = upload_file(pool, output, name, "qcow2")
+            to_disk.run(req)
+        volume = upload_file(pool, req.output, name, "qcow2")
     vinfo = volume.info()
-    return BaseDisk(name, vinfo.path, vinfo.capacity, expected, False)
+    return BaseDisk(name, vinfo.path, vinfo.capacity, req.cache_hash, False)
+
+
+def _ensure_in_place(conn: Connection, pool: Pool, req: to_disk.Request) -> BaseDisk:
+    """Where bcvk can write into the pool, to-disk reuses or builds the file in place."""
+    output = req.output
+    name = output.name
+    existed = output.exists()
+    volume = pool.volume(name)
+    if existed and volume is not None:
+        if to_disk.read_cache_hash(output) == req.cache_hash:
+            logger.info("Reusing base disk %s", name)
+            return BaseDisk(name, volume.path, volume.info().capacity, req.cache_hash, True)
+        users = references([v.info() for v in pool.volumes()], domain_disk_paths(conn))
+        if users.get(os.fspath(output)):
+            # Rebuilding in place would swap the backing file under those VMs.
+            raise BcvkError(
+                f"base disk {name} does not carry the expected cache hash, and VM disks "
+                f"use it ({', '.join(users[os.fspath(output)])})",
+                hint="remove those VMs, or restore the file; bcvk will not overwrite it",
+            )
+    with step(f"Preparing base disk {name}"):
+        result = to_disk.run(req)
+    pool.refresh()
+    volume = pool.volume(name)
+    if volume is None:
+        raise BcvkError(f"pool {pool.name} does not show the base disk {output}")
+    return BaseDisk(name, volume.path, volume.info().capacity, result.cache_hash, result.reused)
+
+
+def volume_xml(name: str, capacity: int, fmt: str, backing_path: str | None = None) -> str:
+    """A storage volume (qcow2 overlays name their BACKING_PATH), built with escaping."""
+    vol = ET.Element("volume", {"type": "file"})
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", {"unit": "bytes"}).text = str(capacity)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", {"type": fmt})
+    if backing_path is not None:
+        # Only the owner reads a VM's disk (it holds the guest's /etc/shadow).
+        ET.SubElement(ET.SubElement(target, "permissions"), "mode").text = "0600"
+        backing = ET.SubElement(vol, "backingStore")
+        ET.SubElement(backing, "path").text = backing_path
+        ET.SubElement(backing, "format", {"type": "qcow2"})
+    return ET.tostring(vol, encoding="unicode")
 
 
 def overlay_xml(name: str, capacity: int, backing_path: str) -> str:
     """A qcow2 volume backed by BACKING_PATH (libvirt runs qemu-img for us)."""
-    return (
-        f"<volume type='file'><name>{name}</name>"
-        f"<capacity unit='bytes'>{capacity}</capacity>"
-        "<target><format type='qcow2'/><permissions><mode>0600</mode></permissions></target>"
-        f"<backingStore><path>{backing_path}</path><format type='qcow2'/></backingStore>"
-        "</volume>"
-    )
+    return volume_xml(name, capacity, "qcow2", backing_path)
 
 
 # ------------------------------------------------------------------ listing
@@ -245,13 +213,6 @@ class BaseDiskInfo:
             "image_digest": self.image_digest,
             "cache_hash": self.cache_hash,
         }
-
-
-def _xattr(path: str, name: str) -> str | None:
-    try:
-        return os.getxattr(path, name).decode(errors="replace")
-    except OSError:
-        return None
 
 
 def references(infos: list[VolumeInfo], domain_disks: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -299,8 +260,8 @@ def list_base_disks(conn: Connection, pool: Pool) -> list[BaseDiskInfo]:
                 capacity=info.capacity,
                 mtime=info.mtime,
                 references=tuple(refs.get(info.path, [])),
-                image_digest=_xattr(info.path, "user.bootc.image_digest") if local else None,
-                cache_hash=_xattr(info.path, XATTR_HASH) if local else None,
+                image_digest=to_disk.read_image_digest(info.path) if local else None,
+                cache_hash=to_disk.read_cache_hash(info.path) if local else None,
             )
         )
     return rows

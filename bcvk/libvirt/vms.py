@@ -15,16 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bcvk import paths
-from bcvk.errors import BcvkError, UsageError
+from bcvk.errors import BcvkError
 from bcvk.host import ssh
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef
-from bcvk.values import GIB, INSTANCE_TYPES, MIB
+from bcvk.values import GIB, MIB, parse_itype, parse_memory, parse_vcpus
 
 SSH_PORT_RANGE = (2222, 2999)
 DEFAULT_MEMORY = 4 * GIB
 DEFAULT_VCPUS = 2
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -48,55 +47,18 @@ def derive_name(image: str, taken: set[str] | frozenset[str] = frozenset()) -> s
     return f"{base}-{n}"
 
 
-def validate_name(name: str) -> str:
-    if not _NAME_RE.match(name):
-        raise UsageError(
-            f"invalid VM name {name!r}",
-            hint="use up to 63 letters, digits, '-', '_' or '.', starting with a letter or digit",
-        )
-    return name
-
-
-def validate_label(label: str) -> str:
-    if not label or "," in label or any(c.isspace() for c in label):
-        raise UsageError(
-            f"invalid label {label!r}", hint="labels are non-empty and contain no commas or spaces"
-        )
-    return label
-
-
-def parse_bind(text: str, kind: lx.MountKind) -> tuple[str, str]:
-    """``HOST:GUEST`` for --bind/--bind-ro, ``HOST:TAG`` for --volume."""
-    flag = {"bind": "--bind", "bind-ro": "--bind-ro", "volume": "--volume"}[kind.value]
-    host, sep, target = text.rpartition(":")
-    if not sep or not host or not target:
-        what = "TAG" if kind is lx.MountKind.volume else "GUEST_PATH"
-        raise UsageError(f"invalid {flag} {text!r}", hint=f"use {flag} HOST_DIR:{what}")
-    if kind is not lx.MountKind.volume and not target.startswith("/"):
-        raise UsageError(f"invalid {flag} {text!r}: the guest path must be absolute")
-    if kind is lx.MountKind.volume and not re.match(r"^[A-Za-z0-9_.-]{1,36}$", target):
-        raise UsageError(f"invalid --volume tag {target!r}", hint="use letters, digits, - _ .")
-    return host, target
-
-
 def resources(
     memory: int | None, vcpus: int | None, itype: str | None
 ) -> tuple[int, int, str | None]:
-    """(memory MiB, vCPUs, instance type); an instance type overrides both."""
+    """(memory MiB, vCPUs, instance type); an instance type overrides both.
+
+    MEMORY is in bytes (already parsed); the limits are those of every command.
+    """
     if itype:
-        if itype not in INSTANCE_TYPES:
-            raise UsageError(
-                f"unknown instance type {itype!r}",
-                hint="choose one of: " + ", ".join(INSTANCE_TYPES),
-            )
-        cpus, mib = INSTANCE_TYPES[itype]
+        cpus, mib = parse_itype(itype)
         return mib, cpus, itype
-    mib = (memory or DEFAULT_MEMORY) // MIB
-    if mib < 256:
-        raise UsageError(f"--memory {mib}M is too small", hint="give at least 256M")
-    cpus = vcpus or DEFAULT_VCPUS
-    if cpus < 1:
-        raise UsageError("--cpus must be at least 1")
+    mib = parse_memory((memory or DEFAULT_MEMORY) // MIB)
+    cpus = parse_vcpus(vcpus if vcpus is not None else DEFAULT_VCPUS, "--cpus")
     return mib, cpus, None
 
 
@@ -138,13 +100,15 @@ def key_dir(uuid: str) -> Path:
     return paths.data_dir() / "libvirt" / uuid
 
 
-def readonly_mode(lib_version: tuple[int, int, int], local: bool, has_virtiofsd: bool) -> str:
-    """How --bind-ro is made read-only with this libvirt (see xml.Enforcement)."""
+def readonly_mode(
+    lib_version: tuple[int, int, int], local: bool, has_virtiofsd: bool
+) -> lx.Enforcement:
+    """How --bind-ro is made read-only with this libvirt."""
     if lib_version >= (11, 0, 0):
-        return lx.Enforcement.libvirt.value
+        return lx.Enforcement.libvirt
     if local and has_virtiofsd:
-        return lx.Enforcement.host.value
-    return lx.Enforcement.guest.value
+        return lx.Enforcement.host
+    return lx.Enforcement.guest
 
 
 def readonly_wrapper_text(real: Path) -> str:
@@ -253,7 +217,7 @@ def vm_from_xml(
     )
 
 
-def _vm(conn: Connection, dom: DomainRef) -> Vm | None:
+def read_vm(conn: Connection, dom: DomainRef) -> Vm | None:
     return vm_from_xml(
         dom.xml(),
         dom.state(),
@@ -275,7 +239,7 @@ def all_vms(conn: Connection) -> list[Vm]:
     vms: list[Vm] = []
     for dom in conn.domains():
         try:
-            vm = _vm(conn, dom)
+            vm = read_vm(conn, dom)
         except DomainNotFound:
             continue  # removed while we listed: it simply is not there any more
         if vm is not None:
@@ -285,7 +249,7 @@ def all_vms(conn: Connection) -> list[Vm]:
 
 def get_vm(conn: Connection, name: str) -> tuple[DomainRef, Vm]:
     dom = conn.get(name)
-    vm = _vm(conn, dom)
+    vm = read_vm(conn, dom)
     if vm is None:
         raise BcvkError(
             f"domain {name!r} was not created by bcvk (it has no bootc metadata)",

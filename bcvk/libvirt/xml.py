@@ -15,14 +15,16 @@ the XML: only the path of the file that holds it.
 
 from __future__ import annotations
 
-import base64
 import enum
 import re
-import shlex
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+
+from bcvk.errors import UsageError
+from bcvk.guest.mounts import Share, ShareKind
+from bcvk.values import Firmware, PortForward
 
 BOOTC_NS = "https://github.com/containers/bootc"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -42,22 +44,6 @@ def _q(tag: str, ns: str = BOOTC_NS) -> str:
     return f"{{{ns}}}{tag}"
 
 
-class Firmware(enum.StrEnum):
-    uefi = "uefi"  # OVMF without secure boot (upstream: uefi-insecure)
-    uefi_secure = "uefi-secure"
-    bios = "bios"
-
-    @property
-    def is_uefi(self) -> bool:
-        return self is not Firmware.bios
-
-
-class MountKind(enum.StrEnum):
-    bind = "bind"  # read-write, mounted at a guest path
-    bind_ro = "bind-ro"  # read-only, mounted at a guest path
-    volume = "volume"  # raw virtiofs share: the user mounts the tag
-
-
 class Enforcement(enum.StrEnum):
     """Who makes a --bind-ro share read-only."""
 
@@ -67,43 +53,6 @@ class Enforcement(enum.StrEnum):
 
 
 # ------------------------------------------------------------------ metadata
-
-
-@dataclass(frozen=True)
-class PortForward:
-    host: int
-    guest: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.guest}"
-
-    @classmethod
-    def parse(cls, text: str) -> PortForward:
-        """``HOST:GUEST`` (or one number for both); raises ValueError."""
-        parts = text.strip().split(":")
-        if len(parts) == 1:
-            parts = [parts[0], parts[0]]
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"invalid port forward {text!r}: expected HOST:GUEST")
-        host, guest = int(parts[0]), int(parts[1])
-        for port in (host, guest):
-            if not 1 <= port <= 65535:
-                raise ValueError(f"invalid port forward {text!r}: ports are 1-65535")
-        return cls(host, guest)
-
-
-@dataclass(frozen=True)
-class Mount:
-    """A host directory shared with the guest over virtiofs."""
-
-    kind: MountKind
-    source: str  # host directory (absolute)
-    target: str  # guest path, or the tag for a raw --volume
-    tag: str
-
-    @property
-    def readonly(self) -> bool:
-        return self.kind is MountKind.bind_ro
 
 
 @dataclass(frozen=True)
@@ -125,7 +74,7 @@ class Metadata:
     labels: tuple[str, ...] = ()
     firmware: str = Firmware.uefi.value
     ports: tuple[PortForward, ...] = ()
-    mounts: tuple[Mount, ...] = ()
+    mounts: tuple[Share, ...] = ()
     readonly_enforcement: str | None = None
     base_disk: str | None = None
     disk_volume: str | None = None
@@ -231,18 +180,18 @@ class Metadata:
         ports: list[PortForward] = []
         for el in findall("port-forward"):
             try:
-                ports.append(PortForward.parse(el.text or ""))
-            except ValueError:
+                ports.append(PortForward.parse((el.text or "").strip()))
+            except UsageError:
                 continue
         values["ports"] = tuple(ports)
-        mounts: list[Mount] = []
+        mounts: list[Share] = []
         for el in findall("mount"):
             try:
-                kind = MountKind(el.get("kind", ""))
+                kind = ShareKind(el.get("kind", ""))
             except ValueError:
                 continue
             mounts.append(
-                Mount(kind, el.get("source", ""), el.get("target", ""), el.get("tag", ""))
+                Share(kind, el.get("source", ""), el.get("target", ""), el.get("tag", ""))
             )
         values["mounts"] = tuple(mounts)
         return replace(defaults, **values)  # type: ignore[arg-type]
@@ -693,103 +642,3 @@ def build(spec: DomainSpec) -> Domain:
         qemu_args=tuple(netdev_args(spec.ssh_port, spec.ports, machine)),
         metadata=spec.metadata,
     )
-
-
-# ------------------------------------------------------------------ guest mounts
-
-
-def escape_path(path: str) -> str:
-    """``systemd-escape --path``: the unit name stem for a mount point."""
-    stripped = "/".join(p for p in path.split("/") if p)
-    if not stripped:
-        return "-"
-    out: list[str] = []
-    for i, ch in enumerate(stripped):
-        if ch == "/":
-            out.append("-")
-        elif ch.isascii() and (ch.isalnum() or ch in ":_" or (ch == "." and i > 0)):
-            out.append(ch)
-        else:
-            out.extend(f"\\x{b:02x}" for b in ch.encode())
-    return "".join(out)
-
-
-def mount_unit_name(path: str) -> str:
-    return escape_path(path) + ".mount"
-
-
-def mount_unit(mount: Mount) -> str:
-    """A systemd mount unit for MOUNT (read-only in the guest for bind-ro)."""
-    options = "ro" if mount.readonly else "rw"
-    return (
-        "[Unit]\n"
-        f"Description=bcvk host directory {mount.source}\n"
-        "DefaultDependencies=no\n"
-        "After=systemd-remount-fs.service\n"
-        "Before=local-fs.target umount.target\n"
-        "Conflicts=umount.target\n"
-        "\n"
-        "[Mount]\n"
-        f"What={mount.tag}\n"
-        f"Where={mount.target}\n"
-        "Type=virtiofs\n"
-        f"Options={options}\n"
-    )
-
-
-def smbios_credential(name: str, content: str) -> str:
-    """An SMBIOS type 11 value carrying systemd credential NAME.
-
-    systemd accepts any valid file name as a credential name, including the
-    ``~`` of ``systemd.unit-dropin.UNIT~NAME`` and the ``\\x2d`` escapes of
-    unit names, which bcvk.guest.credentials' stricter pattern rejects.
-    """
-    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name) > 255:
-        raise ValueError(f"invalid credential name {name!r}")
-    encoded = base64.b64encode(content.encode()).decode("ascii")
-    return f"io.systemd.credential.binary:{name}={encoded}"
-
-
-def mount_credentials(mounts: Iterable[Mount]) -> list[tuple[str, str]]:
-    """(credential name, content) pairs that mount binds at boot.
-
-    ``systemd.extra-unit.*`` and ``systemd.unit-dropin.*`` credentials need
-    systemd ≥ 256 in the guest; older guests get their mounts over SSH.
-    """
-    creds: list[tuple[str, str]] = []
-    wants: list[str] = []
-    for mount in mounts:
-        if mount.kind is MountKind.volume:
-            continue
-        unit = mount_unit_name(mount.target)
-        creds.append((f"systemd.extra-unit.{unit}", mount_unit(mount)))
-        wants.append(unit)
-    if wants:
-        dropin = "[Unit]\n" + "".join(f"Wants={u}\n" for u in wants)
-        creds.append(("systemd.unit-dropin.local-fs.target~bcvk-mounts", dropin))
-    return creds
-
-
-def guest_mount_script(mounts: Iterable[Mount]) -> str:
-    """Shell for the guest: record binds in /etc/fstab and mount them now.
-
-    For guests whose systemd cannot take mount units as credentials; the
-    fstab lines make the mounts come back on every later boot.
-    """
-    lines = ["set -e"]
-    for mount in mounts:
-        if mount.kind is MountKind.volume:
-            continue
-        options = "ro" if mount.readonly else "rw"
-        entry = f"{mount.tag} {_fstab_escape(mount.target)} virtiofs {options},nofail 0 0"
-        target = shlex.quote(mount.target)
-        lines += [
-            f"mkdir -p {target}",
-            f"grep -qxF {shlex.quote(entry)} /etc/fstab || echo {shlex.quote(entry)} >> /etc/fstab",
-            f"mountpoint -q {target} || mount -t virtiofs -o {options} {mount.tag} {target}",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _fstab_escape(path: str) -> str:
-    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")

@@ -14,16 +14,11 @@ from typing import TYPE_CHECKING
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import credentials
 from bcvk.host import ssh as sshlib
-from bcvk.lazy import Lazy
-from bcvk.values import GIB, MIB
+from bcvk.libvirt.xml import BOOTC_NS
+from bcvk.values import GIB, MIB, validate_vm_name
 
 if TYPE_CHECKING:
-    from bcvk.libvirt import vms as vmview
-    from bcvk.libvirt import xml as lx
-else:
-    # `pb ssh` on a running VM must not pay for the libvirt layer's imports.
-    vmview = Lazy("bcvk.libvirt.vms")
-    lx = Lazy("bcvk.libvirt.xml")
+    from bcvk.libvirt.vms import Vm
 
 DOMAIN_PREFIX = "podman-bootc-"
 ID_LENGTH = 12
@@ -73,7 +68,7 @@ class PbInfo:
             "cloudinit-iso": self.cloudinit_iso,
         }
         attrs.update({k: v for k, v in optional.items() if v is not None})
-        return ET.Element(f"{{{lx.BOOTC_NS}}}{ELEMENT}", dict(sorted(attrs.items())))
+        return ET.Element(f"{{{BOOTC_NS}}}{ELEMENT}", dict(sorted(attrs.items())))
 
     @classmethod
     def from_element(cls, el: ET.Element) -> PbInfo | None:
@@ -97,10 +92,10 @@ class PbInfo:
 def pb_info_from_xml(xml_text: str) -> PbInfo | None:
     """The pb element of a domain's XML, or None for a domain that is not a pb VM."""
     root = ET.fromstring(xml_text)
-    container = root.find(f"metadata/{{{lx.BOOTC_NS}}}container")
+    container = root.find(f"metadata/{{{BOOTC_NS}}}container")
     if container is None:
         return None
-    el = container.find(f"{{{lx.BOOTC_NS}}}{ELEMENT}")
+    el = container.find(f"{{{BOOTC_NS}}}{ELEMENT}")
     return PbInfo.from_element(el) if el is not None else None
 
 
@@ -113,10 +108,10 @@ def patch_domain_xml(
 ) -> str:
     """The domain XML with the pb element, the cloud-init CD-ROM and the user's key (pure)."""
     root = ET.fromstring(xml_text)
-    container = root.find(f"metadata/{{{lx.BOOTC_NS}}}container")
+    container = root.find(f"metadata/{{{BOOTC_NS}}}container")
     if container is None:
         raise BcvkError(f"domain {root.findtext('name')} has no bcvk metadata to mark as pb")
-    for old in container.findall(f"{{{lx.BOOTC_NS}}}{ELEMENT}"):
+    for old in container.findall(f"{{{BOOTC_NS}}}{ELEMENT}"):
         container.remove(old)
     container.append(info.to_element())
     devices = root.find("devices")
@@ -171,7 +166,7 @@ def new_id(taken: set[str]) -> str:
 
 
 def domain_name(vm_id: str, name: str | None) -> str:
-    return vmview.validate_name(name) if name else DOMAIN_PREFIX + vm_id
+    return validate_vm_name(name) if name else DOMAIN_PREFIX + vm_id
 
 
 @dataclass(frozen=True)
@@ -179,7 +174,7 @@ class PbVm:
     """A pb VM as `list`/`inspect` show it."""
 
     info: PbInfo
-    vm: vmview.Vm
+    vm: Vm
     in_use: bool = False
 
     @property

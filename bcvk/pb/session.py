@@ -107,7 +107,7 @@ class InUseError(BcvkError):
     pass
 
 
-def _in_use_error(vm_id: str, name: str, what: str) -> InUseError:
+def in_use_error(vm_id: str, name: str, what: str) -> InUseError:
     return InUseError(
         f"cannot {what} VM {vm_id} ({name}): an SSH session (`pb run` or `pb ssh`) is open",
         hint="close that session first; -f does not override this",
@@ -206,7 +206,7 @@ def _socket_alive(path: Path) -> bool:
     return True
 
 
-def _mux_options(path: Path) -> list[str]:
+def mux_options(path: Path) -> list[str]:
     return ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
 
 
@@ -272,7 +272,7 @@ def close_masters(vm_id: str) -> None:
             path.unlink()
 
 
-def _ssh_argv(
+def ssh_argv(
     vm: PbVm, command: Sequence[str], *, user: str | None, tty: bool | None, share: bool
 ) -> list[str]:
     target = vm.target(user)
@@ -280,7 +280,7 @@ def _ssh_argv(
     if share:
         path = ensure_master(target, vm.id, vm.vm.uri or None)
         if path is not None:
-            extra = _mux_options(path)
+            extra = mux_options(path)
     return sshlib.argv(target, command, tty=tty, extra=extra)
 
 

@@ -25,38 +25,22 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from bcvk import run
+from bcvk import ephemeral, run
 from bcvk.errors import BcvkError, UsageError
+from bcvk.guest import mounts
 from bcvk.host import podman, ssh
 from bcvk.log import logger, step
+from bcvk.to_disk import assemble
+from bcvk.to_disk.layout import PartitionTable
+from bcvk.to_disk.options import Action, DiskFormat, Options, Request, Result
+from bcvk.to_disk.output import finish, work_directory
 from bcvk.values import MIB
-
-if TYPE_CHECKING:
-    from bcvk.to_disk import DiskFormat, Options, Result
 
 DEVICE = "/dev/disk/by-id/virtio-output"
 STORE_NAME = "hoststorage"
-INSTALLER_MEMORY = "4G"
+INSTALLER_MEMORY_MIB = 4096
 INSTALLER_SSH_TIMEOUT = 900.0
-
-
-def available() -> bool:
-    """Whether bcvk's ephemeral VM layer (which this installer runs on) is present."""
-    try:
-        from bcvk import ephemeral
-    except ImportError:
-        return False
-    return hasattr(ephemeral, "start")
-
-
-def unavailable(image: str) -> BcvkError:
-    return BcvkError(
-        f"the bootc installer (a VM of {image} running `bootc install to-disk`) is not "
-        "available in this bcvk: it needs the ephemeral VM layer",
-        hint="use --installer native (no VM, no root), which builds a plain root filesystem",
-    )
 
 
 def install_argv(image: str, opts: Options, keys_path: str | None) -> list[str]:
@@ -76,11 +60,17 @@ def install_argv(image: str, opts: Options, keys_path: str | None) -> list[str]:
     return argv
 
 
+def store_share(graph_root: Path) -> mounts.Share:
+    """The host's container storage, read-only, where the guest's bootc finds IMAGE."""
+    return mounts.named(graph_root, STORE_NAME, readonly=True)
+
+
 def guest_script(image: str, opts: Options, keys: str | None) -> str:
     """Shell text for the guest: storage env, optional keys file, then bootc."""
+    store = store_share(Path("/")).target
     lines = [
         "set -euo pipefail",
-        f"export STORAGE_OPTS=additionalimagestore=/run/virtiofs-mnt-{STORE_NAME}",
+        f"export STORAGE_OPTS=additionalimagestore={shlex.quote(store)}",
     ]
     if opts.install_log is not None:
         lines.append(f"export RUST_LOG={shlex.quote(opts.install_log)}")
@@ -103,8 +93,6 @@ def failure(returncode: int, output: Sequence[str]) -> BcvkError:
 
 
 def check_options(opts: Options) -> None:
-    from bcvk.to_disk.layout import PartitionTable
-
     if opts.partition_table is not PartitionTable.gpt:
         raise UsageError(
             "--partition-table mbr is not supported by the bootc installer",
@@ -112,8 +100,8 @@ def check_options(opts: Options) -> None:
         )
 
 
-def graph_root() -> str:
-    return run.output([podman.podman(), "info", "--format", "{{.Store.GraphRoot}}"])
+def graph_root() -> Path:
+    return Path(run.output([podman.podman(), "info", "--format", "{{.Store.GraphRoot}}"]))
 
 
 def run_in_guest(target: ssh.Target, script: str) -> tuple[int, list[str]]:
@@ -129,54 +117,47 @@ def run_in_guest(target: ssh.Target, script: str) -> tuple[int, list[str]]:
     return proc.wait(), tail
 
 
-def build(
-    image: str,
-    output: Path,
-    opts: Options,
-    fmt: DiskFormat,
-    disk_size: int,
-    cache_hash: str,
-    digest: str,
-    start: float = 0.0,
-) -> Result:
-    from bcvk import to_disk
+def installer_options(req: Request, target: Path, store: Path) -> ephemeral.Options:
+    """The installer VM: the image itself, the target disk, the host's storage."""
+    return ephemeral.Options(
+        image=req.image,
+        memory_mib=INSTALLER_MEMORY_MIB,
+        disks=(ephemeral.DiskFile(target, "output", "raw"),),
+        binds=(store_share(store),),
+        # an installer VM under TCG on a busy host can take minutes
+        ssh_timeout=INSTALLER_SSH_TIMEOUT,
+    )
 
-    if not available():
-        raise unavailable(image)
-    from bcvk import ephemeral
 
+def build(req: Request) -> Result:
+    opts = req.opts
     check_options(opts)
     keys = opts.root_ssh_authorized_keys.read_text() if opts.root_ssh_authorized_keys else None
-    with to_disk.work_directory(output) as work:
+    with work_directory(req.output) as work:
         target = work / "install.raw"
         with open(target, "wb") as f:
-            f.truncate(disk_size)
-        store = graph_root()
-        with step(f"Booting an installer VM of {image}"):
-            vm = ephemeral.start(
-                image,
-                memory=INSTALLER_MEMORY,
-                disks=[f"{target}:output:raw"],
-                ro_binds=[f"{store}:{STORE_NAME}"],
-                # an installer VM under TCG on a busy host can take minutes
-                ssh_timeout=INSTALLER_SSH_TIMEOUT,
-            )
+            f.truncate(req.disk_size)
+        with step(f"Booting an installer VM of {req.image}"):
+            vm = ephemeral.start(installer_options(req, target, graph_root()))
         with vm:
             logger.info("Running bootc install to-disk in the VM…")
-            status, tail = run_in_guest(vm.target(), guest_script(image, opts, keys))
+            status, tail = run_in_guest(vm.target(), guest_script(req.image, opts, keys))
             vm.stop(graceful=True, timeout=60)
         if status != 0:
             raise failure(status, tail)
-        dest = work / f"disk.{fmt.value}"
-        if fmt.value == "raw":
+        dest = work / f"disk.{req.fmt.value}"
+        if req.fmt is DiskFormat.raw:
             os.replace(target, dest)
         else:
-            with step(f"Converting to {fmt.value}"):
-                to_disk.convert_raw(target, dest, fmt, opts.compress, work, disk_size, output.stem)
+            with step(f"Converting to {req.fmt.value}"):
+                assemble.convert_raw(
+                    target, dest, req.fmt, opts.compress, work, req.disk_size, req.output.stem
+                )
             target.unlink()
-        size = to_disk.finish(dest, output, cache_hash, digest)
-    seconds = time.monotonic() - start
-    logger.info("Wrote %s (%s, bootc installer, %.1fs)", output, fmt.value, seconds)
-    return to_disk.Result(
-        output, "created", cache_hash, digest, fmt, opts.filesystem, size, seconds
-    )
+        size = finish(dest, req.output, req.cache_hash, req.digest)
+    seconds = time.monotonic() - req.start
+    logger.info("Wrote %s (%s, bootc installer, %.1fs)", req.output, req.fmt.value, seconds)
+    return Result(
+        req.output, Action.created, req.cache_hash, req.digest, req.fmt, opts.filesystem, size,
+        seconds,
+    )  # fmt: skip

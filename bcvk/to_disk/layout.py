@@ -2,8 +2,8 @@
 
 Nothing here starts a process or touches a file: a ``Layout`` is computed
 from sizes and options, and rendered into the text other programs read
-(``sfdisk`` scripts, ``/etc/fstab``).  The builder in ``bcvk.to_disk`` turns
-it into bytes.
+(``sfdisk`` scripts, ``/etc/fstab``).  ``bcvk.to_disk.native`` turns it
+into bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from bcvk.errors import UsageError
+from bcvk.image.scan import LossKind
 from bcvk.values import GIB, MIB, format_size
 
 SECTOR = 512
@@ -55,16 +56,37 @@ class Filesystem(enum.StrEnum):
         """The smallest filesystem each mkfs accepts (xfsprogs ≥ 5.19: 300 MiB)."""
         return {"ext4": 16 * MIB, "xfs": 300 * MIB, "btrfs": 256 * MIB}[self.value]
 
+    @property
+    def tools(self) -> tuple[str, ...]:
+        """The host programs that build it (checked before any work starts)."""
+        return {
+            "ext4": ("mkfs.ext4", "debugfs"),
+            "xfs": ("mkfs.xfs", "xfs_db"),
+            "btrfs": ("mkfs.btrfs",),
+        }[self.value]
+
+    @property
+    def losses(self) -> frozenset[LossKind]:
+        """What its tool cannot carry over from the tree (bcvk.image.scan has the table)."""
+        if self is Filesystem.xfs:
+            return frozenset({LossKind.xattrs, LossKind.hard_links, LossKind.unnamed})
+        if self is Filesystem.btrfs:
+            return frozenset({LossKind.device_nodes})
+        return frozenset()
+
+    @property
+    def tool(self) -> str:
+        """How bcvk fills it, for messages."""
+        return {
+            "ext4": "mkfs.ext4 -d",
+            "xfs": "mkfs.xfs -p (protofile)",
+            "btrfs": "mkfs.btrfs --rootdir",
+        }[self.value]
+
 
 class PartitionTable(enum.StrEnum):
     gpt = "gpt"
     mbr = "mbr"
-
-
-class Firmware(enum.StrEnum):
-    uefi = "uefi"
-    bios = "bios"
-    both = "both"
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,7 @@ of a staged copy of the tree plus those files (btrfs-progs has no offline
 writer).  What each tool cannot keep is listed by ``loss_warning``; the table
 of verified facts is in ``bcvk.image.scan``.
 
-Tree-reading steps run where the image mount is visible: inside ``podman
-unshare`` when rootless.
+Tree-reading steps run where the image mount is visible (``bcvk.image.inns``).
 """
 
 from __future__ import annotations
@@ -16,40 +15,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bcvk import run
 from bcvk.errors import BcvkError
 from bcvk.host import podman
-from bcvk.image import scan as populate
+from bcvk.image import inns
+from bcvk.image.scan import Loss
+from bcvk.to_disk import treecopy
 from bcvk.to_disk.layout import Filesystem
+from bcvk.to_disk.treecopy import Extra
 
 
 @dataclass(frozen=True)
 class RootSpec:
     tree: Path  # the mounted image
     uuid: str  # filesystem UUID
-    extras: Sequence[populate.Extra]
+    extras: Sequence[Extra]
     existing: dict[str, str]  # facts["existing"]: what the tree has at bcvk's paths
 
 
 def in_namespace(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
     """ARGV run where the image mount is visible (podman's user namespace)."""
     return podman.unshare_argv([os.fspath(a) for a in argv])
-
-
-def helper(*args: str | os.PathLike[str]) -> Any:
-    """``bcvk.image.scan`` ARGS where the image mount is visible: in this process
-    when root, else ``python -m bcvk.image.scan`` inside podman's namespace."""
-    words = [os.fspath(a) for a in args]
-    if not podman.rootless():
-        return json.loads(json.dumps(populate.dispatch(words)))
-    argv = [sys.executable, "-m", "bcvk.image.scan", *words]
-    return json.loads(run.output(in_namespace(argv)))
 
 
 def _mke2fs_features() -> list[str]:
@@ -67,7 +57,7 @@ def _mke2fs_features() -> list[str]:
     return []
 
 
-def debugfs_script(extras_: Sequence[populate.Extra], existing: dict[str, str]) -> str:
+def debugfs_script(extras_: Sequence[Extra], existing: dict[str, str]) -> str:
     """debugfs commands that put EXTRAS into an ext4 image (pure)."""
     lines: list[str] = []
     for extra in extras_:
@@ -121,7 +111,7 @@ def build_xfs(spec: RootSpec, target: Path, work: Path) -> None:
     proto = work / "xfs.proto"
     extras_file = work / "extras.json"
     extras_file.write_text(json.dumps([e.to_json() for e in spec.extras]))
-    sticky = helper("protofile", spec.tree, extras_file, proto)["sticky"]
+    sticky = inns.call(treecopy.protofile_json, spec.tree, extras_file, proto)["sticky"]
     argv: list[str | os.PathLike[str]] = [
         mkfs,
         "-q",
@@ -158,7 +148,7 @@ def build_btrfs(spec: RootSpec, target: Path, work: Path) -> None:
     extras_file = work / "extras.json"
     extras_file.write_text(json.dumps([e.to_json() for e in spec.extras]))
     try:
-        helper("stage", spec.tree, stage, extras_file)
+        inns.call(treecopy.stage_json, spec.tree, stage, extras_file)
         argv: list[str | os.PathLike[str]] = [
             mkfs,
             "-q",
@@ -192,7 +182,7 @@ BUILDERS: dict[Filesystem, Callable[[RootSpec, Path, Path], None]] = {
 }
 
 
-def loss_warning(filesystem: Filesystem, loss: dict[str, list[str]], limit: int = 10) -> str | None:
+def loss_warning(filesystem: Filesystem, loss: Loss, limit: int = 10) -> str | None:
     """One warning that lists exactly what FILESYSTEM could not carry over."""
     parts: list[str] = []
     labels = {
@@ -204,17 +194,14 @@ def loss_warning(filesystem: Filesystem, loss: dict[str, list[str]], limit: int 
         "other": "other",
     }
     for kind, label in labels.items():
-        items = loss.get(kind) or []
+        items: list[str] = getattr(loss, kind)
         if items:
             shown = "\n    ".join(items[:limit])
             more = f"\n    … and {len(items) - limit} more" if len(items) > limit else ""
             parts.append(f"  {label} ({len(items)}):\n    {shown}{more}")
     if not parts:
         return None
-    tool = {"xfs": "mkfs.xfs -p (protofile)", "btrfs": "mkfs.btrfs --rootdir"}.get(
-        filesystem.value, filesystem.value
-    )
-    text = f"{tool} cannot preserve everything in this image; lost in the disk:\n"
+    text = f"{filesystem.tool} cannot preserve everything in this image; lost in the disk:\n"
     text += "\n".join(parts)
     if filesystem is Filesystem.xfs:
         text += "\n  (timestamps are set to the build time; use --filesystem ext4 to keep all)"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bcvk import ephemeral
+from bcvk.ephemeral.options import free_port
 from bcvk.host import ssh
 from tests.conftest import DEMO_IMAGE, image_exists
 from tests.integration.ephemeral_support import (
@@ -73,7 +74,7 @@ def shared(demo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shar
     (ro / "data").write_text("read only data\n")
     token = secrets.token_hex(6)
     session = Session(token=token, runtime=run, mounts_before=mount_counts())
-    forward = ephemeral.free_port(set())
+    forward = free_port(set())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_RUNTIME_DIR", str(run))
         mp.setenv("BCVK_TEST_MARK", token)

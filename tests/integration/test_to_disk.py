@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import to_disk
-from bcvk.to_disk import ovf
+from bcvk.to_disk import output, ovf
 from tests.conftest import DEMO_IMAGE, bcvk, podman_mounts
 
 MIB = 1024 * 1024
@@ -89,8 +88,8 @@ def test_qcow2_build_reuse_dry_run_and_regenerate(
     assert info["format"] == "qcow2"
     assert info["virtual-size"] == 4 * 1024**3
     marks = xattrs(out)
-    assert marks[to_disk.XATTR_HASH].startswith("sha256:")
-    assert marks[to_disk.XATTR_DIGEST].startswith("sha256:")
+    assert marks[output.XATTR_HASH].startswith("sha256:")
+    assert marks[output.XATTR_DIGEST].startswith("sha256:")
     inode = out.stat().st_ino
     assert leftovers(tmp_path) == ["out.qcow2"]
 
@@ -110,7 +109,7 @@ def test_qcow2_build_reuse_dry_run_and_regenerate(
     changed = bcvk("to-disk", demo_image, str(out), "--karg", "quiet", check=True)
     assert "Reusing" not in changed.stderr
     assert out.stat().st_ino != inode
-    assert xattrs(out)[to_disk.XATTR_HASH] != marks[to_disk.XATTR_HASH]
+    assert xattrs(out)[output.XATTR_HASH] != marks[output.XATTR_HASH]
     assert leftovers(tmp_path) == ["out.qcow2"]
 
 

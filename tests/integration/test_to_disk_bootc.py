@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import to_disk
+from bcvk.to_disk import output
 from tests.conftest import DEMO_IMAGE, ROOT, bcvk, image_exists
 
 FIXTURE = "localhost/bcvk/fixture-bootc-installer:latest"
@@ -71,7 +71,7 @@ def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_pa
     )
     assert "Debian GNU/Linux 12" in debugfs_cat(out, "/os-release")
     assert out.stat().st_size == 4 * 1024**3
-    assert os.getxattr(out, to_disk.XATTR_HASH).startswith(b"sha256:")
+    assert os.getxattr(out, output.XATTR_HASH).startswith(b"sha256:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "keys.pub"]
     dry = bcvk(*argv, "--dry-run")
     assert dry.stdout == "would-reuse\n"

@@ -66,9 +66,18 @@ def test_bad_keys_are_refused(bad: str) -> None:
         credentials.tmpfiles_authorized_key(bad)
 
 
-def test_bad_credential_names_are_refused() -> None:
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "nul\0", "new\nline", "x" * 256])
+def test_bad_credential_names_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="credential name"):
-        credentials.smbios_value("a b", "x")
+        credentials.smbios_value(bad, "x")
+
+
+def test_credential_names_are_systemds_file_names() -> None:
+    # The names systemd's own unit credentials use must pass (one encoder for all).
+    for name in ("systemd.unit-dropin.local-fs.target~bcvk-mounts", "systemd.extra-unit.a\\x2db"):
+        assert credentials.smbios_value(name, "x").startswith(credentials.SMBIOS_PREFIX + name)
+    with pytest.raises(ValueError, match="kernel command line"):
+        credentials.cmdline_arg("a b", "x")
 
 
 @pytest.mark.parametrize(

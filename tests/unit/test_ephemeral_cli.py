@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import ephemeral
+from bcvk import ephemeral, values
 from bcvk.__main__ import main
+from bcvk.ephemeral import options
 from bcvk.errors import BcvkError, UsageError
-from bcvk.host.qemu import PortForward
+from bcvk.guest import mounts
+from bcvk.host import ssh
+from bcvk.log import console_tail
+from bcvk.values import PortForward
 
 IMAGE = "localhost/bcvk/debian-bootc:12"
 
@@ -25,19 +29,19 @@ IMAGE = "localhost/bcvk/debian-bootc:12"
     ("text", "mib"), [("2G", 2048), ("1024", 1024), ("512M", 512), ("1g", 1024), ("1.5G", 1536)]
 )
 def test_memory(text: str, mib: int) -> None:
-    assert ephemeral.parse_memory(text) == mib
+    assert values.parse_memory(text) == mib
 
 
 @pytest.mark.parametrize("text", ["", "lots", "0", "64M", "2T", "-1G", "1G; rm -rf /"])
 def test_bad_memory(text: str) -> None:
     with pytest.raises(UsageError, match="--memory"):
-        ephemeral.parse_memory(text)
+        values.parse_memory(text)
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "257", "two", "1.5"])
 def test_bad_vcpus(text: str) -> None:
     with pytest.raises(UsageError, match="--vcpus"):
-        ephemeral.parse_vcpus(text)
+        values.parse_vcpus(text)
 
 
 def test_itype_overrides_memory_and_vcpus() -> None:
@@ -60,59 +64,59 @@ def test_defaults() -> None:
     ("text", "fwd"), [("8080:80", PortForward(8080, 80)), ("1:65535", PortForward(1, 65535))]
 )
 def test_ports(text: str, fwd: PortForward) -> None:
-    assert ephemeral.parse_port(text) == fwd
+    assert PortForward.parse(text) == fwd
 
 
 @pytest.mark.parametrize("text", ["80", "0:80", "70000:80", "a:b", "1:2:3", "127.0.0.1:80:80"])
 def test_bad_ports(text: str) -> None:
     with pytest.raises(UsageError):
-        ephemeral.parse_port(text)
+        PortForward.parse(text)
 
 
 def test_binds(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    bind = ephemeral.parse_bind(str(tmp_path / "data"), readonly=False)
-    assert (bind.name, bind.readonly, bind.tag) == ("data", False, "mount_data")
-    assert bind.guest_path == "/run/virtiofs-mnt-data"
-    named = ephemeral.parse_bind(f"{tmp_path / 'data'}:src", readonly=True)
-    assert (named.name, named.readonly) == ("src", True)
+    bind = mounts.parse_named(str(tmp_path / "data"), readonly=False)
+    assert (bind.tag, bind.readonly) == ("mount_data", False)
+    assert bind.target == "/run/virtiofs-mnt-data"
+    named = mounts.parse_named(f"{tmp_path / 'data'}:src", readonly=True)
+    assert (named.tag, named.readonly) == ("mount_src", True)
     with pytest.raises(UsageError, match="no such directory"):
-        ephemeral.parse_bind(str(tmp_path / "missing"), readonly=False)
+        mounts.parse_named(str(tmp_path / "missing"), readonly=False)
     with pytest.raises(UsageError, match="share name"):
-        ephemeral.parse_bind(f"{tmp_path / 'data'}:bad name", readonly=False)
+        mounts.parse_named(f"{tmp_path / 'data'}:bad name", readonly=False)
     with pytest.raises(UsageError, match="same name"):
         ephemeral.make_options(IMAGE, binds=[str(tmp_path / "data")], ro_binds=[f"{tmp_path}:data"])
 
 
 def test_disk_files(tmp_path: Path) -> None:
-    disk = ephemeral.parse_disk(str(tmp_path / "out.qcow2"))
+    disk = options.parse_disk(str(tmp_path / "out.qcow2"))
     assert (disk.name, disk.format) == ("output", "qcow2")
-    disk = ephemeral.parse_disk(f"{tmp_path / 'd.img'}:data:raw")
+    disk = options.parse_disk(f"{tmp_path / 'd.img'}:data:raw")
     assert (disk.name, disk.format) == ("data", "raw")
     with pytest.raises(UsageError, match="not a regular file"):
-        ephemeral.parse_disk(str(tmp_path))
+        options.parse_disk(str(tmp_path))
     with pytest.raises(UsageError, match="disk format"):
-        ephemeral.parse_disk(f"{tmp_path / 'd'}:x:vdi")
+        options.parse_disk(f"{tmp_path / 'd'}:x:vdi")
     with pytest.raises(UsageError, match="does not exist"):
-        ephemeral.parse_disk("/nonexistent-dir/d.img")
+        options.parse_disk("/nonexistent-dir/d.img")
     with pytest.raises(UsageError, match="disk name"):
-        ephemeral.parse_disk(f"{tmp_path / 'd'}:{'n' * 21}")
+        options.parse_disk(f"{tmp_path / 'd'}:{'n' * 21}")
 
 
 @pytest.mark.parametrize("karg", ["", "a\nb", "x\x1by", "tab\there"])
 def test_bad_kargs(karg: str) -> None:
-    with pytest.raises(UsageError, match="--karg"):
+    with pytest.raises(UsageError, match="kernel argument"):
         ephemeral.make_options(IMAGE, kargs=[karg])
 
 
 def test_log_dir_forms(tmp_path: Path) -> None:
-    assert ephemeral.parse_log_dir(str(tmp_path)).journal
-    console_only = ephemeral.parse_log_dir(f"console={tmp_path}")
+    assert options.parse_log_dir(str(tmp_path)).journal
+    console_only = options.parse_log_dir(f"console={tmp_path}")
     assert console_only.console
     assert not console_only.journal
-    assert ephemeral.parse_log_dir(f"console,journal={tmp_path}").journal
+    assert options.parse_log_dir(f"console,journal={tmp_path}").journal
     with pytest.raises(UsageError, match="--log-dir"):
-        ephemeral.parse_log_dir(f"kmsg={tmp_path}")
+        options.parse_log_dir(f"kmsg={tmp_path}")
 
 
 def test_conflicting_flags() -> None:
@@ -129,23 +133,23 @@ def test_conflicting_flags() -> None:
 
 
 def test_split_ssh_args() -> None:
-    assert ephemeral.split_ssh_args(["-v", "-L", "80:localhost:80", "ls", "-l"]) == (
+    assert ssh.split_args(["-v", "-L", "80:localhost:80", "ls", "-l"]) == (
         ["-v", "-L", "80:localhost:80"],
         ["ls", "-l"],
     )
-    assert ephemeral.split_ssh_args(["--", "-x"]) == ([], ["-x"])
-    assert ephemeral.split_ssh_args([]) == ([], [])
+    assert ssh.split_args(["--", "-x"]) == ([], ["-x"])
+    assert ssh.split_args([]) == ([], [])
     with pytest.raises(UsageError):
-        ephemeral.split_ssh_args(["-o"])
+        ssh.split_args(["-o"])
 
 
 def test_mount_commands() -> None:
-    bind = ephemeral.Bind(Path("/srv"), "data", readonly=True)
-    assert ephemeral.mount_command(bind, ninep=False) == (
+    bind = mounts.named(Path("/srv"), "data", readonly=True)
+    assert mounts.mount_command(bind, ninep=False) == (
         "mkdir -p /run/virtiofs-mnt-data && mount -t virtiofs -o ro mount_data "
         "/run/virtiofs-mnt-data"
     )
-    assert "-t 9p -o trans=virtio,version=9p2000.L,msize=524288,ro" in ephemeral.mount_command(
+    assert "-t 9p -o trans=virtio,version=9p2000.L,msize=524288,ro" in mounts.mount_command(
         bind, ninep=True
     )
 
@@ -153,8 +157,8 @@ def test_mount_commands() -> None:
 def test_console_tail_strips_escapes(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     log.write_bytes(b"one\r\n\x1b[0;32m  OK  \x1b[0m] Started x.\r\n\r\nbootc login: ")
-    assert ephemeral.console_tail(log, 2) == ["OK  ] Started x.", "bootc login:"]
-    assert ephemeral.console_tail(tmp_path / "missing") == []
+    assert console_tail(log, 2) == ["OK  ] Started x.", "bootc login:"]
+    assert console_tail(tmp_path / "missing") == []
 
 
 def test_busy_port_is_detected() -> None:
@@ -163,13 +167,13 @@ def test_busy_port_is_detected() -> None:
         sock.listen()
         port = sock.getsockname()[1]
         with pytest.raises(BcvkError, match=f"host port {port} is not available"):
-            ephemeral.check_ports_free([PortForward(port, 80)])
+            options.check_ports_free([PortForward(port, 80)])
 
 
 def test_free_port_avoids_claimed_ports() -> None:
-    port = ephemeral.free_port(set())
+    port = options.free_port(set())
     assert 1024 < port < 65536
-    assert ephemeral.free_port({port}) != port
+    assert options.free_port({port}) != port
 
 
 # ---------------------------------------------------------------- CLI, end to end
@@ -446,17 +450,17 @@ def test_progress_line_shows_elapsed_time_and_the_last_console_line(
 ) -> None:
     import io
 
-    from bcvk.ephemeral import _Progress
+    from bcvk.ephemeral.vm import StatusLine
 
     console = tmp_path / "console.log"
     console.write_bytes(b"[  1.0] early\r\n\x1b[0;32m  OK  \x1b[0m] Reached target Network.\r\n")
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
-    bar = _Progress(True, "Booting vm…", console)
+    bar = StatusLine(True, "Booting vm…", console)
     bar.update()
     bar.clear()
     assert err.getvalue().startswith("\r\x1b[KBooting vm…    0s  OK  ] Reached target Network.")
     assert err.getvalue().endswith("\r\x1b[K")
-    quiet = _Progress(False, "x", console)
+    quiet = StatusLine(False, "x", console)
     quiet.update()
     assert err.getvalue().count("Booting") == 1

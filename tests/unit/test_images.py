@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from bcvk.host.podman import ImageInfo, parse_inspect
-from bcvk.image import tree as imagetree
+from bcvk.image import facts as image_facts
+from bcvk.image.facts import TreeFacts
 from bcvk.image.inspect import judge, summaries_from_podman
 from bcvk.image.tree import Kernel
 
@@ -28,40 +29,40 @@ INFO = ImageInfo(
 
 
 @pytest.fixture
-def facts(tmp_path: Path) -> imagetree.TreeFacts:
-    return imagetree.probe(bootc_tree(tmp_path))
+def facts(tmp_path: Path) -> TreeFacts:
+    return image_facts.probe(bootc_tree(tmp_path))
 
 
-def test_bootable_image_has_no_problems(facts: imagetree.TreeFacts) -> None:
+def test_bootable_image_has_no_problems(facts: TreeFacts) -> None:
     assert judge(INFO, facts, "amd64") == ([], [])
 
 
-def test_missing_label_is_only_a_warning(facts: imagetree.TreeFacts) -> None:
+def test_missing_label_is_only_a_warning(facts: TreeFacts) -> None:
     problems, warnings = judge(dataclasses.replace(INFO, labels={}), facts, "amd64")
     assert problems == []
     assert warnings == ["image has no containers.bootc=1 label"]
 
 
-def test_no_kernel_is_refused_as_application_container(facts: imagetree.TreeFacts) -> None:
+def test_no_kernel_is_refused_as_application_container(facts: TreeFacts) -> None:
     problems, _ = judge(INFO, dataclasses.replace(facts, kernels=[]), "amd64")
     assert len(problems) == 1
     assert "no kernel" in problems[0]
     assert "application container" in problems[0]
 
 
-def test_two_kernels_named(facts: imagetree.TreeFacts) -> None:
+def test_two_kernels_named(facts: TreeFacts) -> None:
     two = [Kernel("6.1", "vmlinuz", "/a", "/b"), Kernel("6.2", "vmlinuz", "/c", "/d")]
     problems, _ = judge(INFO, dataclasses.replace(facts, kernels=two), "amd64")
     assert problems == ["found 2 kernels, need exactly one: 6.1 (vmlinuz), 6.2 (vmlinuz)"]
 
 
-def test_kernel_without_initramfs(facts: imagetree.TreeFacts) -> None:
+def test_kernel_without_initramfs(facts: TreeFacts) -> None:
     one = [Kernel("6.1", "vmlinuz", "/usr/lib/modules/6.1/vmlinuz", None)]
     problems, _ = judge(INFO, dataclasses.replace(facts, kernels=one), "amd64")
     assert problems == ["kernel 6.1 has no initramfs.img beside its vmlinuz"]
 
 
-def test_foreign_architecture(facts: imagetree.TreeFacts) -> None:
+def test_foreign_architecture(facts: TreeFacts) -> None:
     problems, _ = judge(dataclasses.replace(INFO, architecture="arm64"), facts, "amd64")
     assert problems == [
         "image architecture is arm64 but this host is amd64; "
@@ -69,12 +70,12 @@ def test_foreign_architecture(facts: imagetree.TreeFacts) -> None:
     ]
 
 
-def test_no_init(facts: imagetree.TreeFacts) -> None:
+def test_no_init(facts: TreeFacts) -> None:
     problems, _ = judge(INFO, dataclasses.replace(facts, init=None), "amd64")
     assert problems == ["no init system: /sbin/init is missing"]
 
 
-def test_warnings_for_sshd_old_systemd_and_initramfs(facts: imagetree.TreeFacts) -> None:
+def test_warnings_for_sshd_old_systemd_and_initramfs(facts: TreeFacts) -> None:
     weak = dataclasses.replace(
         facts,
         sshd_installed=False,

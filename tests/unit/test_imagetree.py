@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from bcvk.image import facts as image_facts
 from bcvk.image import initramfs
 from bcvk.image import tree as imagetree
-from bcvk.image.tree import TreeFacts
+from bcvk.image.facts import TreeFacts
 
 from .treebuilder import DRACUT_FILES, bootc_tree, link, newc, write
 from .treebuilder import initramfs as make_initramfs
@@ -32,7 +33,7 @@ def test_resolve_symlink_loop(tmp_path: Path) -> None:
 
 
 def test_probe_debian_like_tree(tmp_path: Path) -> None:
-    facts = imagetree.probe(bootc_tree(tmp_path))
+    facts = image_facts.probe(bootc_tree(tmp_path))
     assert facts.os_release["ID"] == "debian"
     assert facts.os_release["VERSION_ID"] == "12"
     assert [(k.version, k.kind) for k in facts.kernels] == [("6.1.0-1", "vmlinuz")]
@@ -57,27 +58,27 @@ def test_probe_debian_like_tree(tmp_path: Path) -> None:
 
 
 def test_probe_round_trips_through_json(tmp_path: Path) -> None:
-    facts = imagetree.probe(bootc_tree(tmp_path))
+    facts = image_facts.probe(bootc_tree(tmp_path))
     assert TreeFacts.from_json(facts.to_json()) == facts
 
 
 def test_uki_found_first_and_counts_as_kernel(tmp_path: Path) -> None:
     root = bootc_tree(tmp_path)
     write(root, "/usr/lib/modules/6.1.0-1/6.1.0-1.efi", "uki")
-    facts = imagetree.probe(root)
+    facts = image_facts.probe(root)
     assert [(k.version, k.kind) for k in facts.kernels] == [("6.1.0-1", "uki")]
 
 
 def test_two_kernels(tmp_path: Path) -> None:
     root = bootc_tree(tmp_path)
     shutil.copytree(root / "usr/lib/modules/6.1.0-1", root / "usr/lib/modules/6.1.0-2")
-    assert [k.version for k in imagetree.probe(root).kernels] == ["6.1.0-1", "6.1.0-2"]
+    assert [k.version for k in image_facts.probe(root).kernels] == ["6.1.0-1", "6.1.0-2"]
 
 
 def test_sshd_not_enabled(tmp_path: Path) -> None:
     root = bootc_tree(tmp_path)
     (root / "etc/systemd/system/multi-user.target.wants/ssh.service").unlink()
-    facts = imagetree.probe(root)
+    facts = image_facts.probe(root)
     assert facts.sshd_installed
     assert not facts.sshd_enabled
 
@@ -86,7 +87,7 @@ def test_sshd_enabled_by_preset(tmp_path: Path) -> None:
     root = bootc_tree(tmp_path)
     (root / "etc/systemd/system/multi-user.target.wants/ssh.service").unlink()
     write(root, "/usr/lib/systemd/system-preset/90-default.preset", "enable sshd.service\n")
-    assert imagetree.probe(root).sshd_enabled
+    assert image_facts.probe(root).sshd_enabled
 
 
 def test_initramfs_with_early_microcode_archive(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from bcvk.libvirt import xml as lx
+from bcvk.values import PortForward
 from tests.conftest import bcvk
 from tests.unit.testdriver import domain_xml, node_file
 
@@ -29,7 +30,7 @@ def uri(tmp_path: Path) -> str:
                 memory_mb=2048,
                 vcpus=2,
                 labels=("ci", "web"),
-                ports=(lx.PortForward(8080, 80),),
+                ports=(PortForward(8080, 80),),
             ),
             running=True,
         ),

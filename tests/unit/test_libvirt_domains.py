@@ -12,12 +12,15 @@ import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.guest import mounts
+from bcvk.guest.mounts import ShareKind
 from bcvk.host import podman
-from bcvk.libvirt import basedisks, domains
+from bcvk.libvirt import basedisks, domains, lifecycle, provision
 from bcvk.libvirt import vms as vmview
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import (
@@ -26,8 +29,9 @@ from bcvk.libvirt.connection import (
     DomainNotFound,
     DomainRef,
     LibvirtError,
-    parse_uri,
 )
+from bcvk.libvirt.uri import default_uri, parse_uri
+from bcvk.values import PortForward, validate_vm_name
 from tests.unit.testdriver import POOL, URI, fake_base_disks, shared_connection
 
 IMAGE = "localhost/bcvk/debian-bootc:12"
@@ -51,15 +55,16 @@ def fake_image(monkeypatch: pytest.MonkeyPatch, conn: Connection) -> podman.Imag
         os="linux",
         labels={"containers.bootc": "1"},
     )
-    monkeypatch.setattr(domains, "_image", lambda image: info)
+    monkeypatch.setattr(provision, "image_info", lambda image: info)
 
     fake_base_disks(monkeypatch, 20 << 30)
     return info
 
 
-def options(**changes: object) -> domains.RunOptions:
-    base = domains.RunOptions(pool=POOL, tpm=False, timeout=5)
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+def options(**changes: Any) -> provision.RunOptions:
+    """RunOptions for the test driver; CHANGES in their CLI spellings (binds=…)."""
+    values: dict[str, Any] = {"pool": POOL, "tpm": False, "timeout": 5, **changes}
+    return domains.make_run_options(URI, **values)
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -83,20 +88,23 @@ def test_derive_name(image: str, taken: set[str], expected: str) -> None:
 @pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 64, "a/b", "ü"])
 def test_invalid_names(name: str) -> None:
     with pytest.raises(UsageError):
-        vmview.validate_name(name)
+        validate_vm_name(name)
 
 
 def test_parse_bind() -> None:
-    assert vmview.parse_bind("/a/b:/mnt/c", lx.MountKind.bind) == ("/a/b", "/mnt/c")
-    assert vmview.parse_bind("C:/x:/y", lx.MountKind.bind) == ("C:/x", "/y")
-    assert vmview.parse_bind("/h:tag1", lx.MountKind.volume) == ("/h", "tag1")
+    def parse(text: str, kind: ShareKind) -> tuple[str, str]:
+        return mounts.parse_at(text, kind, local=False)
+
+    assert parse("/a/b:/mnt/c", ShareKind.bind) == ("/a/b", "/mnt/c")
+    assert parse("/C:/x:/y", ShareKind.bind) == ("/C:/x", "/y")
+    assert parse("/h:tag1", ShareKind.volume) == ("/h", "tag1")
     for bad, kind in (
-        ("/a", lx.MountKind.bind),
-        ("/a:rel", lx.MountKind.bind_ro),
-        ("/a:bad tag", lx.MountKind.volume),
+        ("/a", ShareKind.bind),
+        ("/a:rel", ShareKind.bind_ro),
+        ("/a:bad tag", ShareKind.volume),
     ):
         with pytest.raises(UsageError):
-            vmview.parse_bind(bad, kind)
+            parse(bad, kind)
 
 
 def test_resources_and_instance_types() -> None:
@@ -105,8 +113,10 @@ def test_resources_and_instance_types() -> None:
     assert vmview.resources(1 << 30, 3, "u1.small") == (2048, 1, "u1.small")
     with pytest.raises(UsageError, match="unknown instance type"):
         vmview.resources(None, None, "u9.huge")
-    with pytest.raises(UsageError, match="too small"):
+    with pytest.raises(UsageError, match="must be between 128 MiB"):
         vmview.resources(16 << 20, None, None)
+    with pytest.raises(UsageError, match="--cpus"):
+        vmview.resources(None, 0, None)
 
 
 def test_pick_ssh_port_skips_taken_and_busy_ports() -> None:
@@ -150,15 +160,14 @@ def test_uri_parsing() -> None:
 
 
 def test_default_uri(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bcvk.libvirt import connection
 
     monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
-    assert connection.default_uri() == "test:///default"
+    assert default_uri() == "test:///default"
     monkeypatch.delenv("LIBVIRT_DEFAULT_URI")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert connection.default_uri() == "qemu:///system"
+    assert default_uri() == "qemu:///system"
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert connection.default_uri() == "qemu:///session"
+    assert default_uri() == "qemu:///session"
 
 
 def test_unreachable_libvirt_says_how_to_start_it() -> None:
@@ -199,12 +208,16 @@ def test_base_disk_name_and_qcow2_size(tmp_path: Path) -> None:
         basedisks.qcow2_virtual_size(tmp_path / "raw")
 
 
-def test_expected_hash_is_to_disks_cache_key() -> None:
+def test_the_base_disk_request_is_to_disks_cache_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from bcvk import to_disk
+    from bcvk.to_disk import options as disk_options
 
     info = podman.ImageInfo("id", "sha256:d", (), "", 1, "amd64", "linux", {})
+    monkeypatch.setattr(podman, "local_image", lambda ref, bootc=False: info)
     opts = basedisks.InstallOptions(disk_size=20 << 30, kargs=("console=ttyS0",))
-    key = to_disk.cache_key(
+    key = disk_options.cache_key(
         IMAGE,
         "sha256:d",
         to_disk.DiskFormat.qcow2,
@@ -213,9 +226,10 @@ def test_expected_hash_is_to_disks_cache_key() -> None:
             format=to_disk.DiskFormat.qcow2, disk_size=20 << 30, kargs=("console=ttyS0",)
         ),
     )
-    assert basedisks.expected_hash(IMAGE, info, opts) == to_disk.cache_hash(key)
+    req = basedisks.disk_request(IMAGE, tmp_path / "x.qcow2", opts)
+    assert req.cache_hash == disk_options.cache_hash(key)
     bigger = dataclasses.replace(opts, disk_size=30 << 30)
-    assert basedisks.expected_hash(IMAGE, info, bigger) != to_disk.cache_hash(key)
+    assert basedisks.disk_request(IMAGE, tmp_path / "x.qcow2", bigger).cache_hash != req.cache_hash
 
 
 # ------------------------------------------------------------------ against test:///
@@ -224,7 +238,7 @@ def test_expected_hash_is_to_disks_cache_key() -> None:
 def test_create_defines_a_domain_with_metadata_and_clone(
     conn: Connection, fake_image: podman.ImageInfo, tmp_path: Path
 ) -> None:
-    vm = domains.create_vm(conn, IMAGE, options(labels=("ci",), ports=(lx.PortForward(18080, 80),)))
+    vm = provision.create_vm(conn, IMAGE, options(labels=("ci",), ports=(PortForward(18080, 80),)))
     assert vm.name == "debian-bootc"
     assert vm.running
     md = vm.metadata
@@ -247,7 +261,7 @@ def test_create_defines_a_domain_with_metadata_and_clone(
     assert "PRIVATE KEY" not in xml
     assert key.read_text() not in xml
     # A second VM of the same image gets the next name and another clone.
-    vm2 = domains.create_vm(conn, IMAGE, options(start=False))
+    vm2 = provision.create_vm(conn, IMAGE, options(start=False))
     assert vm2.name == "debian-bootc-2"
     assert vm2.state == "shut off"
     assert vm2.metadata.ssh_port != md.ssh_port
@@ -256,32 +270,32 @@ def test_create_defines_a_domain_with_metadata_and_clone(
 def test_name_taken_replace_and_foreign_domains(
     conn: Connection, fake_image: podman.ImageInfo
 ) -> None:
-    domains.create_vm(conn, IMAGE, options(name="vm1", start=False))
+    provision.create_vm(conn, IMAGE, options(name="vm1", start=False))
     with pytest.raises(BcvkError, match="already exists") as info:
-        domains.create_vm(conn, IMAGE, options(name="vm1"))
+        provision.create_vm(conn, IMAGE, options(name="vm1"))
     assert "--replace" in (info.value.hint or "")
     first_uuid = conn.get("vm1").uuid
-    domains.create_vm(conn, IMAGE, options(name="vm1", replace=True, start=False))
+    provision.create_vm(conn, IMAGE, options(name="vm1", replace=True, start=False))
     assert conn.get("vm1").uuid != first_uuid
     # "test" is the driver's own domain: bcvk never replaces or removes it.
     with pytest.raises(BcvkError, match="bcvk did not create it"):
-        domains.create_vm(conn, IMAGE, options(name="test", replace=True))
+        provision.create_vm(conn, IMAGE, options(name="test", replace=True))
     with pytest.raises(BcvkError, match="not created by bcvk"):
-        domains.remove(conn, "test", force=True)
+        lifecycle.remove(conn, "test", force=True)
     assert conn.lookup("test") is not None
     assert [v.name for v in vmview.all_vms(conn)] == ["vm1"]
 
 
 def test_port_in_use_is_refused(conn: Connection, fake_image: podman.ImageInfo) -> None:
-    domains.create_vm(conn, IMAGE, options(name="a", ports=(lx.PortForward(18081, 80),)))
+    provision.create_vm(conn, IMAGE, options(name="a", ports=(PortForward(18081, 80),)))
     with pytest.raises(BcvkError, match="port 18081 is already in use"):
-        domains.create_vm(conn, IMAGE, options(name="b", ports=(lx.PortForward(18081, 80),)))
+        provision.create_vm(conn, IMAGE, options(name="b", ports=(PortForward(18081, 80),)))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         port = busy.getsockname()[1]
         busy.listen()
         with pytest.raises(BcvkError, match=f"port {port} is already in use"):
-            domains.create_vm(conn, IMAGE, options(name="c", ports=(lx.PortForward(port, 80),)))
+            provision.create_vm(conn, IMAGE, options(name="c", ports=(PortForward(port, 80),)))
     assert conn.lookup("b") is None
     assert conn.lookup("c") is None
 
@@ -294,7 +308,7 @@ def test_failed_run_leaves_nothing_behind(
 
     monkeypatch.setattr(DomainRef, "start", boom)
     with pytest.raises(LibvirtError, match="simulated"):
-        domains.create_vm(conn, IMAGE, options(name="broken"))
+        provision.create_vm(conn, IMAGE, options(name="broken"))
     assert conn.lookup("broken") is None
     pool = conn.pool(POOL)
     assert pool is not None
@@ -306,10 +320,10 @@ def test_failed_run_leaves_nothing_behind(
 def test_mount_units_as_credentials_for_new_systemd(
     conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(domains, "_guest_systemd", lambda image: 257)
+    monkeypatch.setattr(provision, "_guest_systemd", lambda image: 257)
     share = tmp_path / "share"
     share.mkdir()
-    vm = domains.create_vm(
+    vm = provision.create_vm(
         conn, IMAGE, options(name="m", binds=(f"{share}:/mnt/rw",), binds_ro=(f"{share}:/mnt/ro",))
     )
     dom = lx.Domain.from_xml(conn.get("m").xml())
@@ -323,21 +337,22 @@ def test_mount_units_as_credentials_for_new_systemd(
 
 
 def test_missing_bind_source_is_refused(conn: Connection, fake_image: podman.ImageInfo) -> None:
-    with pytest.raises(NotFoundError, match="does not exist"):
-        domains.create_vm(conn, IMAGE, options(binds=("/nonexistent/dir:/mnt",)))
+    # Refused while parsing the options: before libvirt or the image is asked.
+    with pytest.raises(UsageError, match="no such directory"):
+        options(binds=("/nonexistent/dir:/mnt",))
 
 
 def test_firmware_choices() -> None:
     with pytest.raises(UsageError, match="signed boot chain"):
-        domains._check_firmware(lx.Firmware.uefi_secure)
+        provision.validate(options(firmware="uefi-secure"))
     with pytest.raises(UsageError, match="not supported"):
-        domains._check_firmware(lx.Firmware.bios)
-    domains._check_firmware(lx.Firmware.uefi)
+        provision.validate(options(firmware="bios"))
+    provision.validate(options(firmware="uefi-insecure"))
 
 
 def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.ImageInfo) -> None:
-    a = domains.create_vm(conn, IMAGE, options(name="a", labels=("x",)))
-    domains.create_vm(conn, IMAGE, options(name="b", labels=("y",), start=False))
+    a = provision.create_vm(conn, IMAGE, options(name="a", labels=("x",)))
+    provision.create_vm(conn, IMAGE, options(name="b", labels=("y",), start=False))
     vms = vmview.all_vms(conn)
     assert [v.name for v in vmview.filter_vms(vms, all_states=False, label=None)] == ["a"]
     assert [v.name for v in vmview.filter_vms(vms, all_states=True, label=None)] == ["a", "b"]
@@ -355,8 +370,8 @@ def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.Ima
         "disk_path",
     } <= set(data)
     with pytest.raises(BcvkError, match="is running"):
-        domains.remove(conn, "a")
-    plan = domains.remove(conn, "a", force=True)
+        lifecycle.remove(conn, "a")
+    plan = lifecycle.remove(conn, "a", force=True)
     assert plan.volume == "a.qcow2"
     assert conn.lookup("a") is None
     pool = conn.pool(POOL)
@@ -370,8 +385,8 @@ def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.Ima
 def test_domains_deleted_behind_our_back(
     conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    domains.create_vm(conn, IMAGE, options(name="gone", start=False))
-    domains.create_vm(conn, IMAGE, options(name="stays", start=False))
+    provision.create_vm(conn, IMAGE, options(name="gone", start=False))
+    provision.create_vm(conn, IMAGE, options(name="stays", start=False))
     real_xml = DomainRef.xml
 
     def racing(self: DomainRef, inactive: bool = False) -> str:
@@ -387,19 +402,19 @@ def test_domains_deleted_behind_our_back(
     with pytest.raises(DomainNotFound):
         dom.state()
     with pytest.raises(NotFoundError, match="no domain named 'gone'"):
-        domains.remove(conn, "gone", force=True)
-    domains.stop_domain(dom)  # copes: nothing to stop
+        lifecycle.remove(conn, "gone", force=True)
+    lifecycle.stop_domain(dom)  # copes: nothing to stop
 
 
 def test_stop_start_and_rm_all(conn: Connection, fake_image: podman.ImageInfo) -> None:
-    domains.create_vm(conn, IMAGE, options(name="s1", labels=("grp",)))
-    domains.create_vm(conn, IMAGE, options(name="s2", labels=("grp",)))
-    domains.create_vm(conn, IMAGE, options(name="other", start=False))
+    provision.create_vm(conn, IMAGE, options(name="s1", labels=("grp",)))
+    provision.create_vm(conn, IMAGE, options(name="s2", labels=("grp",)))
+    provision.create_vm(conn, IMAGE, options(name="other", start=False))
     dom = conn.get("s1")
-    domains.stop_domain(dom)
+    lifecycle.stop_domain(dom)
     assert dom.state() == "shut off"
-    domains.stop_domain(dom)  # already stopped: a no-op
-    domains.stop_domain(conn.get("s2"), force=True)
+    lifecycle.stop_domain(dom)  # already stopped: a no-op
+    lifecycle.stop_domain(conn.get("s2"), force=True)
     assert conn.get("s2").state() == "shut off"
     conn.get("s2").start()
     removed, skipped = domains.rm_all(uri=URI, label="grp")
@@ -411,7 +426,7 @@ def test_stop_start_and_rm_all(conn: Connection, fake_image: podman.ImageInfo) -
 
 
 def test_status_on_the_test_driver(conn: Connection, fake_image: podman.ImageInfo) -> None:
-    domains.create_vm(conn, IMAGE, options(name="st"))
+    provision.create_vm(conn, IMAGE, options(name="st"))
     data = domains.status(URI)
     assert data["libvirt_version"]
     assert data["domain_count"] == 1

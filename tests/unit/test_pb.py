@@ -13,6 +13,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,10 +21,13 @@ from bcvk import pb
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import cloudinit, credentials
 from bcvk.host import podman
-from bcvk.libvirt import domains
+from bcvk.libvirt import domains, lifecycle, provision
 from bcvk.libvirt import vms as vmview
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection
+from bcvk.pb import launcher as pblaunch
+from bcvk.pb import model
+from bcvk.pb import session as pbsession
 from bcvk.values import GIB, MIB
 from tests.unit.testdriver import POOL, URI, fake_base_disks, shared_connection
 
@@ -33,7 +37,7 @@ IMAGE_ID = "8ae7e19ce1c7" + "ab" * 26
 
 def vm(vm_id: str, name: str | None = None, created: str = "2026-01-01T00:00:00+00:00") -> pb.PbVm:
     md = lx.Metadata(source_image=IMAGE, ssh_port=2300, created=created)
-    dom = name or pb.DOMAIN_PREFIX + vm_id
+    dom = name or model.DOMAIN_PREFIX + vm_id
     view = vmview.Vm(name=dom, uuid="u", state="running", persistent=True, metadata=md)
     return pb.PbVm(pb.PbInfo(vm_id, name, IMAGE_ID, IMAGE), view)
 
@@ -42,47 +46,47 @@ def vm(vm_id: str, name: str | None = None, created: str = "2026-01-01T00:00:00+
 
 
 def test_identity_rules() -> None:
-    assert pb.image_vm_id("sha256:" + IMAGE_ID) == "8ae7e19ce1c7"
-    assert pb.image_vm_id(IMAGE_ID) == "8ae7e19ce1c7"
-    assert pb.domain_name("8ae7e19ce1c7", None) == "podman-bootc-8ae7e19ce1c7"
-    assert pb.domain_name("0123456789ab", "web") == "web"
-    fresh = pb.new_id({"aaaaaaaaaaaa"})
+    assert model.image_vm_id("sha256:" + IMAGE_ID) == "8ae7e19ce1c7"
+    assert model.image_vm_id(IMAGE_ID) == "8ae7e19ce1c7"
+    assert model.domain_name("8ae7e19ce1c7", None) == "podman-bootc-8ae7e19ce1c7"
+    assert model.domain_name("0123456789ab", "web") == "web"
+    fresh = model.new_id({"aaaaaaaaaaaa"})
     assert len(fresh) == 12
     assert int(fresh, 16) >= 0
     with pytest.raises(BcvkError):
-        pb.image_vm_id("not-hex")
+        model.image_vm_id("not-hex")
 
 
 def test_resolve_by_id_name_prefix_and_ambiguity() -> None:
     vms = [vm("abc111111111"), vm("abc222222222", "web"), vm("def333333333")]
-    assert pb.resolve(vms, "abc111111111").id == "abc111111111"
-    assert pb.resolve(vms, "web").id == "abc222222222"
-    assert pb.resolve(vms, "podman-bootc-def333333333").id == "def333333333"
-    assert pb.resolve(vms, "d").id == "def333333333"
-    assert pb.resolve(vms, "abc2").id == "abc222222222"
+    assert model.resolve(vms, "abc111111111").id == "abc111111111"
+    assert model.resolve(vms, "web").id == "abc222222222"
+    assert model.resolve(vms, "podman-bootc-def333333333").id == "def333333333"
+    assert model.resolve(vms, "d").id == "def333333333"
+    assert model.resolve(vms, "abc2").id == "abc222222222"
     with pytest.raises(UsageError, match="ambiguous") as info:
-        pb.resolve(vms, "abc")
+        model.resolve(vms, "abc")
     assert "abc111111111" in info.value.message
     assert "abc222222222 (web)" in info.value.message
     with pytest.raises(NotFoundError, match="no podman-bootc VM 'zzz'"):
-        pb.resolve(vms, "zzz")
-    assert pb.find(vms, "zzz") is None
+        model.resolve(vms, "zzz")
+    assert model.find(vms, "zzz") is None
 
 
 def test_latest_is_the_newest() -> None:
     old = vm("aaaaaaaaaaaa", created="2026-01-01T00:00:00+00:00")
     new = vm("bbbbbbbbbbbb", created="2026-02-01T00:00:00+00:00")
-    assert pb.latest([new, old]).id == "bbbbbbbbbbbb"
+    assert model.latest([new, old]).id == "bbbbbbbbbbbb"
     with pytest.raises(NotFoundError):
-        pb.latest([])
+        model.latest([])
 
 
 def test_disk_size_follows_podman_bootc() -> None:
-    assert pb.default_disk_size(400 * MIB, None) == 10 * GIB
-    assert pb.default_disk_size(6 * GIB, None) == 12 * GIB
-    assert pb.default_disk_size(400 * MIB, 20 * GIB) == 20 * GIB
-    assert pb.default_disk_size(400 * MIB, 5 * GIB) == 10 * GIB
-    assert pb.default_disk_size(6 * GIB + 1, None) % MIB == 0
+    assert model.default_disk_size(400 * MIB, None) == 10 * GIB
+    assert model.default_disk_size(6 * GIB, None) == 12 * GIB
+    assert model.default_disk_size(400 * MIB, 20 * GIB) == 20 * GIB
+    assert model.default_disk_size(400 * MIB, 5 * GIB) == 10 * GIB
+    assert model.default_disk_size(6 * GIB + 1, None) % MIB == 0
 
 
 def test_pb_info_round_trip_and_non_pb_domains() -> None:
@@ -100,7 +104,7 @@ def test_pb_info_round_trip_and_non_pb_domains() -> None:
             metadata=lx.Metadata(source_image=IMAGE),
         )
     ).to_xml()  # fmt: skip
-    assert pb.pb_info_from_xml(plain) is None
+    assert model.pb_info_from_xml(plain) is None
 
 
 def test_patch_keeps_the_libvirt_view_and_adds_pb_cdrom_and_user_key() -> None:
@@ -119,13 +123,13 @@ def test_patch_keeps_the_libvirt_view_and_adds_pb_cdrom_and_user_key() -> None:
     )
     original = lx.build(spec).to_xml()
     info = pb.PbInfo("0123456789ab", None, IMAGE_ID, IMAGE, user="core", disk_size=10 * GIB)
-    patched = pb.patch_domain_xml(
+    patched = model.patch_domain_xml(
         original,
         info,
         seed_iso="/pool/podman-bootc-0123456789ab-cidata.iso",
-        tmpfiles_credential=pb.key_credential(key, "core"),
+        tmpfiles_credential=model.key_credential(key, "core"),
     )
-    assert pb.pb_info_from_xml(patched) == info
+    assert model.pb_info_from_xml(patched) == info
     dom = lx.Domain.from_xml(patched)
     assert dom.metadata is not None
     assert dom.metadata.ssh_port == 2345  # the libvirt layer still reads its metadata
@@ -144,7 +148,7 @@ def test_patch_keeps_the_libvirt_view_and_adds_pb_cdrom_and_user_key() -> None:
     assert "/root/.ssh/authorized_keys" in text
     assert "/home/core/.ssh/authorized_keys 0600 core core" in text
     # Patching twice replaces the pb element instead of adding a second one.
-    again = pb.patch_domain_xml(patched, dataclasses.replace(info, user="root"))
+    again = model.patch_domain_xml(patched, dataclasses.replace(info, user="root"))
     assert ET.fromstring(again).find(".//{*}podman-bootc").get("user") == "root"  # type: ignore[union-attr]
     assert len(ET.fromstring(again).findall(".//{*}podman-bootc")) == 1
 
@@ -152,21 +156,23 @@ def test_patch_keeps_the_libvirt_view_and_adds_pb_cdrom_and_user_key() -> None:
 def test_control_path_stays_short(tmp_path: Path) -> None:
     short = Path("/run/user/0/bcvk/pb")
     uri = "qemu:///system"
-    path = pb.control_path("0123456789ab", 2345, "root", uri, short)
+    path = pbsession.control_path("0123456789ab", 2345, "root", uri, short)
     assert path is not None
     assert path.parent == short
     assert path.name.startswith("0123456789ab-2345-root-")
-    user = pb.control_path("0123456789ab", 2345, "core", uri, short)
+    user = pbsession.control_path("0123456789ab", 2345, "core", uri, short)
     assert user is not None
     assert user.name.startswith("0123456789ab-2345-core-")
-    other_uri = pb.control_path("0123456789ab", 2345, "root", "qemu:///session", short)
+    other_uri = pbsession.control_path("0123456789ab", 2345, "root", "qemu:///session", short)
     assert other_uri != path
     # ssh binds "<path>.<16 random chars>" first: that too must fit sun_path (108).
     assert len(os.fsencode(path)) + 17 < 108
-    longest = pb.control_path("0123456789ab", 65535, "u" * 40, uri, Path("/tmp/bcvk-65534/pb"))
+    longest = pbsession.control_path(
+        "0123456789ab", 65535, "u" * 40, uri, Path("/tmp/bcvk-65534/pb")
+    )
     assert longest is not None
     assert len(os.fsencode(longest)) + 17 < 108
-    assert pb.control_path("0123456789ab", 2345, "root", uri, Path("/" + "x" * 80)) is None
+    assert pbsession.control_path("0123456789ab", 2345, "root", uri, Path("/" + "x" * 80)) is None
 
 
 @pytest.mark.parametrize(
@@ -176,14 +182,14 @@ def test_control_path_stays_short(tmp_path: Path) -> None:
 def test_effective_uri_matches_the_connection_default(
     env: dict[str, str], uid_root: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bcvk.libvirt import connection
+    from bcvk.libvirt.uri import default_uri
 
     monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(os, "geteuid", lambda: 0 if uid_root else 1000)
-    assert pb.effective_uri(None) == connection.default_uri()
-    assert pb.effective_uri("qemu:///x") == "qemu:///x"
+    assert model.effective_uri(None) == default_uri()
+    assert model.effective_uri("qemu:///x") == "qemu:///x"
 
 
 def test_shared_connection_is_found_without_libvirt_only_when_unique_and_live(
@@ -195,27 +201,38 @@ def test_shared_connection_is_found_without_libvirt_only_when_unique_and_live(
     directory.mkdir(mode=0o700, exist_ok=True)
     uri = "qemu:///system"
     try:
-        path = pb.control_path("0123456789ab", 2345, "core", uri, directory)
+        path = pbsession.control_path("0123456789ab", 2345, "core", uri, directory)
         assert path is not None
-        assert pb.shared_connection("0123456789ab", None, uri, directory) is None  # no socket
+        assert (
+            pbsession.shared_connection("0123456789ab", None, uri, directory) is None
+        )  # no socket
         with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as server:
             server.bind(os.fspath(path))
             server.listen()
-            found = pb.shared_connection("0123456789ab", None, uri, directory)
+            found = pbsession.shared_connection("0123456789ab", None, uri, directory)
             assert found == ("0123456789ab", 2345, "core", path)
-            by_name = pb.shared_connection("podman-bootc-0123456789ab", "core", uri, directory)
+            by_name = pbsession.shared_connection(
+                "podman-bootc-0123456789ab", "core", uri, directory
+            )
             assert by_name == found
-            assert pb.shared_connection("0123456789ab", "root", uri, directory) is None
-            assert pb.shared_connection("0123456789ab", None, "qemu:///session", directory) is None
-            assert pb.shared_connection("0123", None, uri, directory) is None  # prefixes: libvirt
-            assert pb.shared_connection("web", None, uri, directory) is None  # names: libvirt
-            second = pb.control_path("0123456789ab", 2345, "root", uri, directory)
+            assert pbsession.shared_connection("0123456789ab", "root", uri, directory) is None
+            assert (
+                pbsession.shared_connection("0123456789ab", None, "qemu:///session", directory)
+                is None
+            )
+            assert (
+                pbsession.shared_connection("0123", None, uri, directory) is None
+            )  # prefixes: libvirt
+            assert (
+                pbsession.shared_connection("web", None, uri, directory) is None
+            )  # names: libvirt
+            second = pbsession.control_path("0123456789ab", 2345, "root", uri, directory)
             assert second is not None
             second.touch()
-            assert pb.shared_connection("0123456789ab", None, uri, directory) is None  # two
+            assert pbsession.shared_connection("0123456789ab", None, uri, directory) is None  # two
             second.unlink()
         # a dead master's socket is not used, and is cleaned up
-        assert pb.shared_connection("0123456789ab", None, uri, directory) is None
+        assert pbsession.shared_connection("0123456789ab", None, uri, directory) is None
         assert not path.exists()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -223,15 +240,15 @@ def test_shared_connection_is_found_without_libvirt_only_when_unique_and_live(
 
 def test_validate_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="invalid user"):
-        pb.validate(pb.RunOptions(user="Bad User"))
+        pblaunch.validate(pb.RunOptions(user="Bad User"))
     with pytest.raises(UsageError, match="belong to the images' own VMs"):
-        pb.validate(pb.RunOptions(name="podman-bootc-x"))
+        pblaunch.validate(pb.RunOptions(name="podman-bootc-x"))
     with pytest.raises(UsageError, match="no user-data"):
-        pb.validate(pb.RunOptions(cloudinit=tmp_path))
+        pblaunch.validate(pb.RunOptions(cloudinit=tmp_path))
     with pytest.raises(NotFoundError, match="no such directory"):
-        pb.validate(pb.RunOptions(cloudinit=tmp_path / "missing"))
+        pblaunch.validate(pb.RunOptions(cloudinit=tmp_path / "missing"))
     with pytest.raises(UsageError, match="--bind"):
-        pb.validate(pb.RunOptions(volumes=("nocolon",)))
+        pb.make_run_options(URI, volumes=("nocolon",))
 
 
 # ------------------------------------------------------------------ locks
@@ -247,18 +264,18 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def test_session_lock_blocks_exclusive_and_shows_in_use(runtime: Path) -> None:
-    assert not pb.in_use("0123456789ab")
-    with pb.VmLock("0123456789ab") as session:
+    assert not pbsession.in_use("0123456789ab")
+    with pbsession.VmLock("0123456789ab") as session:
         session.shared()
-        assert pb.in_use("0123456789ab")
-        with pb.VmLock("0123456789ab") as other:
+        assert pbsession.in_use("0123456789ab")
+        with pbsession.VmLock("0123456789ab") as other:
             other.shared(wait=1)  # sessions share
-            with pb.VmLock("0123456789ab") as remover:
+            with pbsession.VmLock("0123456789ab") as remover:
                 assert not remover.try_exclusive()
-    assert not pb.in_use("0123456789ab")
-    with pb.VmLock("0123456789ab") as remover:
+    assert not pbsession.in_use("0123456789ab")
+    with pbsession.VmLock("0123456789ab") as remover:
         assert remover.try_exclusive()
-        with pb.VmLock("0123456789ab") as late, pytest.raises(BcvkError, match="timed out"):
+        with pbsession.VmLock("0123456789ab") as late, pytest.raises(BcvkError, match="timed out"):
             late.shared(wait=0.3)
 
 
@@ -270,18 +287,18 @@ def test_a_dead_sessions_lock_does_not_block(runtime: Path) -> None:
         "print('locked', flush=True)\n"
         "time.sleep(60)\n"
     )
-    path = pb.lock_path("0123456789ab")
+    path = pbsession.lock_path("0123456789ab")
     child = subprocess.Popen(
         ["python3", "-c", script, str(path)], stdout=subprocess.PIPE, text=True
     )
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "locked"
-    with pb.VmLock("0123456789ab") as remover:
+    with pbsession.VmLock("0123456789ab") as remover:
         assert not remover.try_exclusive()
-    assert pb.in_use("0123456789ab")
+    assert pbsession.in_use("0123456789ab")
     child.kill()
     child.wait()
-    with pb.VmLock("0123456789ab") as remover:
+    with pbsession.VmLock("0123456789ab") as remover:
         assert remover.try_exclusive()
 
 
@@ -292,7 +309,7 @@ def test_proc_locks_parsing() -> None:
         "2: POSIX  ADVISORY  WRITE 4321 fd:01:42 0 EOF\n"
         "3: OFDLCK ADVISORY  READ  -1 08:02:7 0 EOF\n"
     )
-    assert pb.locked_inodes(text) == {(0, 0x1A, 5678)}
+    assert pbsession.locked_inodes(text) == {(0, 0x1A, 5678)}
 
 
 # ------------------------------------------------------------------ cloud-init seed
@@ -357,18 +374,18 @@ def fakes(monkeypatch: pytest.MonkeyPatch, conn: Connection) -> dict[str, list[s
         return plain if "plain" in ref else info
 
     monkeypatch.setattr(podman, "ensure_image", ensure_image)
-    monkeypatch.setattr(domains, "_image", lambda image: info)
+    monkeypatch.setattr(provision, "image_info", lambda image: info)
 
     fake_base_disks(monkeypatch, 10 << 30)
     monkeypatch.setattr(
-        domains, "wait_for_ssh", lambda dom, v, timeout=0: calls["waited"].append(v.name)
+        lifecycle, "wait_for_ssh", lambda dom, v, timeout=0: calls["waited"].append(v.name)
     )
-    monkeypatch.setattr(pb, "ensure_master", lambda t, i, u: calls["masters"].append(i))
+    monkeypatch.setattr(pblaunch, "ensure_master", lambda t, i, u: calls["masters"].append(i))
     return calls
 
 
-def opts(**changes: object) -> pb.RunOptions:
-    return dataclasses.replace(pb.RunOptions(pool=POOL, timeout=5), **changes)  # type: ignore[arg-type]
+def opts(**changes: Any) -> pb.RunOptions:
+    return dataclasses.replace(pb.RunOptions(pool=POOL, timeout=5), **changes)
 
 
 def test_run_creates_one_vm_per_image_and_reuses_it(
@@ -382,7 +399,7 @@ def test_run_creates_one_vm_per_image_and_reuses_it(
     assert fakes["pulled"] == [IMAGE]
     assert fakes["waited"] == [vm.name]
     # pb list shows pb VMs only; libvirt list shows them too.
-    domains.create_vm(conn, IMAGE, domains.RunOptions(name="plain-vm", pool=POOL, tpm=False))
+    provision.create_vm(conn, IMAGE, provision.RunOptions(name="plain-vm", pool=POOL, tpm=False))
     assert [v.id for v in pb.list_vms(URI)] == ["8ae7e19ce1c7"]
     assert {v.name for v in domains.list_vms(URI, all_states=True)} == {
         "plain-vm",
@@ -411,7 +428,7 @@ def test_named_vms_rm_and_locks(conn: Connection, fakes: dict[str, list[str]]) -
     assert pb.inspect("web", uri=URI).id == first.id
     with pytest.raises(BcvkError, match="is running"):
         pb.rm("web", uri=URI)
-    with pb.VmLock(first.id) as session:
+    with pbsession.VmLock(first.id) as session:
         session.shared()
         assert pb.inspect("web", uri=URI).in_use
         with pytest.raises(pb.InUseError, match="SSH session"):
@@ -480,7 +497,7 @@ def test_cloudinit_seed_is_attached_and_removed(
         )
         return name, vol.path
 
-    monkeypatch.setattr(pb, "_seed_volume", seed_volume)
+    monkeypatch.setattr(pblaunch, "seed_volume", seed_volume)
     vm = pb.run(IMAGE, opts(cloudinit=ci), uri=URI)
     assert built
     assert vm.info.cloudinit_iso is not None
@@ -500,7 +517,7 @@ def test_run_with_command_removes_the_vm_but_keeps_the_base_disk(
         commands.append(list(command))
         return 7
 
-    monkeypatch.setattr(pb, "_session", session)
+    monkeypatch.setattr(pblaunch, "session", session)
     vm, status = pb.run_session(IMAGE, opts(), ["sh", "-c", "exit 7"], uri=URI)
     assert status == 7
     assert commands == [["sh", "-c", "exit 7"]]

@@ -7,15 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from bcvk.host import qemu
-from bcvk.host.qemu import (
-    Accel,
-    Drive,
-    NinePShare,
-    PortForward,
-    QemuSpec,
-    RootfsKind,
-    VirtiofsShare,
-)
+from bcvk.host.qemu import Drive, NinePShare, QemuSpec, RootfsKind, VirtiofsShare
+from bcvk.values import Accel, PortForward
 
 
 def render(argv: list[str]) -> str:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bcvk import paths
 from bcvk.ephemeral import cache as rootfs
-from bcvk.ephemeral import registry as state
 from bcvk.errors import BcvkError
+from bcvk.image import uki as ukimod
 
 
 def make_pe(sections: dict[str, bytes]) -> bytes:
@@ -39,7 +40,7 @@ def make_pe(sections: dict[str, bytes]) -> bytes:
 
 def test_pe_sections_are_cut_to_their_virtual_size() -> None:
     pe = make_pe({".linux": b"KERNEL" * 100, ".initrd": b"INITRD", ".cmdline": b"quiet"})
-    sections = rootfs.pe_sections(pe)
+    sections = ukimod.pe_sections(pe)
     assert sections[".linux"] == b"KERNEL" * 100
     assert sections[".initrd"] == b"INITRD"
     assert sections[".cmdline"] == b"quiet"
@@ -48,18 +49,18 @@ def test_pe_sections_are_cut_to_their_virtual_size() -> None:
 def test_extract_uki(tmp_path: Path) -> None:
     uki = tmp_path / "linux.efi"
     uki.write_bytes(make_pe({".linux": b"K", ".initrd": b"I"}))
-    assert rootfs.extract_uki(uki, tmp_path / "k", tmp_path / "i")
+    assert ukimod.extract_uki(uki, tmp_path / "k", tmp_path / "i")
     assert (tmp_path / "k").read_bytes() == b"K"
     assert (tmp_path / "i").read_bytes() == b"I"
     uki.write_bytes(make_pe({".text": b"x"}))
     with pytest.raises(BcvkError, match="no .linux section"):
-        rootfs.extract_uki(uki, tmp_path / "k", tmp_path / "i")
+        ukimod.extract_uki(uki, tmp_path / "k", tmp_path / "i")
 
 
 @pytest.mark.parametrize("data", [b"", b"ELF" * 40, b"MZ" + b"\0" * 0x3A + b"\x40\0\0\0" + b"XX"])
 def test_non_pe_files_are_refused(data: bytes) -> None:
     with pytest.raises(ValueError, match="not a PE file"):
-        rootfs.pe_sections(data)
+        ukimod.pe_sections(data)
 
 
 def test_label_fits_ext4() -> None:
@@ -163,7 +164,7 @@ def test_prune_spares_entries_in_use(
     monkeypatch.setattr(rootfs, "_present_ids", lambda: {"bb" * 32, "cc" * 32})
     old = time.time() - 40 * 86400
     os.utime(cache / ("cc" * 32) / "last-used", (old, old))
-    with state.locked(cache / ("bb" * 32) / "lock"):
+    with paths.locked(cache / ("bb" * 32) / "lock"):
         infos = {i.image_id: i for i in rootfs.describe()}
         assert infos["bb" * 32].in_use
         assert not infos["aa" * 32].in_use

@@ -99,11 +99,13 @@ def test_a_failing_record_leaves_no_directory(runtime: Path) -> None:
     assert not (runtime / "vm").exists()
 
 
-def test_scan_prunes_vms_whose_processes_are_gone(runtime: Path, tmp_path: Path) -> None:
+def test_scan_prunes_vms_whose_processes_are_gone(
+    runtime: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     leftover = tmp_path / "swap-file"
     leftover.write_text("x")
     unmounted: list[str | None] = []
-    state.set_unmounter(lambda rec: unmounted.append(rec.mount))
+    monkeypatch.setattr("bcvk.host.podman.unmount_image", unmounted.append)
     dead = Proc("qemu", dead_pid(), 12345)
     state.create(
         "gone",
@@ -124,21 +126,6 @@ def test_scan_prunes_vms_whose_processes_are_gone(runtime: Path, tmp_path: Path)
     assert not (runtime / "half-made").exists()
     assert unmounted == ["img-id"]
     assert not leftover.exists()
-
-
-def test_a_mount_is_never_forgotten_without_an_unmounter(runtime: Path) -> None:
-    state.set_unmounter(None)  # type: ignore[arg-type]
-    try:
-        state.create(
-            "gone",
-            lambda used: VmRecord(name="gone", image="i", mount="id", mount_state="mounting"),
-        )
-        assert state.scan() == []
-        assert (runtime / "gone" / "vm.json").exists()
-    finally:
-        from bcvk.ephemeral import cache as rootfs
-
-        state.set_unmounter(rootfs._unmount_record)
 
 
 def test_foreground_vm_is_starting_while_its_bcvk_lives() -> None:
@@ -172,9 +159,11 @@ def test_lookup_validates_the_name() -> None:
     assert state.lookup("nobody") is None
 
 
-def test_a_vm_is_reaped_once_even_by_two_reapers(runtime: Path) -> None:
+def test_a_vm_is_reaped_once_even_by_two_reapers(
+    runtime: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     unmounted: list[str | None] = []
-    state.set_unmounter(lambda rec: unmounted.append(rec.mount))
+    monkeypatch.setattr("bcvk.host.podman.unmount_image", unmounted.append)
     d, record = state.create(
         "twice",
         lambda used: VmRecord(name="twice", image="i", mount="id", mount_state="mounted"),
@@ -185,9 +174,11 @@ def test_a_vm_is_reaped_once_even_by_two_reapers(runtime: Path) -> None:
     assert list(runtime.iterdir()) == [runtime / ".lock"]
 
 
-def test_an_abandoned_reaping_claim_is_finished(runtime: Path) -> None:
+def test_an_abandoned_reaping_claim_is_finished(
+    runtime: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     unmounted: list[str | None] = []
-    state.set_unmounter(lambda rec: unmounted.append(rec.mount))
+    monkeypatch.setattr("bcvk.host.podman.unmount_image", unmounted.append)
     d, _ = state.create(
         "half", lambda used: VmRecord(name="half", image="i", mount="id", mount_state="mounted")
     )

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bcvk import to_disk
 from bcvk.__main__ import main
-from bcvk.to_disk import DiskFormat, Options
+from bcvk.to_disk import DiskFormat, Options, options, output
 
 REF = "localhost/test/bootc:1"
 PLAIN = "localhost/test/app:1"
@@ -113,8 +112,8 @@ def test_dry_run_missing_output(
 def _cached(tmp_path: Path, opts: Options, fmt: DiskFormat = DiskFormat.qcow2) -> Path:
     target = tmp_path / "x.qcow2"
     target.write_text("disk")
-    key = to_disk.cache_key(REF, DIGEST, fmt, 4 << 30, opts)
-    os.setxattr(target, to_disk.XATTR_HASH, to_disk.cache_hash(key).encode())
+    key = options.cache_key(REF, DIGEST, fmt, 4 << 30, opts)
+    os.setxattr(target, output.XATTR_HASH, options.cache_hash(key).encode())
     return target
 
 

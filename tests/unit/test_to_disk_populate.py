@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from bcvk.errors import ImageContentError
+from bcvk.image import bootc
 from bcvk.image import scan as populate
+from bcvk.image.facts import TreeFacts
+from bcvk.image.scan import TreeScan
+from bcvk.to_disk import native, treecopy
+from bcvk.to_disk.layout import Filesystem
+from bcvk.to_disk.treecopy import Extra
 
 
 def make_tree(root: Path) -> Path:
@@ -48,29 +56,30 @@ def tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "tree")
 
 
-def test_facts(tree: Path) -> None:
-    facts = populate.facts(tree, "x86_64")
-    assert facts["os_release"] == {"ID": "testos", "PRETTY_NAME": "Test OS 1"}
-    assert facts["install_filesystem"] == "xfs"
-    assert facts["image_kargs"] == ["mitigations=auto", "quiet"]
-    assert facts["has_bootc"] is False
-    assert facts["selinux"] is False
-    assert facts["systemd_boot"] is None
-    assert facts["kernel_files"] == [
-        {
-            "kernel": str(tree / "usr/lib/modules/6.1.0-1/vmlinuz"),
-            "initrd": str(tree / "usr/lib/modules/6.1.0-1/initramfs.img"),
-        }
-    ]
-    existing = facts["existing"]
-    assert isinstance(existing, dict)
-    assert existing["/etc/fstab"] == "other"
-    assert existing["/etc"] == "dir"
-    assert existing["/root"] == "missing"
+def test_read_the_tree_for_a_disk(tree: Path) -> None:
+    read = native.read(tree, "localhost/x")
+    facts, located = read.facts, read.located
+    assert facts.os_release == {"ID": "testos", "PRETTY_NAME": "Test OS 1"}
+    assert facts.install_filesystem == "xfs"
+    assert facts.image_kargs == ("mitigations=auto", "quiet")
+    assert facts.has_bootc is False
+    assert facts.selinux is False
+    assert located.systemd_boot is None
+    assert located.kernel == str(tree / "usr/lib/modules/6.1.0-1/vmlinuz")
+    assert located.initrd == str(tree / "usr/lib/modules/6.1.0-1/initramfs.img")
+    assert located.existing["/etc/fstab"] == "other"
+    assert located.existing["/etc"] == "dir"
+    assert located.existing["/root"] == "missing"
+
+
+def test_the_tree_travels_as_json(tree: Path) -> None:
+    # What crosses the user-namespace boundary when rootless.
+    data = json.loads(json.dumps(native.read_json(os.fspath(tree), "x86_64")))
+    assert TreeFacts.from_json(data["facts"]) == native.read(tree, "x").facts
 
 
 def test_scan_for_xfs_lists_what_the_protofile_loses(tree: Path) -> None:
-    result = populate.scan(tree, "xfs")
+    result = populate.scan(tree, Filesystem.xfs.losses)
     assert result.content_bytes > 0
     # a hard link shares its inode's xattrs
     assert result.loss.xattrs == [
@@ -82,16 +91,17 @@ def test_scan_for_xfs_lists_what_the_protofile_loses(tree: Path) -> None:
 
 
 def test_scan_for_ext4_loses_nothing(tree: Path) -> None:
-    assert populate.scan(tree, "ext4").loss.empty()
+    assert populate.scan(tree, Filesystem.ext4.losses).loss.empty()
+    assert TreeScan.from_json(populate.scan_json(os.fspath(tree), "")).files > 0
 
 
 def test_protofile_golden(tree: Path, golden: Callable[[str, str], None]) -> None:
     extras = [
-        populate.Extra("/etc/fstab", "file", 0o644, "/extras/fstab"),
-        populate.Extra("/boot", "dir", 0o755),
-        populate.Extra("/boot/efi", "dir", 0o700),
+        Extra("/etc/fstab", "file", 0o644, "/extras/fstab"),
+        Extra("/boot", "dir", 0o755),
+        Extra("/boot/efi", "dir", 0o700),
     ]
-    text, sticky = populate.protofile(tree, extras)
+    text, sticky = treecopy.protofile(tree, extras)
     assert sticky == ["/tmp"]
     # owners come from the tree; make the golden independent of who runs it
     text = re.sub(r"^(\s*\S+ [-dlcbp][-u][-g]\d{3}) \d+ \d+", r"\1 UID GID", text, flags=re.M)
@@ -104,7 +114,7 @@ def test_protofile_golden(tree: Path, golden: Callable[[str, str], None]) -> Non
 def test_copy_tree_keeps_links_modes_and_xattrs(tree: Path, tmp_path: Path) -> None:
     dst = tmp_path / "copy"
     dst.mkdir()
-    assert populate.copy_tree(tree, dst) == []
+    assert treecopy.copy_tree(tree, dst) == []
     tool = dst / "usr" / "bin" / "tool"
     assert stat.S_IMODE(tool.stat().st_mode) == 0o4755
     assert tool.stat().st_ino == (dst / "usr" / "bin" / "tool-alias").stat().st_ino
@@ -119,11 +129,11 @@ def test_copy_tree_keeps_links_modes_and_xattrs(tree: Path, tmp_path: Path) -> N
 def test_apply_extras_replaces_and_creates(tree: Path, tmp_path: Path) -> None:
     source = tmp_path / "fstab"
     source.write_text("new\n")
-    populate.apply_extras(
+    treecopy.apply_extras(
         tree,
         [
-            populate.Extra("/etc/fstab", "file", 0o644, str(source), os.getuid(), os.getgid()),
-            populate.Extra("/root", "dir", 0o700, None, os.getuid(), os.getgid()),
+            Extra("/etc/fstab", "file", 0o644, str(source), os.getuid(), os.getgid()),
+            Extra("/root", "dir", 0o700, None, os.getuid(), os.getgid()),
         ],
     )
     assert (tree / "etc" / "fstab").read_text() == "new\n"
@@ -137,7 +147,7 @@ def test_unnamable_names() -> None:
     assert not populate.proto_unnamable("a$b")
 
 
-def test_main_prints_json(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert populate.main(["facts", str(tree), "x86_64"]) == 0
-    assert '"install_filesystem": "xfs"' in capsys.readouterr().out
-    assert populate.main(["nope"]) == 2
+def test_a_karg_string_in_a_dropin_is_refused_not_split(tree: Path) -> None:
+    (tree / "usr/lib/bootc/kargs.d/30-bad.toml").write_text('kargs = "console=ttyS0"\n')
+    with pytest.raises(ImageContentError, match="kargs must be a list of strings"):
+        bootc.image_kargs(tree, "x86_64")

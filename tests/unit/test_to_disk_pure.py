@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bcvk import to_disk
 from bcvk.errors import NotFoundError, UsageError
-from bcvk.image import scan as populate
-from bcvk.to_disk import DiskFormat, Options, bootloader
+from bcvk.image.facts import TreeFacts
+from bcvk.image.scan import Loss
+from bcvk.to_disk import DiskFormat, Options, assemble, bootloader, native, options, output
 from bcvk.to_disk import mkfs as diskfs
-from bcvk.to_disk.layout import Filesystem, Firmware, PartitionTable
+from bcvk.to_disk.layout import Filesystem, Ids, PartitionTable
+from bcvk.to_disk.treecopy import Extra
+from bcvk.values import Firmware
 
 DIGEST = "sha256:" + "ab" * 32
 REF = "localhost/bcvk/debian-bootc:12"
@@ -22,44 +27,59 @@ GIB = 1024**3
 
 
 def key(opts: Options, fmt: DiskFormat = DiskFormat.qcow2, size: int = 4 * GIB) -> str:
-    return to_disk.cache_hash(to_disk.cache_key(REF, DIGEST, fmt, size, opts))
+    return options.cache_hash(options.cache_key(REF, DIGEST, fmt, size, opts))
 
 
 def test_cache_key_golden(golden: Callable[[str, str], None], tmp_path: Path) -> None:
     keys = tmp_path / "keys.pub"
     keys.write_text("ssh-ed25519 AAAA test\n")
     opts = Options(kargs=("console=ttyS0",), root_ssh_authorized_keys=keys)
-    data = to_disk.cache_key(REF, DIGEST, DiskFormat.qcow2, 4 * GIB, opts)
+    data = options.cache_key(REF, DIGEST, DiskFormat.qcow2, 4 * GIB, opts)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    text += to_disk.cache_hash(data) + "\n"
+    text += options.cache_hash(data) + "\n"
     golden("to-disk/cache-key.json", text)
 
 
-@pytest.mark.parametrize(
-    "changed",
-    [
-        Options(filesystem=Filesystem.xfs),
-        Options(root_size=GIB),
-        Options(kargs=("quiet",)),
-        Options(kargs=("a", "b")),
-        Options(installer=to_disk.Installer.native),
-        Options(compress=True),
-        Options(partition_table=PartitionTable.mbr),
-        Options(firmware=Firmware.both),
-    ],
-)
-def test_every_option_changes_the_key(changed: Options) -> None:
-    assert key(changed) != key(Options())
+def changed_values(tmp_path: Path) -> dict[str, Any]:
+    """A value other than the default for each option that shapes the disk."""
+    keys = tmp_path / "k.pub"
+    keys.write_text("ssh-ed25519 AAAA changed\n")
+    return {
+        "filesystem": Filesystem.xfs,
+        "root_size": GIB,
+        "kargs": ("quiet",),
+        "root_ssh_authorized_keys": keys,
+        "installer": to_disk.Installer.native,
+        "compress": True,
+        "partition_table": PartitionTable.mbr,
+        "firmware": Firmware.both,
+    }
+
+
+def test_every_option_changes_the_key(tmp_path: Path) -> None:
+    """Each Options field is in the key unless it is declared run-only or resolved:
+    a new field fails here until it is one of the three."""
+    fields = {f.name for f in dataclasses.fields(Options)}
+    changed = changed_values(tmp_path)
+    assert set(changed) == fields - options.RUN_ONLY - options.RESOLVED
+    for name, value in changed.items():
+        assert key(dataclasses.replace(Options(), **{name: value})) != key(Options()), name
+    assert key(Options(kargs=("a", "b"))) != key(Options(kargs=("b", "a")))
+    for name in options.RUN_ONLY:
+        default = getattr(Options(), name)
+        other = "x" if default is None else not default
+        unchanged: dict[str, Any] = {name: other}
+        assert key(dataclasses.replace(Options(), **unchanged)) == key(Options()), name
 
 
 def test_key_covers_format_size_digest_and_reference() -> None:
     base = key(Options())
     assert key(Options(), fmt=DiskFormat.raw) != base
     assert key(Options(), size=5 * GIB) != base
-    other = to_disk.cache_key("localhost/other:1", DIGEST, DiskFormat.qcow2, 4 * GIB, Options())
-    assert to_disk.cache_hash(other) != base
-    other = to_disk.cache_key(REF, "sha256:" + "cd" * 32, DiskFormat.qcow2, 4 * GIB, Options())
-    assert to_disk.cache_hash(other) != base
+    other = options.cache_key("localhost/other:1", DIGEST, DiskFormat.qcow2, 4 * GIB, Options())
+    assert options.cache_hash(other) != base
+    other = options.cache_key(REF, "sha256:" + "cd" * 32, DiskFormat.qcow2, 4 * GIB, Options())
+    assert options.cache_hash(other) != base
 
 
 def test_key_ignores_dry_run_and_force() -> None:
@@ -90,34 +110,34 @@ def test_key_follows_the_content_of_the_keys_file(tmp_path: Path) -> None:
     ],
 )
 def test_format_from_extension(name: str, fmt: DiskFormat) -> None:
-    assert to_disk.format_from_path(Path(name)) is fmt
+    assert options.format_from_path(Path(name)) is fmt
 
 
 def test_unknown_format_and_filesystem_are_usage_errors(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="unknown format 'iso'"):
+    with pytest.raises(UsageError, match="invalid --format 'iso'"):
         to_disk.build(REF, tmp_path / "x", format="iso")
-    with pytest.raises(UsageError, match="unknown filesystem 'zfs'") as exc:
+    with pytest.raises(UsageError, match="invalid --filesystem 'zfs'") as exc:
         to_disk.build(REF, tmp_path / "x", filesystem="zfs")
     assert exc.value.hint == "choose one of: ext4, xfs, btrfs"
 
 
 def test_compress_only_for_qcow2() -> None:
     with pytest.raises(UsageError, match="--compress applies to qcow2 only"):
-        to_disk.validate(Options(compress=True), DiskFormat.vhdx)
-    to_disk.validate(Options(compress=True), DiskFormat.qcow2)
+        options.validate(Options(compress=True), DiskFormat.vhdx)
+    options.validate(Options(compress=True), DiskFormat.qcow2)
 
 
 @pytest.mark.parametrize("firmware", [Firmware.bios, Firmware.both])
 def test_bios_is_refused_by_the_native_installer(firmware: Firmware) -> None:
     with pytest.raises(UsageError, match="not supported by the native installer") as exc:
-        to_disk.validate(Options(firmware=firmware), DiskFormat.raw)
+        options.validate(Options(firmware=firmware), DiskFormat.raw)
     assert exc.value.hint is not None
     assert "GRUB" in exc.value.hint
 
 
 def test_missing_keys_file(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="does not exist"):
-        to_disk.validate(Options(root_ssh_authorized_keys=tmp_path / "nope"), DiskFormat.raw)
+        options.validate(Options(root_ssh_authorized_keys=tmp_path / "nope"), DiskFormat.raw)
 
 
 def test_references_lose_transport_prefixes() -> None:
@@ -128,9 +148,9 @@ def test_references_lose_transport_prefixes() -> None:
 
 def test_output_directory_checks(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="does not exist"):
-        to_disk.check_output_path(tmp_path / "missing" / "x.raw")
+        output.check_output_path(tmp_path / "missing" / "x.raw")
     with pytest.raises(UsageError, match="is a directory"):
-        to_disk.check_output_path(tmp_path)
+        output.check_output_path(tmp_path)
 
 
 # ------------------------------------------------------------------ boot entry
@@ -181,11 +201,11 @@ def test_stage_esp_layout(tmp_path: Path) -> None:
 
 def test_debugfs_script_golden(golden: Callable[[str, str], None]) -> None:
     extras = [
-        populate.Extra("/etc/fstab", "file", 0o644, "/w/extras/etc_fstab"),
-        populate.Extra("/etc/machine-id", "file", 0o444, "/w/extras/etc_machine-id"),
-        populate.Extra("/boot/efi", "dir", 0o700),
-        populate.Extra("/root/.ssh", "dir", 0o700),
-        populate.Extra("/root/.ssh/authorized_keys", "file", 0o600, "/w/extras/keys"),
+        Extra("/etc/fstab", "file", 0o644, "/w/extras/etc_fstab"),
+        Extra("/etc/machine-id", "file", 0o444, "/w/extras/etc_machine-id"),
+        Extra("/boot/efi", "dir", 0o700),
+        Extra("/root/.ssh", "dir", 0o700),
+        Extra("/root/.ssh/authorized_keys", "file", 0o600, "/w/extras/keys"),
     ]
     existing = {
         "/etc/fstab": "other",
@@ -197,16 +217,16 @@ def test_debugfs_script_golden(golden: Callable[[str, str], None]) -> None:
 
 
 def test_loss_warning_lists_everything_and_is_silent_when_nothing_is_lost() -> None:
-    assert diskfs.loss_warning(Filesystem.ext4, {}) is None
+    assert diskfs.loss_warning(Filesystem.ext4, Loss()) is None
     text = diskfs.loss_warning(
         Filesystem.xfs,
-        {"xattrs": ["/usr/bin/ping (security.capability)"], "hard_links": ["/a = /b"]},
+        Loss(xattrs=["/usr/bin/ping (security.capability)"], hard_links=["/a = /b"]),
     )
     assert text is not None
     assert "/usr/bin/ping (security.capability)" in text
     assert "/a = /b" in text
     many = diskfs.loss_warning(
-        Filesystem.btrfs, {"device_nodes": [f"/dev/x{i}" for i in range(15)]}
+        Filesystem.btrfs, Loss(device_nodes=[f"/dev/x{i}" for i in range(15)])
     )
     assert many is not None
     assert "… and 5 more" in many
@@ -226,7 +246,7 @@ def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
     dst = tmp_path / "dst"
     with open(dst, "wb") as f:
         f.truncate(128 * 1024 * 1024)
-    to_disk.copy_sparse(src, dst, 1024 * 1024)
+    assemble.copy_sparse(src, dst, 1024 * 1024)
     data = dst.read_bytes()
     assert data[11 * 1024 * 1024 : 11 * 1024 * 1024 + 5] == b"hello"
     assert data[41 * 1024 * 1024 : 41 * 1024 * 1024 + 5] == b"world"
@@ -238,29 +258,29 @@ def test_slice_file(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.write_bytes(b"a" * 10 + b"\0" * (2 << 20) + b"tail")
     dst = tmp_path / "dst"
-    to_disk.slice_file(src, dst, 5, (2 << 20) + 9)
+    assemble.slice_file(src, dst, 5, (2 << 20) + 9)
     assert dst.read_bytes() == b"a" * 5 + b"\0" * (2 << 20) + b"tail"
 
 
 def test_xattr_probe_and_creator_marker(tmp_path: Path) -> None:
-    assert to_disk.xattrs_supported(tmp_path) is None
+    assert output.xattrs_supported(tmp_path) is None
     assert list(tmp_path.iterdir()) == []
     f = tmp_path / "f"
     f.write_text("x")
-    assert not to_disk.created_by_bcvk(f)
-    os.setxattr(f, to_disk.XATTR_HASH, b"sha256:1")
-    assert to_disk.created_by_bcvk(f)
-    assert to_disk.read_xattr(f, to_disk.XATTR_HASH) == "sha256:1"
+    assert not output.created_by_bcvk(f)
+    os.setxattr(f, output.XATTR_HASH, b"sha256:1")
+    assert output.created_by_bcvk(f)
+    assert output.read_xattr(f, output.XATTR_HASH) == "sha256:1"
 
 
 def test_no_space_detection() -> None:
     from bcvk.errors import CommandError
 
-    assert to_disk._no_space(OSError(28, "No space left on device"))
-    assert to_disk._no_space(
+    assert output.no_space(OSError(28, "No space left on device"))
+    assert output.no_space(
         CommandError(["mkfs.ext4"], 1, "__populate_fs: Could not allocate block in ext2 filesystem")
     )
-    assert not to_disk._no_space(CommandError(["mkfs.ext4"], 1, "bad option"))
+    assert not output.no_space(CommandError(["mkfs.ext4"], 1, "bad option"))
 
 
 def test_missing_tool_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,10 +294,10 @@ def test_missing_tool_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(run, "find_binary", find)
     with pytest.raises(ToolMissingError, match="mkfs.xfs not found") as exc:
-        to_disk.preflight(Filesystem.xfs, DiskFormat.qcow2)
+        native.preflight(Filesystem.xfs, DiskFormat.qcow2)
     assert exc.value.hint is not None
     assert "apt-get install xfsprogs" in exc.value.hint
-    to_disk.preflight(Filesystem.ext4, DiskFormat.qcow2)
+    native.preflight(Filesystem.ext4, DiskFormat.qcow2)
 
 
 def test_admin_tools_are_found_outside_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -330,21 +350,31 @@ def test_bootc_refuses_mbr() -> None:
 # ------------------------------------------------------------------ extras
 
 
-def _facts(**existing: str) -> dict[str, object]:
+def _tree(tmp_path: Path, *, selinux: bool = False, **existing: str) -> native.Tree:
     base = {
         "/etc": "dir", "/etc/fstab": "other", "/etc/machine-id": "other", "/root": "dir",
         "/root/.ssh": "missing", "/root/.ssh/authorized_keys": "missing", "/boot": "dir",
         "/boot/efi": "missing", "/.autorelabel": "missing",
     }  # fmt: skip
     base.update({k.replace("_", "/"): v for k, v in existing.items()})
-    return {"existing": base, "selinux": False}
+    facts = TreeFacts(
+        os_release={}, kernels=[], init="systemd", systemd_version=252, sshd_installed=True,
+        sshd_enabled=True, has_bootc=False, has_cloud_init=False, default_target=None,
+        initramfs_generator="dracut", selinux=selinux,
+    )  # fmt: skip
+    return native.Tree(tmp_path, facts, native.Located(None, None, None, base))
+
+
+def _plan(filesystem: Filesystem, ids: Ids) -> native.Plan:
+    from bcvk.to_disk.layout import compute_layout
+
+    layout = compute_layout(4 * GIB, content_bytes=1, filesystem=filesystem, ids=ids)
+    return native.Plan(filesystem, layout, ids, ())
 
 
 def test_extras_without_keys_or_selinux(tmp_path: Path) -> None:
-    from bcvk.to_disk.layout import Ids
-
     ids = Ids.generate()
-    extras = to_disk.extras(tmp_path, Filesystem.ext4, ids, Options(), _facts())
+    extras = native.extras(tmp_path, _plan(Filesystem.ext4, ids), Options(), _tree(tmp_path))
     assert [(e.path, e.kind, oct(e.mode)) for e in extras] == [
         ("/etc/fstab", "file", "0o644"),
         ("/etc/machine-id", "file", "0o444"),
@@ -355,16 +385,15 @@ def test_extras_without_keys_or_selinux(tmp_path: Path) -> None:
 
 
 def test_extras_with_keys_and_selinux_relabel(tmp_path: Path) -> None:
-    from bcvk.to_disk.layout import Ids
-
     keys = tmp_path / "k.pub"
     keys.write_text("ssh-ed25519 AAAA x\n")
-    facts = _facts()
-    facts["selinux"] = True
     work = tmp_path / "work"
     work.mkdir()
-    extras = to_disk.extras(
-        work, Filesystem.xfs, Ids.generate(), Options(root_ssh_authorized_keys=keys), facts
+    extras = native.extras(
+        work,
+        _plan(Filesystem.xfs, Ids.generate()),
+        Options(root_ssh_authorized_keys=keys),
+        _tree(tmp_path, selinux=True),
     )
     paths = [e.path for e in extras]
     assert paths[-3:] == ["/root/.ssh", "/root/.ssh/authorized_keys", "/.autorelabel"]
@@ -394,7 +423,7 @@ def test_xattr_probe_explains_an_unsupporting_filesystem(
         raise OSError(errno.ENOTSUP, "Operation not supported")
 
     monkeypatch.setattr(os, "setxattr", refuse)
-    assert to_disk.xattrs_supported(tmp_path) == "Operation not supported"
+    assert output.xattrs_supported(tmp_path) == "Operation not supported"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -403,7 +432,7 @@ def _work_dir(parent: Path, owner: str | None) -> Path:
     work.mkdir()
     (work / "root.img").write_bytes(b"partial")
     if owner is not None:
-        (work / to_disk.WORK_OWNER).write_text(owner)
+        (work / output.WORK_OWNER).write_text(owner)
     return work
 
 
@@ -420,9 +449,9 @@ def test_sweep_removes_only_work_of_dead_runs_on_this_host(tmp_path: Path) -> No
     garbled = _work_dir(tmp_path, "nonsense")
     other_output = tmp_path / ".y.qcow2.bcvk-00000000"
     other_output.mkdir()
-    (other_output / to_disk.WORK_OWNER).write_text(f"{platform.node()} {child.pid}\n")
+    (other_output / output.WORK_OWNER).write_text(f"{platform.node()} {child.pid}\n")
 
-    assert to_disk.sweep_stale_work(tmp_path / "x.qcow2") == [dead]
+    assert output.sweep_stale_work(tmp_path / "x.qcow2") == [dead]
     assert not dead.exists()
     for kept in (alive, elsewhere, unmarked, garbled, other_output):
         assert kept.is_dir()
@@ -430,6 +459,6 @@ def test_sweep_removes_only_work_of_dead_runs_on_this_host(tmp_path: Path) -> No
 
 def test_install_log_is_validated_and_kept_out_of_the_cache_key() -> None:
     with pytest.raises(UsageError, match="invalid --install-log filter"):
-        to_disk.validate(Options(install_log="debug; rm -rf /"), DiskFormat.raw)
-    to_disk.validate(Options(install_log="bootc_lib=trace,info"), DiskFormat.raw)
+        options.validate(Options(install_log="debug; rm -rf /"), DiskFormat.raw)
+    options.validate(Options(install_log="bootc_lib=trace,info"), DiskFormat.raw)
     assert key(Options(install_log="debug")) == key(Options())

@@ -75,7 +75,7 @@ def node_file(tmp_path: Path, domains: list[str]) -> str:
 def fake_base_disks(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     """basedisks.ensure makes an empty SIZE volume in POOL instead of running to-disk."""
 
-    def ensure(c: Connection, pool: object, image: str, i: object, opts: object) -> object:
+    def ensure(c: Connection, pool: object, image: str, opts: object) -> object:
         target = c.ensure_pool(POOL)
         name = "bootc-base-0123456789abcdef.qcow2"
         vol = target.volume(name) or target.create_volume(

@@ -1,0 +1,219 @@
+"""Booting one ephemeral VM, as a list of stages.
+
+``start`` runs them in order: ``ensure_image``, ``reserve`` a registry
+entry, ``launch.prepare`` the machine, ``inject_key``, ``launch.drives``,
+``launch.launch`` the processes, then either ``hand_over`` (detached) or
+wait for SSH.  Whatever fails, everything started so far is torn down:
+processes, image mount, files it created and the registry entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+
+from bcvk import run
+from bcvk.ephemeral import launch, registry
+from bcvk.ephemeral.launch import Launch, Machine
+from bcvk.ephemeral.options import Options, RootfsMode, check_ports_free, free_port, new_name
+from bcvk.ephemeral.vm import (
+    GuestPoweredOff,
+    Vm,
+    confirm_started,
+    signals_deferred,
+    teardown,
+    wait_for_ssh,
+)
+from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.guest import cloudinit, credentials, mounts
+from bcvk.host import podman, qemu, ssh
+from bcvk.values import PullPolicy
+
+
+def ensure_image(opts: Options) -> podman.ImageInfo:
+    try:
+        return podman.ensure_image(opts.image, opts.pull)
+    except NotFoundError as exc:
+        if opts.pull is PullPolicy.never:
+            raise NotFoundError(
+                f"image {opts.image} is not in local storage",
+                hint="build or pull it first, or drop --pull never",
+            ) from exc
+        raise
+
+
+def reserve(opts: Options, info: podman.ImageInfo) -> tuple[registry.VmDir, registry.VmRecord]:
+    """The VM's name and registry entry, with an SSH port no other VM holds."""
+    name = opts.name or new_name()
+    # Until it hands a detached VM over, this bcvk supervises it: a record
+    # with neither a live QEMU nor a live supervisor is stale and reaped.
+    supervisor = registry.Proc.of("bcvk", os.getpid(), group=False)
+
+    def make_record(used: set[int]) -> registry.VmRecord:
+        return registry.VmRecord(
+            name=name,
+            image=opts.image,
+            image_id=info.id,
+            ssh_port=free_port(used | {f.host for f in opts.ports}),
+            forwards=[(f.host, f.guest) for f in opts.ports],
+            memory_mib=opts.memory_mib,
+            vcpus=opts.vcpus,
+            detached=opts.detach,
+            supervisor=supervisor,
+            rootless=podman.rootless(),
+        )
+
+    return registry.create(name, make_record)
+
+
+def inject_key(machine: Machine, state: Launch) -> credentials.KeyInjection:
+    """A fresh key pair for the VM, and the routes that hand its public half in."""
+    key = ssh.generate_key(state.vmdir.path, comment=f"bcvk-{state.record.name}")
+    facts = machine.facts
+    routes = credentials.choose_routes(facts.systemd_version, facts.has_cloud_init)
+    if forced := os.environ.get("BCVK_SSH_KEY_ROUTES"):
+        try:
+            routes = credentials.parse_routes(forced)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return credentials.inject_key(
+        key.public_text(),
+        routes,
+        hostname=state.record.name,
+        systemd_version=facts.systemd_version,
+    )
+
+
+def seed_drive(state: Launch, injection: credentials.KeyInjection) -> qemu.Drive | None:
+    """A NoCloud seed for images running cloud-init, which may override credentials."""
+    if not injection.nocloud:
+        return None
+    seed = state.vmdir.path / "seed.img"
+    if not cloudinit.vfat_seed(injection.nocloud, seed):
+        return None
+    return qemu.Drive(os.fspath(seed), "raw", "cidata", readonly=True)
+
+
+def after_ready(vm: Vm, machine: Machine, state: Launch) -> None:
+    """What the guest gets over SSH once it answers: share mounts, swap, the journal."""
+    opts = machine.opts
+    script = [mounts.mount_command(b, ninep=machine.ninep) for b in opts.binds]
+    if opts.add_swap:
+        script.append("swapon /dev/disk/by-id/virtio-swap")
+    if script:
+        result = vm.ssh(" && ".join(script))
+        if result.returncode != 0:
+            raise BcvkError(
+                f"could not set up shares/swap in VM {vm.name}: "
+                + ((result.stderr or "").strip().splitlines() or ["?"])[-1],
+                hint="the guest kernel needs virtiofs (or 9p) modules for --bind",
+            )
+    if opts.log_dir and opts.log_dir.journal:
+        argv = ssh.argv(
+            vm.target(), ["journalctl", "-b", "-f", "-o", "json", "--no-pager"], tty=False
+        )
+        out = (opts.log_dir.directory / "journal.json").open("ab")
+        state.logs.append(out)
+        proc = run.spawn(
+            argv,
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            new_session=True,
+            die_with_parent=not opts.detach,
+        )
+        vm.children.append(proc)
+        vm.record.helpers.append(registry.Proc.of("journal", proc.pid))
+        vm.dir.write(vm.record)
+
+
+def _console_log(opts: Options, vmdir: registry.VmDir) -> str:
+    if opts.log_dir and opts.log_dir.console:
+        return os.fspath(opts.log_dir.directory / "console.txt")
+    return os.fspath(vmdir.console_log)
+
+
+def start(opts: Options) -> Vm:
+    """Boot the VM OPTS describe; return once SSH answers (or, detached, once it runs)."""
+    check_ports_free(opts.ports)
+    if opts.virtiofsd is not None or opts.rootfs is RootfsMode.virtiofs:
+        # Fail before any work when an explicitly requested virtiofsd is unusable.
+        launch.choose_rootfs(opts, None)
+    info = ensure_image(opts)
+    vmdir, record = reserve(opts, info)
+    state = Launch(opts, info, vmdir, record)
+    vm = Vm(vmdir, record, owner=True)
+    made_log_dir = False
+    try:
+        if opts.log_dir and not opts.log_dir.directory.exists():
+            opts.log_dir.directory.mkdir(parents=True)
+            made_log_dir = True
+        record.console_log = _console_log(opts, vmdir)
+        machine = launch.prepare(state)
+        vm.facts = machine.facts
+        injection = inject_key(machine, state)
+        drives = launch.drives(machine, state)
+        if (seed := seed_drive(state, injection)) is not None:
+            drives = (*drives, seed)
+        vmdir.write(record)
+        asyncio.run(launch.launch(machine, state, injection.smbios, injection.kernel_args, drives))
+        vm.children = state.children
+        record.phase = "running"
+        vmdir.write(record)
+        if opts.detach:
+            return hand_over(vm, machine, state)
+        asyncio.run(
+            wait_for_ssh(
+                vm,
+                opts.ssh_timeout,
+                progress=_progress(opts) and not opts.console,
+                allow_poweroff=not opts.execute,
+            )
+        )
+        after_ready(vm, machine, state)
+        launch.keep_created_disks(state)
+        return vm
+    except GuestPoweredOff:
+        launch.keep_created_disks(state)
+        vm.stop(graceful=False)
+        raise
+    except BaseException:
+        vm.children = state.children
+        with signals_deferred():
+            for sock in state.listeners:
+                sock.close()
+            teardown(vm, graceful=False, timeout=0)
+            if made_log_dir and opts.log_dir is not None:
+                _remove_if_empty(opts.log_dir.directory)
+        raise
+    finally:
+        state.close()
+
+
+def hand_over(vm: Vm, machine: Machine, state: Launch) -> Vm:
+    """Detach: once QEMU runs (and SSH answers, when shares need it), let it go."""
+    opts = machine.opts
+    confirm_started(vm)
+    if opts.binds or opts.add_swap or (opts.log_dir and opts.log_dir.journal):
+        # These are set up over SSH, so this detached start waits for it.
+        asyncio.run(
+            wait_for_ssh(vm, opts.ssh_timeout, progress=_progress(opts), allow_poweroff=False)
+        )
+        after_ready(vm, machine, state)
+    launch.keep_created_disks(state)
+    vm.record.supervisor = None
+    vm.dir.write(vm.record)
+    vm.owner = False
+    return vm
+
+
+def _progress(opts: Options) -> bool:
+    return opts.progress if opts.progress is not None else sys.stderr.isatty()
+
+
+def _remove_if_empty(path: os.PathLike[str]) -> None:
+    # Not empty: console.txt holds the boot log the error points at.
+    with contextlib.suppress(OSError):
+        os.rmdir(path)

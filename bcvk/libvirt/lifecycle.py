@@ -1,0 +1,191 @@
+"""Operations on bcvk's existing domains: wait for SSH, mount shares, stop, remove.
+
+Everything here takes an open ``Connection`` (or a domain and its ``Vm``
+view) and is shared by ``bcvk libvirt`` and ``bcvk pb``; the verbs that open
+connections are in ``bcvk.libvirt.domains``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from bcvk import paths
+from bcvk.errors import BcvkError, NotFoundError, WaitTimeout
+from bcvk.guest import mounts
+from bcvk.host import ssh
+from bcvk.libvirt import basedisks
+from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef, LibvirtError
+from bcvk.libvirt.vms import Vm, get_vm
+from bcvk.log import logger, step
+from bcvk.wait import Deadline, wait_until
+
+SSH_TIMEOUT = 300.0  # TCG boots take a minute; leave room for a busy host
+STOP_TIMEOUT = 60.0
+
+
+def destroy_quietly(dom: DomainRef) -> None:
+    with contextlib.suppress(DomainNotFound, LibvirtError):
+        if dom.is_active():
+            dom.destroy()
+
+
+def undefine_quietly(dom: DomainRef) -> None:
+    destroy_quietly(dom)
+    with contextlib.suppress(DomainNotFound):
+        dom.undefine()
+
+
+def console_tail(vm: Vm, lines: int = 15) -> str:
+    path = vm.metadata.console_log
+    if not path:
+        return ""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    tail = [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return "\n".join(tail)
+
+
+def wait_for_ssh(dom: DomainRef, vm: Vm, timeout: float = SSH_TIMEOUT) -> None:
+    """Wait until a real SSH handshake + command succeeds, or the domain dies."""
+    target = vm.ssh_target()
+    deadline = Deadline(timeout)
+
+    def ready() -> bool:
+        if not dom.is_active():
+            tail = console_tail(vm)
+            raise BcvkError(
+                f"VM {vm.name} stopped while waiting for SSH"
+                + (f"; console:\n{tail}" if tail else ""),
+                hint=f"see {vm.metadata.console_log or 'the libvirt log'} for the boot log",
+            )
+        return ssh.probe(target)
+
+    with step(f"Waiting for SSH on port {target.port}"):
+        try:
+            wait_until(ready, deadline, f"SSH in VM {vm.name}", interval=1.0)
+        except WaitTimeout as exc:
+            tail = console_tail(vm)
+            raise WaitTimeout(
+                f"{exc.message}" + (f"; last console lines:\n{tail}" if tail else ""),
+                hint="the image needs sshd enabled and DHCP networking; "
+                f"console log: {vm.metadata.console_log or 'not recorded'}",
+            ) from exc
+    logger.info("SSH ready after %.1fs", deadline.elapsed)
+
+
+def apply_guest_mounts(vm: Vm) -> None:
+    """Mount binds over SSH and record them in the guest's /etc/fstab."""
+    script = mounts.fstab_script(vm.metadata.mounts)
+    result = ssh.execute(vm.ssh_target(), ["sh", "-c", script], timeout=120)
+    if result.returncode != 0:
+        raise BcvkError(
+            f"mounting the shared directories in VM {vm.name} failed: "
+            f"{(result.stderr or '').strip()[-300:]}",
+            hint="the guest kernel needs virtiofs (CONFIG_VIRTIO_FS)",
+        )
+
+
+def running_vm(conn: Connection, name: str) -> tuple[DomainRef, Vm]:
+    dom, vm = get_vm(conn, name)
+    if not vm.running:
+        raise BcvkError(
+            f"VM {name} is not running (state: {vm.state})",
+            hint=f"start it with `bcvk libvirt start {name}`",
+        )
+    key = vm.metadata.ssh_private_key_path
+    if key and not Path(key).is_file():
+        raise NotFoundError(
+            f"the SSH key of VM {name} ({key}) is missing",
+            hint="keys stay on the machine that created the VM; recreate it with --replace",
+        )
+    return dom, vm
+
+
+def wait_inactive(dom: DomainRef, seconds: float) -> bool:
+    def stopped() -> bool:
+        try:
+            return not dom.is_active()
+        except DomainNotFound:
+            return True  # a transient domain vanishes when it stops
+
+    try:
+        wait_until(stopped, Deadline(seconds), f"VM {dom.name} to stop", interval=0.25)
+    except WaitTimeout:
+        return False
+    return True
+
+
+def stop_domain(dom: DomainRef, *, force: bool = False, timeout: float = STOP_TIMEOUT) -> None:
+    try:
+        if not dom.is_active():
+            logger.info("VM %s is not running", dom.name)
+            return
+        if force:
+            dom.destroy()
+            return
+        with step(f"Shutting down VM {dom.name}"):
+            dom.shutdown()
+            if wait_inactive(dom, timeout):
+                return
+        logger.warning("VM %s did not shut down within %.0fs; forcing it off", dom.name, timeout)
+        dom.destroy()
+    except DomainNotFound:
+        return
+
+
+@dataclass(frozen=True)
+class Removal:
+    name: str
+    volume: str | None
+    key_dir: str | None
+    console_log: str | None
+
+
+def plan_removal(vm: Vm) -> Removal:
+    md = vm.metadata
+    key = None
+    if md.ssh_generated and md.ssh_private_key_path:
+        parent = Path(md.ssh_private_key_path).parent
+        managed = paths.data_dir() / "libvirt"
+        if parent.parent == managed:
+            key = os.fspath(parent)
+    log = None
+    if md.console_log and md.console_log.endswith(f"/{vm.name}-console.log"):
+        log = md.console_log
+    volume = (
+        md.disk_volume if md.disk_volume and not basedisks.is_base_name(md.disk_volume) else None
+    )
+    return Removal(vm.name, volume, key, log)
+
+
+def remove(conn: Connection, name: str, *, force: bool = False) -> Removal:
+    """Remove bcvk VM NAME: domain, NVRAM/TPM state, its disk, its generated key."""
+    dom, vm = get_vm(conn, name)
+    if vm.running and not force:
+        raise BcvkError(
+            f"VM {name} is running",
+            hint=f"stop it first (`bcvk libvirt stop {name}`) or pass -f/--force",
+        )
+    plan = plan_removal(vm)
+    with step(f"Removing VM {name}"):
+        destroy_quietly(dom)
+        if vm.persistent:
+            with contextlib.suppress(DomainNotFound):
+                dom.undefine()
+        if plan.volume:
+            pool = conn.pool(vm.metadata.pool or "default")
+            volume = pool.volume(plan.volume) if pool is not None else None
+            if volume is not None:
+                volume.delete()
+        if plan.key_dir:  # keys live on this machine even for remote URIs
+            shutil.rmtree(plan.key_dir, ignore_errors=True)
+        if plan.console_log and not conn.info.remote:
+            with contextlib.suppress(OSError):
+                Path(plan.console_log).unlink()
+    return plan

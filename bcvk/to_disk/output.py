@@ -1,0 +1,164 @@
+"""OUTPUT: whose it is, where a build works, and how a finished disk takes its place.
+
+A build works in a hidden directory beside OUTPUT (same filesystem, so the
+final rename is atomic), marks the finished disk as bcvk's with extended
+attributes (the cache key, the image digest, bcvk's version) and renames it
+over OUTPUT.  A file bcvk did not make is never replaced without --force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import platform
+import secrets
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bcvk import __version__
+from bcvk.errors import BcvkError, CommandError, NotFoundError, UsageError
+from bcvk.log import logger
+from bcvk.to_disk import mkfs
+
+XATTR_HASH = "user.bootc.cache_hash"
+XATTR_DIGEST = "user.bootc.image_digest"
+XATTR_CREATOR = "user.bcvk.created_by"
+WORK_OWNER = "owner"
+
+
+def read_xattr(path: Path | str, name: str) -> str | None:
+    try:
+        return os.getxattr(path, name).decode(errors="replace")
+    except OSError:
+        return None
+
+
+def created_by_bcvk(path: Path) -> bool:
+    return read_xattr(path, XATTR_HASH) is not None or read_xattr(path, XATTR_CREATOR) is not None
+
+
+def xattrs_supported(directory: Path) -> str | None:
+    """None when DIRECTORY's filesystem takes user xattrs, else why not."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bcvk-xattr-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        os.setxattr(fd, "user.bcvk.probe", b"1")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    return None
+
+
+def check_output_path(output: Path) -> None:
+    parent = output.parent
+    try:
+        if not parent.is_dir():
+            raise NotFoundError(
+                f"output directory {parent} does not exist",
+                hint=f"create it first (mkdir -p {parent}) or choose another OUTPUT",
+            )
+        if output.is_dir():
+            raise UsageError(
+                f"OUTPUT {output} is a directory", hint="give a file name, e.g. out.qcow2"
+            )
+    except OSError as exc:  # Python 3.11's is_dir() raises ENAMETOOLONG, EACCES
+        raise BcvkError(f"cannot use OUTPUT {output}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BcvkError(
+            f"output directory {parent} is not writable",
+            hint="choose a directory you can write to",
+        )
+
+
+def existing_hash(output: Path, *, force: bool) -> str | None:
+    """The cache hash an existing OUTPUT carries; refuses a file bcvk did not make.
+
+    None when OUTPUT does not exist (or carries no hash but --force allows
+    replacing it).
+    """
+    if not os.path.lexists(output):
+        return None
+    if not output.is_file() or output.is_symlink():
+        raise BcvkError(
+            f"OUTPUT {output} exists and is not a regular file",
+            hint="remove it or choose another OUTPUT",
+        )
+    if not created_by_bcvk(output) and not force:
+        raise BcvkError(
+            f"refusing to overwrite {output}: bcvk did not create it",
+            hint="pass --force to replace it, or choose another OUTPUT",
+        )
+    return read_xattr(output, XATTR_HASH)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_work(output: Path) -> list[Path]:
+    """Remove work directories for OUTPUT that a killed run on this host left behind.
+
+    SIGKILL or a power cut skip the ``finally`` in work_directory; the owner file
+    says which host and process a directory belonged to.  Anything without one,
+    from another host, or whose process still exists is left alone.
+    """
+    removed = []
+    for work in output.parent.glob(f".{glob.escape(output.name)}.bcvk-*"):
+        try:
+            host, pid = (work / WORK_OWNER).read_text().split()
+            dead = host == platform.node() and not _pid_alive(int(pid))
+        except (OSError, ValueError):
+            continue
+        if dead:
+            logger.info("Removing %s, left by an interrupted run (pid %s)", work, pid)
+            mkfs.remove_tree(work)
+            removed.append(work)
+    return removed
+
+
+@contextlib.contextmanager
+def work_directory(output: Path) -> Iterator[Path]:
+    """A hidden directory beside OUTPUT (same filesystem, so rename is atomic)."""
+    sweep_stale_work(output)
+    work = output.parent / f".{output.name}.bcvk-{secrets.token_hex(4)}"
+    work.mkdir(mode=0o700)
+    try:
+        (work / WORK_OWNER).write_text(f"{platform.node()} {os.getpid()}\n")
+        yield work
+    finally:
+        mkfs.remove_tree(work)
+
+
+def finish(dest: Path, output: Path, cache: str, digest: str) -> int:
+    """Mark DEST as bcvk's (cache key xattrs) and rename it to OUTPUT atomically."""
+    for name, value in ((XATTR_HASH, cache), (XATTR_DIGEST, digest), (XATTR_CREATOR, __version__)):
+        with contextlib.suppress(OSError):
+            os.setxattr(dest, name, value.encode())
+    size = dest.stat().st_size
+    os.replace(dest, output)
+    return size
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether EXC says the filesystem (or a quota) ran out of space."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, CommandError):
+        text = (exc.stderr_tail + " " + exc.message).lower()
+        return any(
+            s in text for s in ("no space left", "could not allocate block", "disk quota", "enospc")
+        )
+    return False
