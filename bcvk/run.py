@@ -22,6 +22,9 @@ from bcvk.errors import CommandError, ToolMissingError
 from bcvk.log import logger
 
 Argv = Sequence[str | os.PathLike[str]]
+# A long-running child started by ``spawn``; other modules name it by this
+# alias, as they may not touch ``subprocess``'s process API themselves.
+Process = subprocess.Popen[bytes]
 
 # Debian / Fedora package providing each host tool, for hints and `doctor`.
 PACKAGES: dict[str, tuple[str, str]] = {
@@ -91,10 +94,6 @@ def preexec_pdeathsig() -> Callable[[], None]:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
     return hook
-
-
-def format_argv(argv: Argv) -> str:
-    return shlex.join(os.fspath(a) for a in argv)
 
 
 def run(
@@ -167,7 +166,7 @@ def spawn(
     pass_fds: Sequence[int] = (),
     die_with_parent: bool = True,
     new_session: bool = False,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """Start a long-running child (a daemon such as QEMU or virtiofsd)."""
     args = [os.fspath(a) for a in argv]
     logger.debug("+ %s &", shlex.join(args))

@@ -15,7 +15,6 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
 from bcvk.errors import UsageError
@@ -29,7 +28,7 @@ TIB = 1024**4
 MAX_SIZE = 1024 * TIB
 
 _UNITS = {"": 1, "b": 1, "k": KIB, "m": MIB, "g": GIB, "t": TIB}
-_SIZE_RE = re.compile(r"\s*(\d{1,20}(?:\.\d{1,9})?)\s*([kmgtb]?)(?:i?b)?\s*", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d{1,20})(?:\.(\d{1,9}))?\s*([kmgtb]?)(?:i?b)?\s*", re.IGNORECASE)
 
 
 def parse_size(text: str, *, default_unit: str = "", what: str = "size") -> int:
@@ -44,12 +43,12 @@ def parse_size(text: str, *, default_unit: str = "", what: str = "size") -> int:
             f"invalid {what} {text!r}",
             hint="use a number with an optional unit, e.g. 512M, 4G, 20GiB",
         )
-    number, unit = match.groups()
-    unit = (unit or default_unit).lower()
-    try:
-        value = int(Decimal(number) * _UNITS[unit])
-    except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
-        raise UsageError(f"invalid {what} {text!r}") from None
+    whole, fraction, unit = match.groups()
+    scale = _UNITS[(unit or default_unit).lower()]
+    # Integers only: a float of a 20-digit number loses digits or overflows.
+    value = int(whole) * scale
+    if fraction:
+        value += int(fraction) * scale // 10 ** len(fraction)
     if value <= 0:
         raise UsageError(f"invalid {what} {text!r}: must be positive")
     if value > MAX_SIZE:

@@ -43,7 +43,7 @@ class Launch:
     record: registry.VmRecord
     mount_path: Path | None = None
     listeners: list[socket.socket] = field(default_factory=list)
-    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    children: list[run.Process] = field(default_factory=list)
     logs: list[IO[bytes]] = field(default_factory=list)
 
     def mount(self) -> Path:
@@ -223,9 +223,7 @@ def _helper_argv(launch: Launch, argv: list[str]) -> list[str]:
     return podman.unshare_argv(argv)
 
 
-def _spawn(
-    launch: Launch, role: str, argv: list[str], log: Path, **kw: Any
-) -> subprocess.Popen[bytes]:
+def _spawn(launch: Launch, role: str, argv: list[str], log: Path, **kw: Any) -> run.Process:
     out = log.open("ab")
     launch.logs.append(out)
     proc = run.spawn(

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from bcvk import run
 from bcvk.ephemeral import registry
 from bcvk.ephemeral.options import DEFAULT_SSH_TIMEOUT
 from bcvk.errors import BcvkError, WaitTimeout
@@ -49,7 +50,7 @@ class Vm:
         record: registry.VmRecord,
         *,
         facts: TreeFacts | None = None,
-        children: Sequence[subprocess.Popen[bytes]] = (),
+        children: Sequence[run.Process] = (),
         owner: bool = False,
     ) -> None:
         self.dir = vmdir
@@ -215,7 +216,7 @@ class StatusLine:
             self.shown = False
 
 
-def qemu_child(vm: Vm) -> subprocess.Popen[bytes] | None:
+def qemu_child(vm: Vm) -> run.Process | None:
     """Our Popen of the VM's QEMU (polled, so that its exit status is known)."""
     pid = vm.record.qemu.pid if vm.record.qemu else -1
     for child in vm.children:

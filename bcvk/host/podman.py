@@ -187,7 +187,7 @@ class ImageMount:
     def __init__(self, ref: str, path: Path) -> None:
         self.ref = ref
         self.path = path
-        self._unmounting: subprocess.Popen[bytes] | None = None
+        self._unmounting: run.Process | None = None
 
     def release(self) -> None:
         if self._unmounting is None:

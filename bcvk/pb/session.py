@@ -24,9 +24,9 @@ from bcvk.errors import BcvkError
 from bcvk.host import ssh as sshlib
 from bcvk.log import logger
 from bcvk.pb.model import (
-    _ID_RE,
     CONTROL_PERSIST,
     DOMAIN_PREFIX,
+    ID_RE,
     LOCK_WAIT,
     MAX_CONTROL_PATH,
     PbVm,
@@ -70,7 +70,7 @@ def shared_connection(
     if ref is None:
         return None
     vm_id = ref.removeprefix(DOMAIN_PREFIX)
-    if not _ID_RE.match(vm_id):
+    if not ID_RE.match(vm_id):
         return None
     base = directory or paths.runtime_dir() / "pb"
     if not base.is_dir():
