@@ -83,6 +83,17 @@ def bcvk_bin() -> str:
     return str(BIN_DIR / "bcvk") if (BIN_DIR / "bcvk").exists() else shutil.which("bcvk") or "bcvk"
 
 
+def bcvk_argv(
+    args: Sequence[str], env: dict[str, str] | None, user: str | None
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run the real `bcvk` ARGS (as USER, if given)."""
+    argv: list[str] = [bcvk_bin(), *args]
+    if user is not None:
+        # as_user starts from an empty environment: ENV goes on the command line.
+        return as_user(user, argv, env or {}), dict(os.environ)
+    return argv, {**os.environ, **(env or {})}
+
+
 def bcvk(
     *args: str,
     check: bool = False,
@@ -91,11 +102,12 @@ def bcvk(
     user: str | None = None,
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `bcvk` CLI (optionally as another user) and capture its output."""
-    argv: list[str] = [bcvk_bin(), *args]
-    if user is not None:
-        argv = as_user(user, argv)
-    full_env = {**os.environ, **(env or {})}
+    """Run the real `bcvk` CLI (optionally as another user) and capture its output.
+
+    The one way tests run the CLI as a child process (``bcvk_popen`` for the
+    ones that signal it).
+    """
+    argv, full_env = bcvk_argv(args, env, user)
     result = subprocess.run(
         argv,
         capture_output=True,
@@ -104,10 +116,25 @@ def bcvk(
         timeout=timeout,
         input=input,
         check=False,
+        cwd=ROOT,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+def bcvk_popen(
+    *args: str, env: dict[str, str] | None = None, user: str | None = None
+) -> subprocess.Popen[str]:
+    argv, full_env = bcvk_argv(args, env, user)
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+    )
 
 
 @functools.cache
@@ -121,8 +148,8 @@ def user_bin_dir(user: str) -> Path:
     return Path("/opt/bcvk/test-venv/bin")
 
 
-def as_user(user: str, argv: Sequence[str]) -> list[str]:
-    """ARGV run as USER with a login-like environment but no logind session."""
+def as_user(user: str, argv: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
+    """ARGV run as USER with a login-like environment (plus ENV) but no logind session."""
     home = f"/home/{user}"
     bindir = user_bin_dir(user)
     argv = list(argv)
@@ -134,6 +161,7 @@ def as_user(user: str, argv: Sequence[str]) -> list[str]:
         f"PATH={bindir}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "LANG=C.UTF-8",
         RUN_TOKEN,
+        *(f"{k}={v}" for k, v in (env or {}).items()),
         *argv,
     ]  # fmt: skip
 
@@ -247,6 +275,66 @@ def no_leaks() -> Iterator[None]:
     assert not leaked, f"processes left behind: {leaked}"
     if have("podman"):
         assert set(podman_mounts()) <= before_mounts, "image mounts left behind"
+
+
+class FakeBin:
+    """Scripted programs first on PATH, each call's argv recorded (osbuild's mock_command).
+
+    ``add(NAME, BODY)`` writes NAME: it appends its argv to a log, then runs
+    BODY (with SHELL, /bin/sh by default, or Python with ``python=True``,
+    where ``args`` is ``sys.argv[1:]``).  ``calls(NAME)`` returns the recorded argvs in order.
+    """
+
+    _FIELD, _RECORD = "\x1f", "\x1e"
+
+    def __init__(self, directory: Path, log: Path) -> None:
+        self.directory = directory
+        self.log = log
+
+    def add(
+        self, name: str, body: str = "", *, python: bool = False, shell: str = "/bin/sh"
+    ) -> Path:
+        path = self.directory / name
+        if python:
+            head = (
+                "#!/usr/bin/env python3\nimport json, os, sys\nargs = sys.argv[1:]\n"
+                f"with open({os.fspath(self.log)!r}, 'a') as _log:\n"
+                f"    _log.write({self._FIELD!r}.join([{name!r}, *args]) + {self._RECORD!r})\n"
+            )
+        else:
+            head = (
+                f"#!{shell}\n"
+                f"printf '%s\\037' {name} \"$@\" >> {os.fspath(self.log)!r}\n"
+                f"printf '\\036' >> {os.fspath(self.log)!r}\n"
+            )
+        path.write_text(head + body + "\n")
+        path.chmod(0o755)
+        return path
+
+    def calls(self, name: str | None = None) -> list[list[str]]:
+        if not self.log.exists():
+            return []
+        found = []
+        for record in self.log.read_text().split(self._RECORD):
+            if not record:
+                continue
+            fields = record.split(self._FIELD)
+            if fields and fields[-1] == "":
+                fields = fields[:-1]
+            if name is None or fields[0] == name:
+                found.append(fields[1:] if name is not None else fields)
+        return found
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeBin:
+    """An empty FakeBin directory first on PATH (nothing real runs through it)."""
+    directory = tmp_path / "fake-bin"
+    directory.mkdir()
+    monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+    monkeypatch.delenv("BCVK_VIRTIOFSD", raising=False)
+    monkeypatch.delenv("VIRTIOFSD_BIN", raising=False)
+    return FakeBin(directory, tmp_path / "fake-bin.log")
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ import sys
 import click
 
 from bcvk.cli import CONTEXT
+from bcvk.cli import options as shared
+from bcvk.values import Firmware
 
 
 @click.command("to-disk", context_settings=CONTEXT)
@@ -18,11 +20,7 @@ from bcvk.cli import CONTEXT
     type=click.Choice(["raw", "qcow2", "vmdk", "vhd", "vhdx", "ova"]),
     help="Disk format.  [default: from OUTPUT's extension, else raw]",
 )
-@click.option(
-    "--filesystem",
-    type=click.Choice(["ext4", "xfs", "btrfs"]),
-    help="Root filesystem.  [default: the image's install config, else ext4]",
-)
+@shared.filesystem_option("Root filesystem.  [default: the image's install config, else ext4]")
 @click.option("--disk-size", metavar="SIZE", help="Disk size.  [default: max(2 × image, 4G)]")
 @click.option("--root-size", metavar="SIZE", help="Root partition size (M if no unit).")
 @click.option("--karg", "kargs", multiple=True, metavar="ARG", help="Kernel argument (repeatable).")
@@ -40,12 +38,11 @@ from bcvk.cli import CONTEXT
     help="native: build the disk here without a VM; bootc: run the image's own "
     "`bootc install to-disk` in a VM; auto: bootc when the image has it.",
 )
-@click.option(
-    "--firmware",
-    type=click.Choice(["uefi", "bios", "both"]),
-    default="uefi",
-    show_default=True,
-    help="Boot firmware the disk supports (native: uefi only).",
+@shared.firmware_option(
+    Firmware.uefi,
+    Firmware.bios,
+    Firmware.both,
+    help_text="Boot firmware the disk supports (native: uefi only).",
 )
 @click.option(
     "--partition-table",

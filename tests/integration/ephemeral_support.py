@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, as_user, bcvk_bin
+from tests.conftest import as_user, bcvk, bcvk_popen
 
 # Boots under TCG on a busy 2-core host can take minutes; the default of
 # 240 s is the product's, not the test suite's.
@@ -121,34 +121,20 @@ class Session:
     def bcvk(
         self, *args: str, timeout: float = 1800, check: bool = False, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        argv = [bcvk_bin(), *args]
-        if self.user is not None:
-            argv = as_user(self.user, ["env", *(f"{k}={v}" for k, v in self.env.items()), *argv])
-            env = dict(os.environ)
-        else:
-            env = {**os.environ, **self.env}
-        result = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            input=input,
-            check=False,
-            cwd=ROOT,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"bcvk {args} failed ({result.returncode}):\n{result.stderr}")
-        return result
+        return bcvk(*args, env=self.env, user=self.user, timeout=timeout, check=check, input=input)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        argv = [bcvk_bin(), *args]
-        env = {**os.environ, **self.env}
-        if self.user is not None:
-            argv = as_user(self.user, ["env", *(f"{k}={v}" for k, v in self.env.items()), *argv])
-        return subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
-        )
+        return bcvk_popen(*args, env=self.env, user=self.user)
+
+    def wait_for_phase(self, name: str, phase: str, timeout: float = 180) -> dict[str, Any]:
+        """The VM's record once it reaches PHASE (starting → running → stopping)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = self.vm_record(name) or {}
+            if record.get("phase") == phase:
+                return record
+            time.sleep(0.1)
+        raise AssertionError(f"{name} never reached {phase}; record: {self.vm_record(name)}")
 
     def wait_for_processes(
         self, name: str, roles: set[str], timeout: float = 180

@@ -136,7 +136,8 @@ def test_sigkill_of_bcvk_during_boot_leaves_no_orphans(
     )
     try:
         session.wait_for_processes(name, {"qemu", "virtiofsd"})
-        time.sleep(1)
+        # Killed while the guest boots: QEMU runs, SSH has not answered yet.
+        session.wait_for_phase(name, "running")
     finally:
         proc.kill()
         proc.communicate()
@@ -160,7 +161,7 @@ def test_signals_during_boot_tear_down(
     proc = session.popen("ephemeral", "run-ssh", "--name", name, images["demo"], "--", "true")
     try:
         session.wait_for_processes(name, {"qemu"})
-        time.sleep(1)
+        session.wait_for_phase(name, "running")
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:

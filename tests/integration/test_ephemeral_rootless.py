@@ -77,8 +77,8 @@ def test_sigkill_of_rootless_bcvk_leaves_no_orphans(user_session: Session) -> No
     name = unique("rootless-kill")
     proc = user_session.popen("ephemeral", "run-ssh", "--name", name, DEMO_IMAGE, "--", "true")
     try:
-        record = user_session.wait_for_processes(name, {"qemu", "virtiofsd"})
-        time.sleep(2)
+        user_session.wait_for_processes(name, {"qemu", "virtiofsd"})
+        record = user_session.wait_for_phase(name, "running")
         os.kill(record["supervisor"]["pid"], signal.SIGKILL)
     finally:
         proc.communicate(timeout=60)

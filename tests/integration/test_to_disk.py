@@ -93,9 +93,7 @@ def test_qcow2_build_reuse_dry_run_and_regenerate(
     inode = out.stat().st_ino
     assert leftovers(tmp_path) == ["out.qcow2"]
 
-    start = time.monotonic()
     again = bcvk("to-disk", demo_image, str(out), "--karg", "console=ttyS0", check=True)
-    assert time.monotonic() - start < 1.0
     assert f"Reusing existing cached disk image at: {out}" in again.stderr
     assert out.stat().st_ino == inode
 

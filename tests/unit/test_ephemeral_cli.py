@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import stat
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from bcvk.guest import mounts
 from bcvk.host import ssh
 from bcvk.log import console_tail
 from bcvk.values import PortForward
+from tests.conftest import FakeBin
 
 IMAGE = "localhost/bcvk/debian-bootc:12"
 
@@ -179,33 +179,15 @@ def test_free_port_avoids_claimed_ports() -> None:
 # ---------------------------------------------------------------- CLI, end to end
 
 
-@pytest.fixture
-def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> Path:
-    """A directory first on PATH for scripted podman/qemu; nothing real runs."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    monkeypatch.delenv("BCVK_VIRTIOFSD", raising=False)
-    monkeypatch.delenv("VIRTIOFSD_BIN", raising=False)
-    return bindir
-
-
-def script(bindir: Path, name: str, body: str, shell: str = "/bin/sh") -> Path:
-    path = bindir / name
-    path.write_text(f"#!{shell}\n" + body + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
 def runtime_entries(home: Path) -> list[str]:
     base = home / "runtime" / "bcvk" / "ephemeral"
     return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
 
 
 def test_missing_image_with_pull_never(
-    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+    fake_bin: FakeBin, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    script(fake_bin, "podman", 'echo "Error: $4: image not known" >&2; exit 125')
+    fake_bin.add("podman", 'echo "Error: $4: image not known" >&2; exit 125')
     rc = main(["ephemeral", "run-ssh", "--pull", "never", "localhost/nope:1", "--", "true"])
     err = capsys.readouterr().err
     assert rc == 1
@@ -215,20 +197,17 @@ def test_missing_image_with_pull_never(
 
 
 def test_pull_failure_is_one_clear_error(
-    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+    fake_bin: FakeBin, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    log = fake_bin / "calls"
-    script(
-        fake_bin,
+    fake_bin.add(
         "podman",
-        f'echo "$@" >> {log}\n'
         'case "$1" in pull) echo "Error: connection refused" >&2; exit 125;; esac\n'
         'echo "Error: image not known" >&2; exit 125',
     )
     rc = main(["ephemeral", "run-ssh", "registry.invalid/x:1", "--", "true"])
     assert rc == 1
     assert "could not be pulled" in capsys.readouterr().err
-    assert "pull registry.invalid/x:1" in log.read_text()
+    assert ["pull", "registry.invalid/x:1"] in fake_bin.calls("podman")
     assert runtime_entries(isolated_home) == []
 
 
@@ -249,19 +228,18 @@ def podman_inspect_json(labels: dict[str, str]) -> str:
 
 
 def test_requested_virtiofsd_missing_fails_before_any_work(
-    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+    fake_bin: FakeBin, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    calls = fake_bin / "calls"
-    script(fake_bin, "podman", f'echo "$@" >> {calls}; exit 99')
+    fake_bin.add("podman", "exit 99")
     rc = main(["ephemeral", "run", "--virtiofsd", "/nonexistent/virtiofsd", IMAGE])
     assert rc == 1
     assert "virtiofsd /nonexistent/virtiofsd is not an executable file" in capsys.readouterr().err
-    assert not calls.exists()
+    assert fake_bin.calls() == []
     assert runtime_entries(isolated_home) == []
 
 
 def test_bad_values_exit_2_with_a_hint(
-    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+    fake_bin: FakeBin, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for argv in (
         ["ephemeral", "run", "--memory", "lots", IMAGE],
@@ -280,20 +258,20 @@ def test_bad_values_exit_2_with_a_hint(
     assert runtime_entries(isolated_home) == []
 
 
-def test_ssh_to_an_unknown_vm(fake_bin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ssh_to_an_unknown_vm(fake_bin: FakeBin, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ssh", "nobody"]) == 1
     assert "no ephemeral VM named 'nobody'" in capsys.readouterr().err
     assert main(["ephemeral", "rm", "nobody"]) == 1
     assert main(["ephemeral", "rm", "-f", "nobody"]) == 0
 
 
-def test_ps_json_with_no_vms(fake_bin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ps_json_with_no_vms(fake_bin: FakeBin, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ephemeral", "ps", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 
 
 def test_rm_all_refuses_without_a_terminal(
-    fake_bin: Path,
+    fake_bin: FakeBin,
     isolated_home: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -323,7 +301,7 @@ def test_hidden_aliases_are_not_listed(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_cache_list_and_prune(
-    fake_bin: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+    fake_bin: FakeBin, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bcvk.ephemeral import cache as rootfs
 
@@ -332,7 +310,7 @@ def test_cache_list_and_prune(
     (tree / "etc/os-release").write_text("ID=x\n")
     rootfs.prepare("localhost/x:1", "ab" * 32, block=False, mount=lambda: tree)
     # podman knows no images at all: the entry's image is gone.
-    script(fake_bin, "podman", "echo '[]'")
+    fake_bin.add("podman", "echo '[]'")
     assert main(["cache", "list", "--format", "json"]) == 0
     (entry,) = json.loads(capsys.readouterr().out)
     assert entry["image"] == "localhost/x:1"
@@ -348,7 +326,7 @@ def test_cache_list_and_prune(
 
 
 @pytest.fixture
-def fake_host(fake_bin: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def fake_host(fake_bin: FakeBin, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> FakeBin:
     """podman, QEMU and ssh replaced by scripts; a tiny image tree to boot."""
     tree = isolated_home / "image"
     kdir = tree / "usr/lib/modules/6.1.0-fake"
@@ -362,22 +340,19 @@ def fake_host(fake_bin: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPat
     (tree / "sbin").symlink_to("usr/sbin")
     (tree / "usr/sbin/init").symlink_to("../lib/systemd/systemd")
     (tree / "usr/lib/systemd/libsystemd-shared-252.so").write_text("")
-    calls = fake_bin / "podman.calls"
     inspect = podman_inspect_json({"containers.bootc": "1"})
-    (fake_bin / "inspect.json").write_text(inspect)
-    script(
-        fake_bin,
+    (fake_bin.directory / "inspect.json").write_text(inspect)
+    fake_bin.add(
         "podman",
-        f'echo "$@" >> {calls}\n'
         'case "$1 $2" in\n'
-        f'  "image inspect") cat {fake_bin / "inspect.json"};;\n'
+        f'  "image inspect") cat {fake_bin.directory / "inspect.json"};;\n'
         f'  "image mount") echo {tree};;\n'
         '  "image unmount") echo "$3";;\n'
         "  *) echo '[]';;\n"
         "esac",
     )
     monkeypatch.setenv("BCVK_ACCEL", "tcg")
-    monkeypatch.setenv("QEMU_BIN", str(fake_bin / "qemu"))
+    monkeypatch.setenv("QEMU_BIN", str(fake_bin.directory / "qemu"))
     monkeypatch.setattr("bcvk.host.virtiofsd.find", lambda explicit=None: None)
     return fake_bin
 
@@ -390,15 +365,14 @@ NO_QMP = (
 )
 
 
-def podman_calls(fake_bin: Path, verb: str) -> int:
-    lines = (fake_bin / "podman.calls").read_text().splitlines()
-    return sum(1 for line in lines if line.startswith(f"image {verb}"))
+def podman_calls(fake_bin: FakeBin, verb: str) -> int:
+    return sum(1 for call in fake_bin.calls("podman") if call[:2] == ["image", verb])
 
 
 def test_qemu_dying_is_quoted_and_cleaned_up(
-    fake_host: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+    fake_host: FakeBin, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    script(fake_host, "qemu", 'echo "qemu-system-x86_64: cannot set up guest memory" >&2; exit 1')
+    fake_host.add("qemu", 'echo "qemu-system-x86_64: cannot set up guest memory" >&2; exit 1')
     rc = main(["ephemeral", "run-ssh", IMAGE, "--", "true"])
     err = capsys.readouterr().err
     assert rc == 1
@@ -410,11 +384,11 @@ def test_qemu_dying_is_quoted_and_cleaned_up(
 
 
 def test_run_ssh_returns_the_remote_status_and_cleans_up(
-    fake_host: Path, isolated_home: Path
+    fake_host: FakeBin, isolated_home: Path
 ) -> None:
-    argv_log = fake_host / "qemu.argv"
-    script(fake_host, "qemu", NO_QMP + f'echo "$@" > {argv_log}\nexec sleep 60', "/bin/bash")
-    script(fake_host, "ssh", 'for a; do last="$a"; done\n[ "$last" = true ] && exit 0\nexit 42')
+    argv_log = fake_host.directory / "qemu.argv"
+    fake_host.add("qemu", NO_QMP + f'echo "$@" > {argv_log}\nexec sleep 60', shell="/bin/bash")
+    fake_host.add("ssh", 'for a; do last="$a"; done\n[ "$last" = true ] && exit 0\nexit 42')
     rc = main(["ephemeral", "run-ssh", "--memory", "1G", "--vcpus", "1", IMAGE, "--", "exit 42"])
     assert rc == 42
     argv = argv_log.read_text()
@@ -429,9 +403,9 @@ def test_run_ssh_returns_the_remote_status_and_cleans_up(
     assert podman_calls(fake_host, "mount") == 1
 
 
-def test_python_api_start_ssh_stop(fake_host: Path, isolated_home: Path) -> None:
-    script(fake_host, "qemu", NO_QMP + "exec sleep 60", "/bin/bash")
-    script(fake_host, "ssh", 'for a; do last="$a"; done\necho "ran: $last"')
+def test_python_api_start_ssh_stop(fake_host: FakeBin, isolated_home: Path) -> None:
+    fake_host.add("qemu", NO_QMP + "exec sleep 60", shell="/bin/bash")
+    fake_host.add("ssh", 'for a; do last="$a"; done\necho "ran: $last"')
     with ephemeral.start(IMAGE, name="api-vm", rootfs="block") as vm:
         assert vm.alive()
         assert vm.ssh("uname -r").stdout == "ran: uname -r\n"

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from bcvk.image import facts as image_facts
 from bcvk.image.facts import TreeFacts
 from bcvk.image.inspect import judge, summaries_from_podman
 from bcvk.image.tree import Kernel
+from tests.conftest import FakeBin
 
 from .treebuilder import bootc_tree
 
@@ -135,12 +135,8 @@ def test_parse_inspect_labels_from_config() -> None:
     assert info.names == ("a:b",)
 
 
-# A fake `podman` on PATH: records its argv and answers from canned JSON.
-FAKE_PODMAN = """#!/usr/bin/env python3
-import json, os, sys
-args = sys.argv[1:]
-with open(os.environ["FAKE_LOG"], "a") as log:
-    log.write(json.dumps(args) + "\\n")
+# A fake `podman` on PATH: answers from canned JSON.
+FAKE_PODMAN = """
 if args[:1] == ["images"]:
     print(os.environ.get("FAKE_IMAGES", "[]"))
 elif args[:2] == ["image", "inspect"]:
@@ -152,20 +148,13 @@ else:
 
 
 @pytest.fixture
-def fake_podman(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    script = bindir / "podman"
-    script.write_text(FAKE_PODMAN)
-    script.chmod(0o755)
-    log = tmp_path / "podman.log"
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_LOG", str(log))
-    return log
+def fake_podman(fake_bin: FakeBin) -> FakeBin:
+    fake_bin.add("podman", FAKE_PODMAN, python=True)
+    return fake_bin
 
 
 def test_cli_list_json_filters_on_bootc_label(
-    fake_podman: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bcvk.__main__ import main
 
@@ -176,12 +165,13 @@ def test_cli_list_json_filters_on_bootc_label(
     assert main(["images", "list", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [row["name"] for row in out] == ["localhost/a:1"]
-    calls = [json.loads(line) for line in fake_podman.read_text().splitlines()]
-    assert calls == [["images", "--format", "json", "--filter", "label=containers.bootc=1"]]
+    assert fake_podman.calls("podman") == [
+        ["images", "--format", "json", "--filter", "label=containers.bootc=1"]
+    ]
 
 
 def test_cli_list_table(
-    fake_podman: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bcvk.__main__ import main
 
@@ -196,7 +186,9 @@ def test_cli_list_table(
     assert lines[1].endswith("2.0 KiB")
 
 
-def test_cli_inspect_missing_image(fake_podman: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_inspect_missing_image(
+    fake_podman: FakeBin, capsys: pytest.CaptureFixture[str]
+) -> None:
     from bcvk.__main__ import main
 
     assert main(["images", "inspect", "localhost/nope:1"]) == 1

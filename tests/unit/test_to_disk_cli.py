@@ -11,6 +11,7 @@ import pytest
 
 from bcvk.__main__ import main
 from bcvk.to_disk import DiskFormat, Options, options, output
+from tests.conftest import FakeBin
 
 REF = "localhost/test/bootc:1"
 PLAIN = "localhost/test/app:1"
@@ -18,26 +19,18 @@ DIGEST = "sha256:" + "12" * 32
 
 
 @pytest.fixture
-def fake_podman(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
+def fake_podman(fake_bin: FakeBin) -> FakeBin:
     images = {
         REF: {"Id": "a" * 64, "Digest": DIGEST, "Size": 400 << 20,
               "Labels": {"containers.bootc": "1"}, "Architecture": "amd64"},
         PLAIN: {"Id": "b" * 64, "Digest": "sha256:" + "34" * 32, "Size": 1 << 20,
                 "Labels": {}, "Architecture": "amd64"},
     }  # fmt: skip
-    script = bindir / "podman"
-    script.write_text(
+    fake_bin.add(
+        "podman",
         textwrap.dedent(
             f"""\
-            #!/usr/bin/env python3
-            import json, sys
-            images = {json.dumps(images)!r}
-            images = json.loads(images)
-            args = sys.argv[1:]
-            with open({str(tmp_path / "podman.log")!r}, "a") as log:
-                log.write(" ".join(args) + "\\n")
+            images = json.loads({json.dumps(images)!r})
             if args[:2] == ["image", "inspect"]:
                 ref = args[-1]
                 if ref not in images:
@@ -48,11 +41,10 @@ def fake_podman(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             print("unexpected podman call: " + " ".join(args), file=sys.stderr)
             sys.exit(99)
             """
-        )
+        ),
+        python=True,
     )
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    return tmp_path / "podman.log"
+    return fake_bin
 
 
 def bcvk(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -62,7 +54,7 @@ def bcvk(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 
 
 def test_missing_image(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = bcvk(capsys, "localhost/nope:1", str(tmp_path / "x.raw"))
     assert code == 1
@@ -71,7 +63,7 @@ def test_missing_image(
 
 
 def test_non_bootc_image(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = bcvk(capsys, PLAIN, str(tmp_path / "x.raw"))
     assert code == 1
@@ -81,7 +73,7 @@ def test_non_bootc_image(
 
 
 def test_output_directory_missing(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = bcvk(capsys, REF, str(tmp_path / "no" / "x.raw"))
     assert code == 1
@@ -89,7 +81,7 @@ def test_output_directory_missing(
 
 
 def test_refuses_to_overwrite_a_foreign_file(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = tmp_path / "precious.qcow2"
     target.write_text("user data")
@@ -102,11 +94,11 @@ def test_refuses_to_overwrite_a_foreign_file(
 
 
 def test_dry_run_missing_output(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, _ = bcvk(capsys, REF, str(tmp_path / "x.qcow2"), "--dry-run")
     assert (code, out) == (0, "would-regenerate\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "podman.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake-bin", "fake-bin.log"]
 
 
 def _cached(tmp_path: Path, opts: Options, fmt: DiskFormat = DiskFormat.qcow2) -> Path:
@@ -118,7 +110,7 @@ def _cached(tmp_path: Path, opts: Options, fmt: DiskFormat = DiskFormat.qcow2) -
 
 
 def test_dry_run_reuse_and_regenerate(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = _cached(tmp_path, Options(kargs=("console=ttyS0",)))
     before = target.stat()
@@ -136,7 +128,7 @@ def test_dry_run_reuse_and_regenerate(
 
 
 def test_reuse_prints_the_upstream_message(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = _cached(tmp_path, Options())
     code, out, err = bcvk(capsys, REF, str(target))
@@ -145,11 +137,11 @@ def test_reuse_prints_the_upstream_message(
     code, out, _ = bcvk(capsys, REF, str(target), "--json")
     assert json.loads(out)["action"] == "reused"
     # reusing needs nothing but an inspect: no mount, no unshare
-    assert all(line.startswith("image inspect") for line in fake_podman.read_text().splitlines())
+    assert all(call[:2] == ["image", "inspect"] for call in fake_podman.calls("podman"))
 
 
 def test_containers_storage_prefix_hits_the_same_cache(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = _cached(tmp_path, Options())
     code, out, _ = bcvk(capsys, "containers-storage:" + REF, str(target), "--dry-run")
@@ -157,7 +149,7 @@ def test_containers_storage_prefix_hits_the_same_cache(
 
 
 def test_bad_sizes_are_usage_errors(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = bcvk(capsys, REF, str(tmp_path / "x.raw"), "--disk-size", "lots")
     assert code == 2
@@ -165,16 +157,16 @@ def test_bad_sizes_are_usage_errors(
 
 
 def test_bios_refused_before_any_work(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = bcvk(capsys, REF, str(tmp_path / "x.raw"), "--firmware", "bios")
     assert code == 2
     assert "--firmware bios is not supported by the native installer" in err
-    assert not fake_podman.exists()
+    assert fake_podman.calls() == []
 
 
 def test_unknown_format_flag(
-    fake_podman: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = bcvk(capsys, REF, str(tmp_path / "x"), "--format", "iso")
     assert code == 2
