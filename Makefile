@@ -60,8 +60,17 @@ install-man: man
 	@mkdir -p $(MANPREFIX)/man1
 	@cp build/man/*.1 $(MANPREFIX)/man1/
 
+## unit: the hermetic tier (fakes only, no VM, seconds): what a plain `pytest` runs
+unit: venv-dev
+	@$(TIMED) unit $(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+## lint: ruff, ruff format, mypy --strict and the layer contracts
 lint: venv-dev
-	@$(TIMED) lint $(VENV)/bin/python -m pytest -q tests/test_linters.py
+	@$(TIMED) lint $(VENV)/bin/python -m pytest -q -p no:cacheprovider -m lint
+
+## integration: the real tier (podman, QEMU, libvirtd, ssh) and the install test
+integration: setup venv-dev images
+	@$(TIMED) integration scripts/run-tests.sh -m "integration or install"
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache .coverage*

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Provide a virtiofsd on hosts whose distribution does not package it
-# (Debian 12). See docs/DESIGN.md §4.
+# (Debian 12). See docs/ARCHITECTURE.md, "Hosts".
 #
 # Usage: scripts/fetch-virtiofsd.sh [--force] [PREFIX]
 #   PREFIX  install prefix (default $BCVK_VIRTIOFSD_PREFIX or /opt/bcvk/virtiofsd)

@@ -4,32 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(
-  # run VMs and build disks (DESIGN.md §4)
-  qemu-system-x86 qemu-utils ovmf podman uidmap openssh-client e2fsprogs
-  dosfstools mtools xfsprogs btrfs-progs fdisk systemd-boot-efi
-  # persistent VMs, and building libvirt-python
-  libvirt-daemon-system libvirt-dev pkg-config gcc python3-dev python3-venv
-  # build the local test images
-  debootstrap
-  # features: TPM, cloud-init seeds, remote libvirt over ssh, registry pull tests
-  swtpm swtpm-tools xorriso openssh-server docker-registry
-  # `timed` and friends
-  bc
-  # benchmark peer for to-disk (bench/to_disk.py: virt-make-fs)
-  libguestfs-tools
-)
-if [[ -f scripts/host-packages.txt ]]; then
-  while read -r pkg _; do
-    [[ -z $pkg || $pkg == \#* ]] || packages+=("$pkg")
-  done < scripts/host-packages.txt
-fi
+packages=()
+while read -r pkg _; do
+  [[ -z $pkg || $pkg == \#* ]] || packages+=("$pkg")
+done < scripts/host-packages.txt
 
 if ! command -v dpkg-query >/dev/null; then
   echo "Not a Debian-based host: install the equivalents of: ${packages[*]}" >&2
-  echo "(Fedora: dnf install qemu-kvm qemu-img edk2-ovmf podman virtiofsd openssh-clients" \
-       "e2fsprogs dosfstools mtools xfsprogs btrfs-progs util-linux systemd-boot-unsigned" \
-       "libvirt libvirt-devel python3-devel gcc swtpm xorriso)" >&2
+  echo "(Fedora: dnf install $(sed -n 's/^# fedora: //p' scripts/host-packages.txt))" >&2
   exit 0
 fi
 

@@ -18,7 +18,7 @@
 #     not be. This script creates /run/user/$UID (0700, owned by the user),
 #     as logind would: podman 4.3 uses it for libpod/ and crun/ state when
 #     XDG_RUNTIME_DIR is unset, and bcvk's runtime-dir fallback
-#     (DESIGN.md §3) finds it too. Storage runroot: /tmp/containers-user-$UID.
+#     (docs/ARCHITECTURE.md) finds it too. Storage runroot: /tmp/containers-user-$UID.
 #   - HOME must be the user's home (so podman reads ~/.config/containers):
 #     use `su - bcvk-test -c ...` (or runuser -l), not plain `su bcvk-test`.
 #   - rootless `podman image mount` only works inside the user namespace:

@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import BIN_DIR, ROOT
 
+pytestmark = pytest.mark.lint
+
 MAX_TOP_LEVEL_MODULES = 12
 MAX_MODULE_LINES = 600
 

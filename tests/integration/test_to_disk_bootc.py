@@ -45,7 +45,8 @@ def debugfs_cat(image: Path, path: str) -> str:
 def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_path: Path) -> None:
     keys = tmp_path / "keys.pub"
     keys.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBcvkStandIn test\n")
-    out = tmp_path / "disk.raw"
+    # A ':' in OUTPUT once broke the installer, which passed paths on as flag text.
+    out = tmp_path / "disk:v1.raw"
     argv = ["to-disk", installer_image, str(out), "--filesystem", "xfs", "--karg", "console=ttyS0",
             "--root-size", "2G", "--root-ssh-authorized-keys", str(keys)]  # fmt: skip
     # podman-bootc's variable reaches `bootc install` as RUST_LOG
@@ -72,7 +73,7 @@ def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_pa
     assert "Debian GNU/Linux 12" in debugfs_cat(out, "/os-release")
     assert out.stat().st_size == 4 * 1024**3
     assert os.getxattr(out, output.XATTR_HASH).startswith(b"sha256:")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "keys.pub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk:v1.raw", "keys.pub"]
     dry = bcvk(*argv, "--dry-run")
     assert dry.stdout == "would-reuse\n"
 

@@ -19,7 +19,7 @@ from bcvk.to_disk import DiskFormat, Options, assemble, bootloader, native, opti
 from bcvk.to_disk import mkfs as diskfs
 from bcvk.to_disk.layout import Filesystem, Ids, PartitionTable
 from bcvk.to_disk.treecopy import Extra
-from bcvk.values import Firmware
+from bcvk.values import Accel, Firmware
 
 DIGEST = "sha256:" + "ab" * 32
 REF = "localhost/bcvk/debian-bootc:12"
@@ -327,6 +327,23 @@ def test_bootc_install_argv_golden(golden: Callable[[str, str], None]) -> None:
         "bootc", "install", "to-disk", "--generic-image", "--skip-fetch-check",
         "--source-imgref", f"containers-storage:{REF}", "/dev/disk/by-id/virtio-output",
     ]  # fmt: skip
+
+
+def test_bootc_installer_takes_paths_with_colons_as_they_are(tmp_path: Path) -> None:
+    """The installer VM gets typed disks and shares: no path is parsed as FILE:NAME:FMT."""
+    from bcvk.host import qemu
+    from bcvk.to_disk import bootc
+
+    output = tmp_path / "out:v1.raw"
+    req = options.Request(REF, "a" * 64, DIGEST, 1, output, Options(), DiskFormat.raw, GIB, "h")
+    target = tmp_path / f".{output.name}.bcvk-1a2b3c4d" / "install.raw"
+    store = tmp_path / "graph:root"
+    vm = bootc.installer_options(req, target, store)
+    assert [(d.path, d.name, d.format) for d in vm.disks] == [(target, "output", "raw")]
+    assert [(s.source, s.readonly) for s in vm.binds] == [(str(store), True)]
+    drive = qemu.Drive(str(target), "raw", "output")
+    spec = qemu.QemuSpec("qemu", Accel.tcg, 1024, 1, "k", None, "", 2222, drives=(drive,))
+    assert f"file={target},format=raw" in " ".join(qemu.argv(spec))
 
 
 def test_bootc_failure_names_bootcs_error() -> None:
