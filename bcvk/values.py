@@ -247,20 +247,23 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_.:/=@+-]{1,128}")
 
 
+def _matching(pattern: re.Pattern[str], text: str, what: str, hint: str) -> str:
+    # fullmatch: `$` would accept a trailing newline.
+    if not pattern.fullmatch(text):
+        raise UsageError(f"invalid {what} {text!r}", hint=hint)
+    return text
+
+
+def is_vm_name(name: str) -> bool:
+    return _NAME_RE.fullmatch(name) is not None
+
+
 def validate_vm_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name):
-        raise UsageError(
-            f"invalid VM name {name!r}",
-            hint="use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit",
-        )
-    return name
+    hint = "use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    return _matching(_NAME_RE, name, "VM name", hint)
 
 
 def validate_label(label: str) -> str:
     """A label (``KEY`` or ``KEY=VALUE``): printable, no commas or blanks."""
-    if not _LABEL_RE.fullmatch(label):
-        raise UsageError(
-            f"invalid label {label!r}",
-            hint="labels are 1-128 letters, digits and _ . : / = @ + -; no commas or spaces",
-        )
-    return label
+    hint = "labels are 1-128 letters, digits and _ . : / = @ + -; no commas or spaces"
+    return _matching(_LABEL_RE, label, "label", hint)

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import threading
@@ -27,25 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from bcvk import paths
-from bcvk.errors import BcvkError, UsageError
+from bcvk.errors import BcvkError
 from bcvk.host import podman
 from bcvk.log import logger
+from bcvk.values import is_vm_name, validate_vm_name
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 _REAPING = ".reaping-"
 _MOUNTED = ("mounting", "mounted")
 RECORD = "vm.json"
 LOCK = ".lock"
 SCHEMA = 1
-
-
-def validate_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise UsageError(
-            f"invalid VM name {name!r}",
-            hint="use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit",
-        )
-    return name
 
 
 def root() -> Path:
@@ -266,7 +256,7 @@ def registry_lock() -> Iterator[None]:
 
 
 def vm_dir(name: str) -> VmDir:
-    return VmDir(root() / validate_name(name))
+    return VmDir(root() / validate_vm_name(name))
 
 
 def create(name: str, make_record: Callable[[set[int]], VmRecord]) -> tuple[VmDir, VmRecord]:
@@ -354,7 +344,7 @@ def _scan_unlocked(*, prune: bool) -> list[tuple[VmDir, VmRecord]]:
             claim = VmDir(entry)
             reap(claim, claim.read())
             continue
-        if not entry.is_dir() or not NAME_RE.match(entry.name):
+        if not entry.is_dir() or not is_vm_name(entry.name):
             continue
         d = VmDir(entry)
         record = d.read()
@@ -373,7 +363,7 @@ def _scan_unlocked(*, prune: bool) -> list[tuple[VmDir, VmRecord]]:
 
 
 def lookup(name: str) -> tuple[VmDir, VmRecord] | None:
-    validate_name(name)
+    validate_vm_name(name)
     for d, record in scan():
         if d.name == name:
             return d, record

@@ -12,6 +12,7 @@ import pytest
 from bcvk.ephemeral import registry as state
 from bcvk.ephemeral.registry import Proc, VmRecord
 from bcvk.errors import BcvkError, UsageError
+from bcvk.values import validate_vm_name
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +32,13 @@ def me() -> Proc:
 
 @pytest.mark.parametrize("name", ["a", "vm-1", "My_VM.2", "x" * 63])
 def test_good_names(name: str) -> None:
-    assert state.validate_name(name) == name
+    assert validate_vm_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "-a", ".a", "a b", "a/b", "x" * 64, "ä", "a\nb"])
+@pytest.mark.parametrize("name", ["", "-a", ".a", "a b", "a/b", "x" * 64, "ä", "a\nb", "ok\n"])
 def test_bad_names(name: str) -> None:
     with pytest.raises(UsageError):
-        state.validate_name(name)
+        validate_vm_name(name)
 
 
 def test_start_time_identifies_processes() -> None:
