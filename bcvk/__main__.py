@@ -7,6 +7,7 @@ real bugs.  SIGTERM and SIGHUP take the same clean-up path as Ctrl-C.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from types import FrameType
@@ -19,6 +20,27 @@ from bcvk.log import DEBUG, logger
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def os_error(exc: OSError) -> BcvkError:
+    """EXC as the one-line error the boundary prints (the path and the reason)."""
+    what = exc.strerror or type(exc).__name__
+    path = exc.filename if exc.filename is not None else None
+    message = f"{path}: {what}" if path else what
+    if exc.filename2 is not None:
+        message += f" (and {exc.filename2})"
+    hint = {
+        errno.ENAMETOOLONG: "use a shorter path or file name",
+        errno.EACCES: "check the permissions, or run as a user who may use it",
+        errno.EPERM: "check the permissions, or run as a user who may use it",
+        errno.ENOSPC: "free some space, or choose a bigger filesystem",
+        errno.EFBIG: "ask for a smaller size: the filesystem cannot hold a file that large",
+        errno.EEXIST: "remove it or choose another path",
+        errno.ENOTDIR: "a directory was expected there",
+        errno.EISDIR: "a file was expected there",
+        errno.EROFS: "choose a writable location",
+    }.get(exc.errno or 0, "rerun with --debug for details")
+    return BcvkError(message, hint=hint)
 
 
 def report(exc: BcvkError) -> None:
@@ -63,6 +85,11 @@ def main(
         # `bcvk … | head` closing the pipe is not an error worth a traceback.
         sys.stderr.close()
         return 141
+    except OSError as exc:
+        # A file bcvk was told to use, or the host's state, refused: no bug in
+        # bcvk, but a condition the user can act on, so one line.
+        report(os_error(exc))
+        return 1
     return result if isinstance(result, int) else 0
 
 

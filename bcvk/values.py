@@ -245,6 +245,8 @@ def parse_karg(text: str) -> str:
 # A VM name is also a directory, a libvirt domain and part of file names.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_.:/=@+-]{1,128}")
+# A login name as useradd takes it: what ssh(1) is given, never an option.
+_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 
 
 def _matching(pattern: re.Pattern[str], text: str, what: str, hint: str) -> str:
@@ -261,6 +263,11 @@ def is_vm_name(name: str) -> bool:
 def validate_vm_name(name: str) -> str:
     hint = "use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
     return _matching(_NAME_RE, name, "VM name", hint)
+
+
+def validate_user(user: str) -> str:
+    hint = "a login name: lowercase letters, digits, '_', '.', '-', not starting with '-'"
+    return _matching(_USER_RE, user, "user name", hint)
 
 
 def validate_label(label: str) -> str:

@@ -23,11 +23,11 @@ BOOTC_LABEL = "containers.bootc"
 
 # An image reference: [registry/]path[:tag][@digest].  Deliberately permissive
 # about characters podman accepts, strict about shell metacharacters.
-_REF_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@+-]*$")
+_REF_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._/:@+-]*")
 
 
 def validate_reference(ref: str) -> str:
-    if not ref or not _REF_RE.match(ref) or len(ref) > 512:
+    if not ref or not _REF_RE.fullmatch(ref) or len(ref) > 512:
         raise UsageError(
             f"invalid image reference {ref!r}",
             hint="use a name such as localhost/my-image:tag or quay.io/fedora/fedora-bootc:42",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bcvk import run
 from bcvk.errors import BcvkError, UsageError
+from bcvk.values import validate_user
 
 # Fixed options: throwaway guests get new host keys every boot, so host-key
 # checking can only get in the way; BatchMode stops password prompts from
@@ -67,6 +68,13 @@ class Target:
     proxy_command: str | None = None
     connect_timeout: int = 5
 
+    def __post_init__(self) -> None:
+        # The user may come from a domain's metadata: it must never reach ssh
+        # as something it reads as an option (-oProxyCommand=… runs a command).
+        validate_user(self.user)
+        if not self.host or self.host.startswith("-") or any(c.isspace() for c in self.host):
+            raise UsageError(f"invalid SSH host {self.host!r}")
+
 
 def argv(
     target: Target,
@@ -93,9 +101,10 @@ def argv(
     elif tty is False:
         args.append("-T")
     args += list(extra)
-    args.append(f"{target.user}@{target.host}")
+    # The user goes in -l and the host after --: neither can be read as an option.
+    args += ["-l", target.user, "--", target.host]
     if command:
-        args += ["--", command[0] if len(command) == 1 else shlex.join(command)]
+        args.append(command[0] if len(command) == 1 else shlex.join(command))
     return args
 
 

@@ -44,8 +44,11 @@ def cpio_names(data: bytes, offset: int = 0) -> tuple[list[str], int]:
         if data[offset : offset + 6] not in _CPIO_MAGICS:
             break
         header = data[offset : offset + _HEADER_LEN]
-        filesize = int(header[54:62], 16)
-        namesize = int(header[94:102], 16)
+        try:
+            filesize = int(header[54:62], 16)
+            namesize = int(header[94:102], 16)
+        except ValueError:
+            break  # a damaged header: the rest of the archive is not understood
         name_start = offset + _HEADER_LEN
         name = data[name_start : name_start + namesize - 1].decode(errors="replace")
         offset = _align4(name_start + namesize)

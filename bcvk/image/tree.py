@@ -97,11 +97,28 @@ def find_kernels(root: Path) -> list[Kernel]:
     return kernels
 
 
+def entries(root: Path, directory: str, pattern: str) -> list[str]:
+    """Paths (inside the image) of the entries of DIRECTORY matching PATTERN.
+
+    DIRECTORY is resolved within ROOT; the entries are listed, never followed,
+    so an image's absolute symlinks cannot point the reader at the host.
+    """
+    found = resolve(root, directory)
+    if found is None or not found.is_dir():
+        return []
+    base = "/" + os.fspath(found.relative_to(root)) if found != root else ""
+    try:
+        names = sorted(p.name for p in found.glob(pattern))
+    except OSError:
+        return []
+    return [f"{base}/{name}" for name in names]
+
+
 def systemd_version(root: Path) -> int | None:
     """The version of systemd in the image, from its shared library's name."""
-    for libdir in ("usr/lib/systemd", "usr/lib64/systemd", "usr/lib/x86_64-linux-gnu/systemd"):
-        for lib in (root / libdir).glob("libsystemd-shared-*.so"):
-            match = re.match(r"libsystemd-shared-(\d+)", lib.name)
+    for libdir in ("/usr/lib/systemd", "/usr/lib64/systemd", "/usr/lib/x86_64-linux-gnu/systemd"):
+        for lib in entries(root, libdir, "libsystemd-shared-*.so"):
+            match = re.match(r"libsystemd-shared-(\d+)", PurePosixPath(lib).name)
             if match:
                 return int(match.group(1))
     return None
@@ -116,20 +133,23 @@ def init_system(root: Path) -> str | None:
     return "systemd" if "systemd" in init.name else init.name
 
 
-_WANTS_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+_WANTS_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 SSH_UNITS = ("ssh.service", "sshd.service", "ssh.socket", "sshd.socket")
 
 
 def unit_enabled(root: Path, units: tuple[str, ...]) -> bool:
+    """Whether one of UNITS is wanted by a target, or enabled by a preset."""
     for base in _WANTS_DIRS:
-        for wants in (root / base).glob("*.wants"):
-            if any((wants / unit).is_symlink() or (wants / unit).exists() for unit in units):
+        for wants in entries(root, base, "*.wants"):
+            directory = resolve(root, wants)
+            # An enablement link may dangle (it is not followed): lexists.
+            if directory is not None and any(os.path.lexists(directory / u) for u in units):
                 return True
-    presets = []
-    for base in ("etc/systemd/system-preset", "usr/lib/systemd/system-preset"):
-        presets += sorted((root / base).glob("*.preset"))
+    presets: list[str] = []
+    for base in ("/etc/systemd/system-preset", "/usr/lib/systemd/system-preset"):
+        presets += entries(root, base, "*.preset")
     for preset in presets:
-        for line in preset.read_text(errors="replace").splitlines():
+        for line in (read_text(root, preset) or "").splitlines():
             words = line.split()
             if len(words) >= 2 and words[0] == "enable" and words[1] in units:
                 return True
@@ -161,4 +181,7 @@ def initramfs_generator(root: Path) -> str:
 
 
 def has_selinux_policy(root: Path) -> bool:
-    return any(root.glob("etc/selinux/*/contexts/files/file_contexts"))
+    return any(
+        resolve(root, f"{policy}/contexts/files/file_contexts") is not None
+        for policy in entries(root, "/etc/selinux", "*")
+    )

@@ -202,6 +202,18 @@ class Connection:
         )
         return None if raw is None else Pool(self, raw)
 
+    def volume_by_path(self, path: str) -> Volume | None:
+        """The storage volume whose file is PATH, in whichever pool holds it."""
+        raw = _unless_missing(
+            f"looking up volume {path}",
+            "VIR_ERR_NO_STORAGE_VOL",
+            lambda: self.raw.storageVolLookupByPath(path),
+        )
+        if raw is None:
+            return None
+        with translate(f"looking up the pool of volume {path}"):
+            return Volume(Pool(self, raw.storagePoolLookupByVolume()), raw)
+
     def default_pool_path(self) -> Path:
         if self.info.session:
             if self.info.remote:

@@ -184,7 +184,7 @@ def stop(
         lifecycle.stop_domain(dom, force=force, timeout=timeout)
         if not vm.persistent:
             # A transient domain is gone once stopped: so is its generated key.
-            key = plan_removal(vm).key_dir
+            key = plan_removal(conn, vm).key_dir
             if key:
                 shutil.rmtree(key, ignore_errors=True)
 

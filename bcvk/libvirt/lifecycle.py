@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,11 @@ from bcvk.guest import mounts
 from bcvk.host import ssh
 from bcvk.libvirt import basedisks
 from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef, LibvirtError
-from bcvk.libvirt.vms import Vm, get_vm
+from bcvk.libvirt.vms import Vm, default_console_log, get_vm, key_dir
 from bcvk.log import logger, step
 from bcvk.wait import Deadline, wait_until
 
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SSH_TIMEOUT = 300.0  # TCG boots take a minute; leave room for a busy host
 STOP_TIMEOUT = 60.0
 
@@ -40,7 +42,7 @@ def undefine_quietly(dom: DomainRef) -> None:
 
 
 def console_tail(vm: Vm, lines: int = 15) -> str:
-    path = vm.metadata.console_log
+    path = vm.console_log
     if not path:
         return ""
     try:
@@ -62,7 +64,7 @@ def wait_for_ssh(dom: DomainRef, vm: Vm, timeout: float = SSH_TIMEOUT) -> None:
             raise BcvkError(
                 f"VM {vm.name} stopped while waiting for SSH"
                 + (f"; console:\n{tail}" if tail else ""),
-                hint=f"see {vm.metadata.console_log or 'the libvirt log'} for the boot log",
+                hint=f"see {vm.console_log or 'the libvirt log'} for the boot log",
             )
         return ssh.probe(target)
 
@@ -74,7 +76,7 @@ def wait_for_ssh(dom: DomainRef, vm: Vm, timeout: float = SSH_TIMEOUT) -> None:
             raise WaitTimeout(
                 f"{exc.message}" + (f"; last console lines:\n{tail}" if tail else ""),
                 hint="the image needs sshd enabled and DHCP networking; "
-                f"console log: {vm.metadata.console_log or 'not recorded'}",
+                f"console log: {vm.console_log or 'not recorded'}",
             ) from exc
     logger.info("SSH ready after %.1fs", deadline.elapsed)
 
@@ -141,47 +143,65 @@ def stop_domain(dom: DomainRef, *, force: bool = False, timeout: float = STOP_TI
 
 @dataclass(frozen=True)
 class Removal:
+    """What removing a VM deletes besides the domain: only what bcvk made for it."""
+
     name: str
-    volume: str | None
+    volume: str | None  # path of its own disk volume
     key_dir: str | None
     console_log: str | None
 
 
-def plan_removal(vm: Vm) -> Removal:
-    md = vm.metadata
-    key = None
-    if md.ssh_generated and md.ssh_private_key_path:
-        parent = Path(md.ssh_private_key_path).parent
-        managed = paths.data_dir() / "libvirt"
-        if parent.parent == managed:
-            key = os.fspath(parent)
+def own_key_dir(vm: Vm) -> Path | None:
+    """bcvk's key directory for this domain's UUID, if bcvk generated its key."""
+    if not vm.metadata.ssh_generated or not UUID_RE.fullmatch(vm.uuid):
+        return None
+    directory = key_dir(vm.uuid)
+    managed = (paths.data_dir() / "libvirt").resolve()
+    if not directory.is_dir() or directory.is_symlink():
+        return None
+    return directory if directory.resolve().parent == managed else None
+
+
+def plan_removal(conn: Connection, vm: Vm) -> Removal:
+    """Decided from the domain itself and bcvk's naming, never from metadata alone.
+
+    A copy of a bcvk VM (virt-clone keeps the metadata) names the original's
+    disk, key and log there; none of those is its own, so none is removed.
+    """
+    volume = None
+    own_disk = f"{vm.name}.qcow2"
+    for source in vm.disks:
+        if Path(source).name == own_disk and not basedisks.is_base_name(own_disk):
+            volume = source
+    key = own_key_dir(vm)
     log = None
-    if md.console_log and md.console_log.endswith(f"/{vm.name}-console.log"):
-        log = md.console_log
-    volume = (
-        md.disk_volume if md.disk_volume and not basedisks.is_base_name(md.disk_volume) else None
-    )
-    return Removal(vm.name, volume, key, log)
+    default = default_console_log(conn.info, vm.name)
+    if default is not None and vm.console_log == default:
+        log = default
+    return Removal(vm.name, volume, os.fspath(key) if key else None, log)
 
 
 def remove(conn: Connection, name: str, *, force: bool = False) -> Removal:
-    """Remove bcvk VM NAME: domain, NVRAM/TPM state, its disk, its generated key."""
-    dom, vm = get_vm(conn, name)
+    """Remove bcvk VM NAME: domain, NVRAM/TPM state, its disk, its generated key.
+
+    With FORCE a running VM is stopped, and a copy of a bcvk VM is removed
+    too (with only what is its own).
+    """
+    dom, vm = get_vm(conn, name, copies=force)
     if vm.running and not force:
         raise BcvkError(
             f"VM {name} is running",
             hint=f"stop it first (`bcvk libvirt stop {name}`) or pass -f/--force",
         )
-    plan = plan_removal(vm)
+    plan = plan_removal(conn, vm)
     with step(f"Removing VM {name}"):
         destroy_quietly(dom)
         if vm.persistent:
             with contextlib.suppress(DomainNotFound):
                 dom.undefine()
         if plan.volume:
-            pool = conn.pool(vm.metadata.pool or "default")
-            volume = pool.volume(plan.volume) if pool is not None else None
-            if volume is not None:
+            volume = conn.volume_by_path(plan.volume)
+            if volume is not None and volume.name == f"{name}.qcow2":
                 volume.delete()
         if plan.key_dir:  # keys live on this machine even for remote URIs
             shutil.rmtree(plan.key_dir, ignore_errors=True)

@@ -55,6 +55,10 @@ class Metadata:
     transient: bool = False
     created: str = ""
     created_by: str = ""
+    # The domain this metadata was written for: a copy (virt-clone keeps
+    # <metadata>) carries another domain's name and UUID.
+    domain_name: str = ""
+    domain_uuid: str = ""
 
     # (element name, attribute) for the scalar keys, in output order.
     _SCALARS = (
@@ -81,6 +85,8 @@ class Metadata:
         ("transient", "transient"),
         ("created", "created"),
         ("created-by", "created_by"),
+        ("domain-name", "domain_name"),
+        ("domain-uuid", "domain_uuid"),
     )
 
     def to_element(self) -> ET.Element:
@@ -196,6 +202,8 @@ class Metadata:
             "transient": self.transient,
             "created": self.created or None,
             "created_by": self.created_by or None,
+            "domain_name": self.domain_name or None,
+            "domain_uuid": self.domain_uuid or None,
         }
 
 

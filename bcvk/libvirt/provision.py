@@ -30,6 +30,7 @@ from bcvk.libvirt.lifecycle import SSH_TIMEOUT
 from bcvk.libvirt.vms import (
     Vm,
     all_vms,
+    default_console_log,
     derive_name,
     key_dir,
     pick_ssh_port,
@@ -317,16 +318,6 @@ def vm_disk(
     return vol.path, volume
 
 
-def _default_console_log(conn: Connection, name: str) -> str | None:
-    if conn.info.remote or conn.info.driver != "qemu":
-        return None
-    if conn.info.session:
-        base = Path.home() / ".cache" / "libvirt" / "qemu" / "log"
-    else:
-        base = Path("/var/log/libvirt/qemu")
-    return os.fspath(base / f"{name}-console.log")
-
-
 def _have_swtpm(conn: Connection) -> bool:
     if conn.info.driver == "test":
         return True
@@ -363,7 +354,7 @@ def domain_spec(
     console_log = (
         os.fspath(opts.console_log.resolve())
         if opts.console_log
-        else _default_console_log(conn, req.name)
+        else default_console_log(conn.info, req.name)
     )
     metadata = lx.Metadata(
         source_image=req.image,
@@ -390,6 +381,8 @@ def domain_spec(
         transient=opts.transient,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         created_by=f"bcvk {__version__}",
+        domain_name=req.name,
+        domain_uuid=made.vm_uuid,
     )
     return lx.DomainSpec(
         name=req.name,

@@ -19,7 +19,8 @@ from bcvk.errors import BcvkError
 from bcvk.host import ssh
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef
-from bcvk.values import GIB, MIB, parse_itype, parse_memory, parse_vcpus
+from bcvk.libvirt.uri import UriInfo
+from bcvk.values import GIB, MIB, parse_itype, parse_memory, parse_vcpus, validate_vm_name
 
 SSH_PORT_RANGE = (2222, 2999)
 DEFAULT_MEMORY = 4 * GIB
@@ -138,6 +139,25 @@ class Vm:
     uri: str = ""
     ssh_proxy_jump: str | None = None
     ssh_proxy_command: str | None = None
+    console_log: str | None = None  # the serial log the domain's XML names
+    cdroms: tuple[str, ...] = ()
+
+    @property
+    def copied_from(self) -> str | None:
+        """The domain whose metadata this one carries (a copy, e.g. by virt-clone), or None."""
+        md = self.metadata
+        if md.domain_uuid:
+            if (md.domain_uuid, md.domain_name) == (self.uuid, self.name):
+                return None
+            return md.domain_name or md.domain_uuid
+        # Made before bcvk recorded identities: a key bcvk generated sits in the
+        # key directory of the domain's UUID.
+        key = md.ssh_private_key_path
+        if md.ssh_generated and key:
+            directory = Path(key).parent
+            if directory.parent == key_dir("x").parent and directory.name != self.uuid:
+                return directory.name
+        return None
 
     @property
     def running(self) -> bool:
@@ -214,6 +234,8 @@ def vm_from_xml(
         uri=uri,
         ssh_proxy_jump=jump,
         ssh_proxy_command=proxy_command,
+        console_log=dom.console.log_file if dom.console else None,
+        cdroms=dom.cdroms,
     )
 
 
@@ -247,12 +269,36 @@ def all_vms(conn: Connection) -> list[Vm]:
     return vms
 
 
-def get_vm(conn: Connection, name: str) -> tuple[DomainRef, Vm]:
-    dom = conn.get(name)
+def get_vm(conn: Connection, name: str, *, copies: bool = False) -> tuple[DomainRef, Vm]:
+    """Domain NAME and bcvk's view of it; a copy of a bcvk VM only with COPIES.
+
+    A copy's metadata names another VM's key, disk and log: trusting it would
+    reach into that VM, so every verb but ``rm -f`` refuses it.
+    """
+    dom = conn.get(validate_vm_name(name))
     vm = read_vm(conn, dom)
     if vm is None:
         raise BcvkError(
             f"domain {name!r} was not created by bcvk (it has no bootc metadata)",
             hint="bcvk only manages its own VMs; use virsh for this one",
         )
+    origin = vm.copied_from
+    if origin is not None and not copies:
+        raise BcvkError(
+            f"domain {name!r} carries the metadata of VM {origin!r}: it is a copy "
+            "(virt-clone?), not a VM bcvk made",
+            hint=f"`bcvk libvirt rm -f {name}` removes the copy and only the disk named for "
+            f"it ({name}.qcow2); {origin}'s disk and key are left alone",
+        )
     return dom, vm
+
+
+def default_console_log(info: UriInfo, name: str) -> str | None:
+    """Where bcvk asks libvirt to log NAME's serial console (None: no file it can name)."""
+    if info.remote or info.driver != "qemu":
+        return None
+    if info.session:
+        base = Path.home() / ".cache" / "libvirt" / "qemu" / "log"
+    else:
+        base = Path("/var/log/libvirt/qemu")
+    return os.fspath(base / f"{name}-console.log")

@@ -236,6 +236,7 @@ class Domain:
     oem_strings: tuple[str, ...] = ()  # SMBIOS type 11: systemd credentials
     qemu_args: tuple[str, ...] = ()
     metadata: Metadata | None = None
+    cdroms: tuple[str, ...] = ()  # read only: the files of CD-ROM devices
 
     def to_element(self) -> ET.Element:
         dom = ET.Element("domain", {"type": self.type})
@@ -334,6 +335,11 @@ class Domain:
             oem_strings=tuple(e.text or "" for e in dom.findall("sysinfo/oemStrings/entry")),
             qemu_args=qemu_args,
             metadata=metadata_from_domain(dom),
+            cdroms=tuple(
+                s.get("file", "")
+                for d in devices.findall("disk")
+                if d.get("device") == "cdrom" and (s := d.find("source")) is not None
+            ),
         )
 
     @classmethod

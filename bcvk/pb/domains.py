@@ -17,7 +17,7 @@ from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainNotFound
 from bcvk.libvirt.vms import vm_from_xml
 from bcvk.log import logger, step
-from bcvk.pb.model import SYSTEM_POOL, PbVm, pb_info_from_xml
+from bcvk.pb.model import DOMAIN_PREFIX, SYSTEM_POOL, PbVm, pb_info_from_xml
 from bcvk.pb.session import ConsoleFollower, close_masters, in_use, lock_path, locked_inodes
 
 
@@ -45,7 +45,8 @@ def pb_vms(conn: Connection, *, with_use: bool = False) -> list[PbVm]:
             )
         except DomainNotFound:
             continue
-        if vm is None:
+        if vm is None or vm.copied_from is not None:
+            # A copy (virt-clone) shares the original's pb ID and key: not a pb VM.
             continue
         busy = in_use(info.id, locks) if with_use else False
         found.append(PbVm(info, vm, busy))
@@ -74,12 +75,12 @@ def boot(conn: Connection, vm: PbVm, *, quiet: bool, timeout: float) -> PbVm:
     """Start VM (when stopped), wait for SSH, mount shares; returns the fresh view."""
     dom = conn.get(vm.name)
     close_masters(vm.id)
-    log = vm.vm.metadata.console_log
+    log = vm.vm.console_log
     if log and not conn.info.remote:
         # qemu:///session does not create ~/.cache/libvirt/qemu/log itself.
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     stream = None if quiet else sys.stderr
-    with ConsoleFollower(vm.vm.metadata.console_log if stream else None, stream or sys.stderr):
+    with ConsoleFollower(vm.vm.console_log if stream else None, stream or sys.stderr):
         if not dom.is_active():
             with step(f"Starting VM {vm.id} ({vm.name})"):
                 dom.start()
@@ -104,12 +105,27 @@ def remove(conn: Connection, vm: PbVm, *, keep_base: bool = False) -> None:
     md = vm.vm.metadata
     lifecycle.remove(conn, vm.name, force=True)
     pool_name_ = md.pool or SYSTEM_POOL
-    if vm.info.cloudinit_iso:
-        delete_volume(conn, pool_name_, Path(vm.info.cloudinit_iso).name)
+    seed = seed_iso_of(vm)
+    if seed is not None:
+        volume = conn.volume_by_path(seed)
+        if volume is not None and volume.name == seed_volume_name(vm.id):
+            volume.delete()
     if not keep_base and md.base_disk and basedisks.is_base_name(md.base_disk):
         delete_unused_base(conn, pool_name_, md.base_disk)
     with contextlib.suppress(OSError):
         lock_path(vm.id).unlink()
+
+
+def seed_volume_name(vm_id: str) -> str:
+    return f"{DOMAIN_PREFIX}{vm_id}-cidata.iso"
+
+
+def seed_iso_of(vm: PbVm) -> str | None:
+    """The seed ISO bcvk made for VM: attached to it, and named for its ID."""
+    for path in vm.vm.cdroms:
+        if Path(path).name == seed_volume_name(vm.id):
+            return path
+    return None
 
 
 def delete_unused_base(conn: Connection, pool_name_: str, base: str) -> None:

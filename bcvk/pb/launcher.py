@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,11 +54,9 @@ from bcvk.values import (
     parse_timeout,
     parse_vcpus,
     unique_host_ports,
+    validate_user,
     validate_vm_name,
 )
-
-# A login name: what ssh(1) will be given, so never something it reads as an option.
-USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 
 
 def volumes_of(specs: Sequence[str], uri: str | None) -> tuple[Share, ...]:
@@ -131,8 +128,7 @@ def make_run_options(
 
 def validate(opts: RunOptions) -> None:
     """Checks that need no podman and no libvirt."""
-    if not USER_RE.fullmatch(opts.user):
-        raise UsageError(f"invalid user name {opts.user!r}")
+    validate_user(opts.user)
     if opts.name is not None:
         validate_vm_name(opts.name)
         if opts.name.startswith(DOMAIN_PREFIX):
@@ -294,7 +290,7 @@ def create(conn: Connection, ident: Identity, opts: RunOptions) -> None:
 def seed_volume(conn: Connection, pool_name_: str, vm_id: str, source: Path) -> tuple[str, str]:
     """Build the NoCloud seed ISO into the pool (where QEMU can read it): (volume, path)."""
     pool = conn.ensure_pool(pool_name_)
-    name = f"{DOMAIN_PREFIX}{vm_id}-cidata.iso"
+    name = domains.seed_volume_name(vm_id)
     directory = basedisks.pool_writable(conn, pool)
     with step("Building the cloud-init seed ISO"):
         if directory is not None:

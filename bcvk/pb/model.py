@@ -33,7 +33,7 @@ CONTROL_PERSIST = "600"  # seconds an idle shared SSH connection stays up
 # sun_path holds 108 bytes with the NUL; ssh binds "<ControlPath>.<16 random>" first.
 MAX_CONTROL_PATH = 107 - 17
 ELEMENT = "podman-bootc"
-ID_RE = re.compile(r"^[0-9a-f]{12}$")
+ID_RE = re.compile(r"[0-9a-f]{12}")
 
 
 # ------------------------------------------------------------------ pure model
@@ -73,7 +73,7 @@ class PbInfo:
     @classmethod
     def from_element(cls, el: ET.Element) -> PbInfo | None:
         vm_id = el.get("id", "")
-        if not ID_RE.match(vm_id):
+        if not ID_RE.fullmatch(vm_id):
             return None
         root_size = el.get("root-size")
         return cls(

@@ -70,7 +70,7 @@ def shared_connection(
     if ref is None:
         return None
     vm_id = ref.removeprefix(DOMAIN_PREFIX)
-    if not ID_RE.match(vm_id):
+    if not ID_RE.fullmatch(vm_id):
         return None
     base = directory or paths.runtime_dir() / "pb"
     if not base.is_dir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -372,7 +373,7 @@ def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.Ima
     with pytest.raises(BcvkError, match="is running"):
         lifecycle.remove(conn, "a")
     plan = lifecycle.remove(conn, "a", force=True)
-    assert plan.volume == "a.qcow2"
+    assert plan.volume is not None and plan.volume.endswith("/a.qcow2")
     assert conn.lookup("a") is None
     pool = conn.pool(POOL)
     assert pool is not None
@@ -435,3 +436,67 @@ def test_status_on_the_test_driver(conn: Connection, fake_image: podman.ImageInf
         tuple(int(x) for x in str(data["libvirt_version"]).split(".")) >= (11, 0, 0)
     )
     assert data["readonly_bind_enforcement"] in ("libvirt", "host", "guest")
+
+
+# ------------------------------------------------------------------ copies of bcvk VMs
+
+
+def clone(conn: Connection, name: str, new: str, disk: str | None = None) -> None:
+    """A copy of domain NAME as virt-clone makes one: new name, UUID and disk; same metadata."""
+    import uuid
+
+    text = conn.get(name).xml(inactive=True)
+    text = text.replace(f"<name>{name}</name>", f"<name>{new}</name>")
+    text = re.sub(r"<uuid>[^<]+</uuid>", f"<uuid>{uuid.uuid4()}</uuid>", text)
+    if disk is not None:
+        text = re.sub(r"<source file='[^']+'", f"<source file='{disk}'", text)
+        text = re.sub(r'<source file="[^"]+"', f'<source file="{disk}"', text)
+    conn.define(text)
+
+
+def test_rm_of_a_clone_leaves_the_originals_disk_and_key(
+    conn: Connection, fake_image: podman.ImageInfo
+) -> None:
+    orig = provision.create_vm(conn, IMAGE, options(name="orig", start=False))
+    key = Path(orig.metadata.ssh_private_key_path or "")
+    pool = conn.pool(POOL)
+    assert pool is not None
+    own = pool.create_volume(
+        "<volume><name>copy.qcow2</name><capacity>1048576</capacity></volume>", "copy.qcow2"
+    )
+    clone(conn, "orig", "copy", own.path)
+    # Every verb but rm -f refuses the copy: its metadata names orig's key.
+    with pytest.raises(BcvkError, match="carries the metadata of VM 'orig'"):
+        vmview.get_vm(conn, "copy")
+    with pytest.raises(BcvkError, match="it is a copy"):
+        lifecycle.remove(conn, "copy")
+    plan = lifecycle.remove(conn, "copy", force=True)
+    assert plan.key_dir is None
+    assert conn.lookup("copy") is None
+    assert pool.volume("copy.qcow2") is None  # its own disk went
+    assert pool.volume("orig.qcow2") is not None  # the original's stays
+    assert key.is_file()
+    assert vmview.get_vm(conn, "orig")[1].copied_from is None
+
+
+def test_rm_never_follows_metadata_to_files_outside_bcvks_own(
+    conn: Connection, fake_image: podman.ImageInfo, tmp_path: Path
+) -> None:
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "id_ed25519").write_text("not yours")
+    log = tmp_path / "evil-console.log"
+    log.write_text("secret")
+    vm = provision.create_vm(conn, IMAGE, options(name="evil", start=False))
+    text = conn.get("evil").xml(inactive=True)
+    for old, new in (
+        (vm.metadata.ssh_private_key_path or "", f"{victim}/id_ed25519"),
+        ("evil.qcow2</bootc:disk-volume>", "precious.img</bootc:disk-volume>"),
+    ):
+        text = text.replace(old, new)
+    text = text.replace("</bootc:container>", f"<bootc:console-log>{log}</bootc:console-log>"
+                        "</bootc:container>")  # fmt: skip
+    conn.define(text)
+    lifecycle.remove(conn, "evil", force=True)
+    assert (victim / "id_ed25519").read_text() == "not yours"
+    assert log.read_text() == "secret"
