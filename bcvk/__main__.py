@@ -14,7 +14,7 @@ from types import FrameType
 
 import click
 
-from bcvk.errors import BcvkError
+from bcvk.errors import BcvkError, UsageError
 from bcvk.log import DEBUG, logger
 
 
@@ -69,6 +69,11 @@ def main(
         result = cli.main(args=argv, prog_name=prog_name or "bcvk", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
+    except click.UsageError as exc:
+        # bcvk's own shape for every usage error: one line, then where to look.
+        command = exc.ctx.command_path if exc.ctx is not None else "bcvk"
+        report(UsageError(exc.format_message(), hint=f"see `{command} --help`"))
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -92,13 +92,7 @@ def vm_options(fn: F) -> F:
             show_default=True,
             help="When to pull IMAGE from its registry.",
         ),
-        click.option(
-            "--ssh-timeout",
-            default=240.0,
-            show_default=True,
-            metavar="SECONDS",
-            help="How long to wait for the guest's sshd.",
-        ),
+        shared.timeout_option("--ssh-timeout", 240.0, "How long to wait for the guest's sshd."),
         click.option(
             "--accel",
             type=click.Choice([a.value for a in Accel]),
@@ -196,7 +190,7 @@ def run_ssh(ctx: click.Context, /, image: str, command: tuple[str, ...], **kw: A
 
 
 @ephemeral.command("ssh", context_settings=PASSTHROUGH)
-@click.option("--ssh-timeout", default=240.0, show_default=True, help="How long to wait for sshd.")
+@shared.timeout_option("--ssh-timeout", 240.0, "How long to wait for sshd.")
 @click.argument("name")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context

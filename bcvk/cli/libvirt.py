@@ -108,13 +108,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Path(dir_okay=False, path_type=Path),
             help="Log the serial console to FILE.",
         ),
-        click.option(
-            "--timeout",
-            type=float,
-            default=300.0,
-            show_default=True,
-            help="Seconds to wait for SSH.",
-        ),
+        shared.timeout_option("--timeout", 300.0, "Seconds to wait for SSH."),
         click.option("--pool", default="default", show_default=True, help="Storage pool."),
     ]
     for option in reversed(options):
@@ -220,9 +214,7 @@ def list_(ctx: click.Context, all_: bool, label: str | None, fmt: str) -> None:
 @libvirt.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@click.option(
-    "--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for SSH."
-)
+@shared.timeout_option("--timeout", 60.0, "Seconds to wait for SSH.")
 @click.pass_context
 def ssh(ctx: click.Context, name: str, command: tuple[str, ...], timeout: float) -> None:
     """Open a shell in VM NAME, or run COMMAND there (`-- CMD…`); exits with its status."""
@@ -241,7 +233,7 @@ def ssh(ctx: click.Context, name: str, command: tuple[str, ...], timeout: float)
 @click.argument("name")
 @click.option("--ssh", "ssh_", is_flag=True, help="Wait for SSH, then open a session.")
 @click.option("--ssh-wait", is_flag=True, help="Wait until SSH works, then return.")
-@click.option("--timeout", type=float, default=300.0, show_default=True)
+@shared.timeout_option("--timeout", 300.0, "Seconds to wait for SSH.")
 @click.pass_context
 def start(ctx: click.Context, name: str, ssh_: bool, ssh_wait: bool, timeout: float) -> None:
     """Start VM NAME."""
@@ -255,7 +247,7 @@ def start(ctx: click.Context, name: str, ssh_: bool, ssh_wait: bool, timeout: fl
 @libvirt.command(context_settings=CONTEXT)
 @click.argument("name")
 @click.option("-f", "--force", is_flag=True, help="Power off at once instead of shutting down.")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@shared.timeout_option("--timeout", 60.0, "Seconds to wait for the shutdown.")
 @click.pass_context
 def stop(ctx: click.Context, name: str, force: bool, timeout: float) -> None:
     """Shut VM NAME down (forced off if it does not stop within --timeout)."""
@@ -265,8 +257,16 @@ def stop(ctx: click.Context, name: str, force: bool, timeout: float) -> None:
 
 
 def _confirm(question: str, force: bool) -> None:
-    if force or not sys.stdin.isatty():
+    """Ask on a terminal; elsewhere (scripts, CI) only -f removes anything."""
+    from bcvk.errors import UsageError
+
+    if force:
         return
+    if not sys.stdin.isatty():
+        raise UsageError(
+            f"refusing without confirmation: {question.rstrip('?')}",
+            hint="pass -f when not on a terminal",
+        )
     if not click.confirm(question, default=False, err=True):
         raise click.exceptions.Exit(1)
 
@@ -279,8 +279,10 @@ def rm(ctx: click.Context, name: str, force: bool) -> None:
     """Remove VM NAME with its disk and generated SSH key (bcvk's VMs only)."""
     from bcvk import libvirt as core
 
-    core.inspect(name, _uri(ctx))  # unknown or foreign domains fail before asking
-    _confirm(f"Remove VM {name} and its disk?", force)
+    # Unknown, foreign or copied domains fail before asking; a running one
+    # fails in rm, with the hint to pass -f.
+    if not force and not core.inspect(name, _uri(ctx)).running:
+        _confirm(f"Remove VM {name} and its disk?", force)
     core.rm(name, uri=_uri(ctx), force=force)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -48,6 +48,36 @@ def firmware_option(
         default=members[0].value,
         show_default=True,
         help=help_text,
+    )
+
+
+if TYPE_CHECKING:
+    _FloatType = click.ParamType[float, object]
+else:  # click < 8.5 has no type parameters
+    _FloatType = click.ParamType
+
+
+class Seconds(_FloatType):
+    """A timeout: finite, positive, at most a week (``nan`` would wait forever)."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        from bcvk.errors import UsageError
+        from bcvk.values import parse_timeout
+
+        what = param.opts[-1] if param is not None and param.opts else "timeout"
+        try:
+            return parse_timeout(value if isinstance(value, float | str) else str(value), what)
+        except UsageError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+def timeout_option(flag: str, default: float, help_text: str) -> Callable[[F], F]:
+    return click.option(
+        flag, type=Seconds(), default=default, show_default=True, metavar="SECONDS", help=help_text
     )
 
 

@@ -116,13 +116,7 @@ def _command(args: tuple[str, ...]) -> list[str]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Private key (FILE.pub beside it).  [default: a new one per VM]",
 )
-@click.option(
-    "--timeout",
-    default="300",
-    show_default=True,
-    metavar="SECONDS",
-    help="Seconds to wait for SSH.",
-)
+@options.timeout_option("--timeout", 300.0, "Seconds to wait for SSH.")
 @click.pass_context
 def run(ctx: click.Context, /, image: str, command: tuple[str, ...], **kw: Any) -> None:
     """Run a VM of IMAGE (or an existing VM's ID) and open SSH, or run COMMAND.
@@ -226,9 +220,7 @@ def stop(ctx: click.Context, vm_id: str) -> None:
 @click.argument("vm_id", metavar="ID")
 @click.option("--no-wait", is_flag=True, help="Return without waiting for SSH.")
 @click.option("--quiet", is_flag=True, help="Do not show the boot console.")
-@click.option(
-    "--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for SSH."
-)
+@options.timeout_option("--timeout", 300.0, "Seconds to wait for SSH.")
 @click.pass_context
 def start(ctx: click.Context, vm_id: str, no_wait: bool, quiet: bool, timeout: float) -> None:
     """Start stopped VM ID (and wait until SSH works)."""

@@ -45,7 +45,17 @@ from bcvk.libvirt.provision import (
 from bcvk.libvirt.uri import default_uri, parse_uri
 from bcvk.libvirt.vms import Vm, all_vms, filter_vms, get_vm, read_vm, readonly_mode
 from bcvk.log import logger, step
-from bcvk.values import Accel, Firmware, PortForward, parse_choice, parse_size
+from bcvk.values import (
+    Accel,
+    Firmware,
+    PortForward,
+    parse_choice,
+    parse_karg,
+    parse_size,
+    parse_timeout,
+    validate_label,
+    validate_vm_name,
+)
 
 
 def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
@@ -83,8 +93,9 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
             for p in values.pop("ports", ())
         ),  # fmt: skip
         shares=mounts.at_guest_paths(specs, local=local),
-        kargs=tuple(values.pop("kargs", ())),
-        labels=tuple(values.pop("labels", ())),
+        kargs=tuple(parse_karg(k) for k in values.pop("kargs", ())),
+        labels=tuple(validate_label(label) for label in values.pop("labels", ())),
+        timeout=parse_timeout(values.pop("timeout", SSH_TIMEOUT), "--timeout"),
         **values,
     )
 
@@ -121,11 +132,13 @@ def list_vms(
 
 
 def inspect(name: str, uri: str | None = None) -> Vm:
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connect(uri) as conn:
         return get_vm(conn, name)[1]
 
 
 def domain_xml(name: str, uri: str | None = None) -> str:
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connect(uri) as conn:
         dom, _ = get_vm(conn, name)
         return dom.xml()
@@ -141,6 +154,7 @@ def ssh_command(
 ) -> subprocess.CompletedProcess[str]:
     """Run COMMAND in VM NAME over SSH (waiting up to TIMEOUT for sshd); never raises on
     the command's exit status."""
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connect(uri) as conn:
         dom, vm = lifecycle.running_vm(conn, name)
         target = vm.ssh_target()
@@ -152,6 +166,7 @@ def ssh_command(
 def ssh_interactive(
     name: str, command: Sequence[str] = (), *, uri: str | None = None, timeout: float = 60.0
 ) -> int:
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connect(uri) as conn:
         dom, vm = lifecycle.running_vm(conn, name)
         target = vm.ssh_target()
@@ -163,6 +178,7 @@ def ssh_interactive(
 def start(
     name: str, *, uri: str | None = None, ssh_wait: bool = False, timeout: float = SSH_TIMEOUT
 ) -> Vm:
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connect(uri) as conn:
         dom, vm = get_vm(conn, name)
         if vm.running:
@@ -179,6 +195,7 @@ def start(
 def stop(
     name: str, *, uri: str | None = None, force: bool = False, timeout: float = STOP_TIMEOUT
 ) -> None:
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connect(uri) as conn:
         dom, vm = get_vm(conn, name)
         lifecycle.stop_domain(dom, force=force, timeout=timeout)
@@ -190,6 +207,7 @@ def stop(
 
 
 def rm(name: str, *, uri: str | None = None, force: bool = False) -> Removal:
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connect(uri) as conn:
         return remove(conn, name, force=force)
 

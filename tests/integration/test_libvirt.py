@@ -193,7 +193,10 @@ def test_second_vm_of_the_image_is_a_backing_file_clone(vm: Vm) -> None:
     assert again.returncode != 0
     assert "already exists" in again.stderr
     assert "--replace" in again.stderr
-    lv_ok("rm", name)  # stopped: no --force needed off a TTY
+    refused = lv("rm", name)  # off a terminal, only -f removes anything
+    assert refused.returncode == 2
+    assert "pass -f when not on a terminal" in refused.stderr
+    lv_ok("rm", "-f", name)
     assert name not in env.domain_names()
     assert not clone.exists()
 
@@ -332,7 +335,7 @@ def test_base_disk_deleted_behind_our_back_is_rebuilt(libvirtd: None) -> None:
     lv_ok("create", "--name", name, "--disk-size", size, DEMO_IMAGE)
     info = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
     base = env.POOL_DIR / info["metadata"]["base_disk"]
-    lv_ok("rm", name)
+    lv_ok("rm", "-f", name)
     rows = json.loads(lv_ok("base-disks", "list", "--format", "json").stdout)
     assert next(r for r in rows if r["name"] == base.name)["references"] == 0
     os.unlink(base)  # an admin deletes it behind libvirt's back
@@ -340,7 +343,7 @@ def test_base_disk_deleted_behind_our_back_is_rebuilt(libvirtd: None) -> None:
     lv_ok("create", "--name", name2, "--disk-size", size, DEMO_IMAGE)
     assert base.exists()
     assert env.backing_file(env.POOL_DIR / f"{name2}.qcow2") == str(base)
-    lv_ok("rm", name2)
+    lv_ok("rm", "-f", name2)
     env.virsh("vol-delete", "--pool", "default", base.name)
 
 

@@ -85,6 +85,12 @@ def test_inspect_formats(uri: str, fmt: str) -> None:
         (["ssh", "db", "--", "true"], "VM db is not running", "bcvk libvirt start db"),
         (["stop", "nope"], "no domain named 'nope'", None),
         (["start", "foreign"], "was not created by bcvk", None),
+        # Off a terminal nothing is removed without -f (it used to be, silently).
+        (["rm", "db"], "refusing without confirmation: Remove VM db", "pass -f"),
+        (["rm-all"], "refusing without confirmation: Remove 2 VM(s)", "pass -f"),
+        # Bad input is refused before libvirt is asked (an unreachable URI or not).
+        (["rm", "-f", "--", "-rf"], "invalid VM name '-rf'", "letters, digits"),
+        (["ssh", "ok\n", "--", "true"], "invalid VM name 'ok\\n'", "letters, digits"),
     ],
 )
 def test_errors_are_one_line_with_a_hint(
@@ -129,3 +135,28 @@ def test_status_and_help(uri: str) -> None:
     help_text = bcvk("libvirt", "run", "--help").stdout
     for flag in ("--bind-ro", "--ro-bind", "--ssh-wait", "--disable-tpm", "--transient", "-R"):
         assert flag in help_text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["rm", "-f", "--", "-rf"],
+        ["inspect", "a/b"],
+        ["ssh", "x y", "--", "true"],
+        ["start", "ok\n"],
+        ["stop", ".."],
+        ["run", "--name", "ok\n", "localhost/x:1"],
+        ["run", "--label", "a\x01", "localhost/x:1"],
+        ["run", "-p", "8080", "localhost/x:1"],
+        ["run", "--memory", "9" * 400, "localhost/x:1"],
+        ["run", "--cpus", "0", "localhost/x:1"],
+        ["upload", "localhost/x:1", "--volume-name", "x</name>"],
+    ],
+)
+def test_bad_input_is_refused_before_connecting(args: list[str]) -> None:
+    # No libvirtd answers at this URI: the input's own error must come first.
+    dead = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    result = bcvk("libvirt", "-c", dead, *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: invalid"), result.stderr
+    assert "connect" not in result.stderr

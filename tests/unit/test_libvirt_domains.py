@@ -373,7 +373,8 @@ def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.Ima
     with pytest.raises(BcvkError, match="is running"):
         lifecycle.remove(conn, "a")
     plan = lifecycle.remove(conn, "a", force=True)
-    assert plan.volume is not None and plan.volume.endswith("/a.qcow2")
+    assert plan.volume is not None
+    assert plan.volume.endswith("/a.qcow2")
     assert conn.lookup("a") is None
     pool = conn.pool(POOL)
     assert pool is not None
