@@ -71,8 +71,8 @@ def main(
         return int(exc.exit_code)
     except click.UsageError as exc:
         # bcvk's own shape for every usage error: one line, then where to look.
-        command = exc.ctx.command_path if exc.ctx is not None else "bcvk"
-        report(UsageError(exc.format_message(), hint=f"see `{command} --help`"))
+        where = exc.ctx.command_path if exc.ctx is not None else "bcvk"
+        report(UsageError(exc.format_message(), hint=f"see `{where} --help`"))
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()

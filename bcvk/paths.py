@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import functools
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bcvk.errors import BcvkError
 
@@ -93,3 +97,46 @@ def locked(path: Path, *, shared: bool = False, blocking: bool = True) -> Iterat
         yield True
     finally:
         os.close(fd)
+
+
+_AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+@functools.cache
+def _renameat2() -> Any:
+    return ctypes.CDLL(None, use_errno=True).renameat2
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> None:
+    """rename(2) with FLAGS (RENAME_NOREPLACE, RENAME_EXCHANGE); OSError as rename's."""
+    result = _renameat2()(
+        _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)
+    )
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), os.fspath(src), None, os.fspath(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename SRC to DST unless DST exists (FileExistsError then), atomically."""
+    try:
+        renameat2(src, dst, RENAME_NOREPLACE)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        # A filesystem without renameat2 flags: link(2) fails atomically on EEXIST.
+        os.link(src, dst)
+        os.unlink(src)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap A and B atomically; False where the filesystem cannot (nothing changed)."""
+    try:
+        renameat2(a, b, RENAME_EXCHANGE)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS):
+            return False
+        raise
+    return True

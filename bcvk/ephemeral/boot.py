@@ -117,15 +117,17 @@ def after_ready(vm: Vm, machine: Machine, state: Launch) -> None:
         )
         out = (opts.log_dir.directory / "journal.json").open("ab")
         state.logs.append(out)
+        token = vm.record.token
         proc = run.spawn(
             argv,
             stdout=out,
             stderr=subprocess.DEVNULL,
             new_session=True,
             die_with_parent=not opts.detach,
+            env={registry.TOKEN_VAR: token},
         )
         vm.children.append(proc)
-        vm.record.helpers.append(registry.Proc.of("journal", proc.pid))
+        vm.record.helpers.append(registry.Proc.of("journal", proc.pid, token=token))
         vm.dir.write(vm.record)
 
 

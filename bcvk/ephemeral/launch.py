@@ -226,16 +226,18 @@ def _helper_argv(launch: Launch, argv: list[str]) -> list[str]:
 def _spawn(launch: Launch, role: str, argv: list[str], log: Path, **kw: Any) -> run.Process:
     out = log.open("ab")
     launch.logs.append(out)
+    token = launch.record.token
     proc = run.spawn(
         argv,
         stdout=kw.pop("stdout", out),
         stderr=out,
         die_with_parent=not launch.opts.detach,
         new_session=True,
+        env={registry.TOKEN_VAR: token},
         **kw,
     )
     launch.children.append(proc)
-    entry = registry.Proc.of(role, proc.pid)
+    entry = registry.Proc.of(role, proc.pid, token=token)
     if role == "qemu":
         launch.record.qemu = entry
     else:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -78,14 +79,33 @@ def process_group(pid: int) -> int | None:
         return None
 
 
+# Every process bcvk starts for a VM carries its VM's token in this variable:
+# after the pid is reused, a group with that number is someone else's.
+TOKEN_VAR = "BCVK_VM_TOKEN"
+
+
+def carries(pid: int, token: str) -> bool:
+    """Whether process PID was started by bcvk for the VM with TOKEN."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False  # gone, or not ours to read: not ours to signal either
+    return f"{TOKEN_VAR}={token}".encode() in environ.split(b"\0")
+
+
 @dataclass(frozen=True)
 class Proc:
-    """A child we started: pid + start time; ``group`` when it leads its own group."""
+    """A child we started: pid + start time; ``group`` when it leads its own group.
+
+    ``token`` is the VM's marker in the child's environment (``TOKEN_VAR``);
+    only processes that carry it are ever signalled as members.
+    """
 
     role: str
     pid: int
     started: int
     group: bool = True
+    token: str = ""
 
     def alive(self) -> bool:
         return start_time(self.pid) == self.started
@@ -93,7 +113,7 @@ class Proc:
     def members(self) -> list[int]:
         """Live processes of our group (the leader may be gone, helpers not)."""
         if not self.group:
-            return [self.pid] if self.alive() else []
+            return [self.pid] if self.alive() and self._ours(self.pid) else []
         found: list[int] = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -103,14 +123,18 @@ class Proc:
                 continue
             began = start_time(pid)
             # Group members started no earlier than the leader we recorded.
-            if began is not None and began >= self.started:
+            if began is not None and began >= self.started and self._ours(pid):
                 found.append(pid)
         return found
 
+    def _ours(self, pid: int) -> bool:
+        # Records written before tokens existed are judged by start time alone.
+        return not self.token or carries(pid, self.token)
+
     @classmethod
-    def of(cls, role: str, pid: int, group: bool = True) -> Proc:
+    def of(cls, role: str, pid: int, group: bool = True, token: str = "") -> Proc:
         began = start_time(pid)
-        return cls(role, pid, began if began is not None else -1, group)
+        return cls(role, pid, began if began is not None else -1, group, token)
 
 
 def signal_proc(proc: Proc, sig: int) -> bool:
@@ -169,6 +193,7 @@ class VmRecord:
     files: list[str] = field(default_factory=list)  # outside the state dir, removed on reap
     console_log: str = ""
     phase: str = "starting"  # starting → running → stopping
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
     schema: int = SCHEMA
 
     def to_json(self) -> dict[str, Any]:

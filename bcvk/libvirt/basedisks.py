@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import struct
 import tempfile
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from bcvk import to_disk
+from bcvk import paths, to_disk
 from bcvk.errors import BcvkError
 from bcvk.libvirt.connection import Connection, Pool, Volume, VolumeInfo
 from bcvk.log import logger, step
@@ -117,24 +118,32 @@ def upload_file(pool: Pool, source: Path, name: str, fmt: str) -> Volume:
 
 def ensure(conn: Connection, pool: Pool, image: str, opts: InstallOptions) -> BaseDisk:
     """The base disk for IMAGE+OPTS in POOL, built or rebuilt when missing or stale."""
-    pool.refresh()  # see files removed (or added) behind libvirt's back
     directory = pool_writable(conn, pool)
     if directory is not None:
         # The cache hash names the volume and does not depend on the path.
         staged = disk_request(image, directory / "bootc-base.qcow2", opts)
         output = directory / volume_name(staged.cache_hash)
-        return _ensure_in_place(conn, pool, dataclasses.replace(staged, output=output))
+        with build_lock(conn, pool, output.name):
+            pool.refresh()  # see files removed (or added) behind libvirt's back
+            return _ensure_in_place(conn, pool, dataclasses.replace(staged, output=output))
     with scratch_dir() as tmp:
         req = disk_request(image, tmp / "bootc-base.qcow2", opts)
         name = volume_name(req.cache_hash)
-        volume = pool.volume(name)
-        if volume is not None:
-            logger.info("Reusing base disk %s in pool %s", name, pool.name)
-            vinfo = volume.info()
-            return BaseDisk(name, vinfo.path, vinfo.capacity, req.cache_hash, True)
-        with step(f"Building base disk {name} locally"):
-            to_disk.run(req)
-        volume = upload_file(pool, req.output, name, "qcow2")
+        with build_lock(conn, pool, name):
+            return _ensure_uploaded(pool, req, name)
+
+
+def _ensure_uploaded(pool: Pool, req: to_disk.Request, name: str) -> BaseDisk:
+    """Where bcvk cannot write into the pool: build here, stream it in once."""
+    pool.refresh()
+    volume = pool.volume(name)
+    if volume is not None:
+        logger.info("Reusing base disk %s in pool %s", name, pool.name)
+        vinfo = volume.info()
+        return BaseDisk(name, vinfo.path, vinfo.capacity, req.cache_hash, True)
+    with step(f"Building base disk {name} locally"):
+        to_disk.run(req)
+    volume = upload_file(pool, req.output, name, "qcow2")
     vinfo = volume.info()
     return BaseDisk(name, vinfo.path, vinfo.capacity, req.cache_hash, False)
 
@@ -143,10 +152,9 @@ def _ensure_in_place(conn: Connection, pool: Pool, req: to_disk.Request) -> Base
     """Where bcvk can write into the pool, to-disk reuses or builds the file in place."""
     output = req.output
     name = output.name
-    existed = output.exists()
     volume = pool.volume(name)
-    if existed and volume is not None:
-        if to_disk.read_cache_hash(output) == req.cache_hash:
+    if output.exists():
+        if volume is not None and to_disk.read_cache_hash(output) == req.cache_hash:
             logger.info("Reusing base disk %s", name)
             return BaseDisk(name, volume.path, volume.info().capacity, req.cache_hash, True)
         users = references([v.info() for v in pool.volumes()], domain_disk_paths(conn))
@@ -164,6 +172,26 @@ def _ensure_in_place(conn: Connection, pool: Pool, req: to_disk.Request) -> Base
     if volume is None:
         raise BcvkError(f"pool {pool.name} does not show the base disk {output}")
     return BaseDisk(name, volume.path, volume.info().capacity, result.cache_hash, result.reused)
+
+
+@contextlib.contextmanager
+def build_lock(conn: Connection, pool: Pool, name: str) -> Iterator[None]:
+    """Held while a base disk is checked, built and put in place, and while one is pruned.
+
+    Two runs of one image on a cold cache build it once: the second waits and
+    reuses the first's, instead of renaming its own over a disk a VM may
+    already be backed by.
+    """
+    key = hashlib.sha256(f"{conn.uri}\0{pool.name}\0{name}".encode()).hexdigest()[:24]
+    locks = paths.ensure_private_dir(paths.ensure_private_dir(paths.runtime_dir()) / "locks")
+    lock = locks / f"base-disk-{key}.lock"
+    with paths.locked(lock, blocking=False) as free:
+        if free:
+            yield
+            return
+    logger.info("Waiting for another bcvk that is preparing base disk %s…", name)
+    with paths.locked(lock):
+        yield
 
 
 def volume_xml(name: str, capacity: int, fmt: str, backing_path: str | None = None) -> str:
@@ -270,13 +298,25 @@ def list_base_disks(conn: Connection, pool: Pool) -> list[BaseDiskInfo]:
 def prune(conn: Connection, pool: Pool, dry_run: bool = False) -> list[BaseDiskInfo]:
     """Delete base disks nothing references; returns those deleted (or that would be)."""
     unused = [b for b in list_base_disks(conn, pool) if not b.references]
-    for base in unused:
-        if dry_run:
-            continue
-        volume = pool.volume(base.name)
-        if volume is not None:
-            logger.info("Deleting unreferenced base disk %s", base.name)
-            volume.delete()
-    if unused and not dry_run:
+    if dry_run:
+        return unused
+    deleted = [b for b in unused if delete_if_unused(conn, pool, b.name)]
+    if deleted:
         pool.refresh()
-    return unused
+    return deleted
+
+
+def delete_if_unused(conn: Connection, pool: Pool, name: str) -> bool:
+    """Delete base disk NAME unless a VM disk uses it, decided under its build lock."""
+    with build_lock(conn, pool, name):
+        pool.refresh()
+        infos = [v.info() for v in pool.volumes()]
+        path = next((i.path for i in infos if i.name == name), None)
+        if path is None or references(infos, domain_disk_paths(conn)).get(path):
+            return False
+        volume = pool.volume(name)
+        if volume is None:
+            return False
+        logger.info("Deleting unreferenced base disk %s", name)
+        volume.delete()
+        return True

@@ -16,7 +16,7 @@ from bcvk.libvirt import basedisks, lifecycle
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainNotFound
 from bcvk.libvirt.vms import vm_from_xml
-from bcvk.log import logger, step
+from bcvk.log import step
 from bcvk.pb.model import DOMAIN_PREFIX, SYSTEM_POOL, PbVm, pb_info_from_xml
 from bcvk.pb.session import ConsoleFollower, close_masters, in_use, lock_path, locked_inodes
 
@@ -131,15 +131,5 @@ def seed_iso_of(vm: PbVm) -> str | None:
 def delete_unused_base(conn: Connection, pool_name_: str, base: str) -> None:
     """podman-bootc's rm frees the disk: drop the base disk once nothing uses it."""
     pool = conn.pool(pool_name_)
-    if pool is None:
-        return
-    pool.refresh()
-    infos = [v.info() for v in pool.volumes()]
-    refs = basedisks.references(infos, basedisks.domain_disk_paths(conn))
-    path = next((i.path for i in infos if i.name == base), None)
-    if path is None or refs.get(path):
-        return
-    volume = pool.volume(base)
-    if volume is not None:
-        logger.info("Deleting disk %s (no VM uses it any more)", base)
-        volume.delete()
+    if pool is not None:
+        basedisks.delete_if_unused(conn, pool, base)

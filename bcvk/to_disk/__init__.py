@@ -46,6 +46,7 @@ from bcvk.to_disk.options import (
 from bcvk.to_disk.output import (
     XATTR_DIGEST,
     XATTR_HASH,
+    exclusive,
     existing_hash,
     no_space,
     read_xattr,
@@ -123,6 +124,11 @@ def request(image: str, output: str | os.PathLike[str], opts: Options) -> Reques
 
 def run(req: Request) -> Result:
     """Reuse OUTPUT when it carries the request's cache hash, else build it."""
+    with exclusive(req.output):
+        return _run(req)
+
+
+def _run(req: Request) -> Result:
     opts = req.opts
     found = existing_hash(req.output, force=opts.force)
     if found == req.cache_hash:

@@ -154,7 +154,7 @@ def build(req: Request) -> Result:
                     target, dest, req.fmt, opts.compress, work, req.disk_size, req.output.stem
                 )
             target.unlink()
-        size = finish(dest, req.output, req.cache_hash, req.digest)
+        size = finish(dest, req.output, req.cache_hash, req.digest, force=req.opts.force)
     seconds = time.monotonic() - req.start
     logger.info("Wrote %s (%s, bootc installer, %.1fs)", req.output, req.fmt.value, seconds)
     return Result(

@@ -313,4 +313,4 @@ def build(req: Request, mount: podman.ImageMount, work: Path, tree: Tree) -> tup
     mount.release()
     pretty = tree.facts.os_release.get("PRETTY_NAME") or "Linux"
     dest = assemble_disk(req, work, disk, esp, root, pretty)
-    return disk, finish(dest, req.output, req.cache_hash, req.digest)
+    return disk, finish(dest, req.output, req.cache_hash, req.digest, force=req.opts.force)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import os
 import platform
 import secrets
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bcvk import __version__
+from bcvk import __version__, paths
 from bcvk.errors import BcvkError, CommandError, NotFoundError, UsageError
 from bcvk.log import logger
 from bcvk.to_disk import mkfs
@@ -142,14 +143,51 @@ def work_directory(output: Path) -> Iterator[Path]:
         mkfs.remove_tree(work)
 
 
-def finish(dest: Path, output: Path, cache: str, digest: str) -> int:
-    """Mark DEST as bcvk's (cache key xattrs) and rename it to OUTPUT atomically."""
+def finish(dest: Path, output: Path, cache: str, digest: str, *, force: bool = False) -> int:
+    """Mark DEST as bcvk's (cache key xattrs) and put it at OUTPUT atomically.
+
+    What is at OUTPUT is checked again at the rename itself, not only when
+    the build began: a file that appeared there meanwhile, or that someone
+    put in place of bcvk's, is kept (unless FORCE) and the new disk is not.
+    """
     for name, value in ((XATTR_HASH, cache), (XATTR_DIGEST, digest), (XATTR_CREATOR, __version__)):
         with contextlib.suppress(OSError):
             os.setxattr(dest, name, value.encode())
     size = dest.stat().st_size
-    os.replace(dest, output)
-    return size
+    try:
+        paths.rename_noreplace(dest, output)
+        return size
+    except FileExistsError:
+        pass
+    # OUTPUT exists: swap, then look at what was swapped out.
+    if paths.exchange(dest, output):
+        if force or created_by_bcvk(dest):
+            dest.unlink()
+            return size
+        paths.exchange(dest, output)  # put the foreign file back
+    elif force or created_by_bcvk(output):
+        os.replace(dest, output)
+        return size
+    raise BcvkError(
+        f"{output} was created by someone else while the disk was built: it was kept, "
+        "and the new disk was not written",
+        hint="remove it or choose another OUTPUT, or pass --force to replace it",
+    )
+
+
+@contextlib.contextmanager
+def exclusive(output: Path) -> Iterator[None]:
+    """One bcvk at a time builds OUTPUT; a second waits, then finds the first's disk."""
+    digest = hashlib.sha256(os.fsencode(output)).hexdigest()[:24]
+    locks = paths.ensure_private_dir(paths.ensure_private_dir(paths.runtime_dir()) / "locks")
+    lock = locks / f"to-disk-{digest}.lock"
+    with paths.locked(lock, blocking=False) as free:
+        if free:
+            yield
+            return
+    logger.info("Waiting for another bcvk that is writing %s…", output)
+    with paths.locked(lock):
+        yield
 
 
 def no_space(exc: BaseException) -> bool:
