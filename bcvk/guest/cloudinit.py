@@ -77,7 +77,8 @@ def build_seed(directory: Path, output: Path, *, instance_id: str, hostname: str
         partial = output.with_name(output.name + ".partial")
         partial.unlink(missing_ok=True)
         run.run(xorriso_argv(xorriso, staging, partial))
-        partial.chmod(0o644)
+        # user-data often holds passwords or tokens: for the user (libvirt relabels).
+        partial.chmod(0o600)
         partial.replace(output)
     return output
 

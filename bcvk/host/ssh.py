@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import shlex
 import subprocess
@@ -166,3 +168,47 @@ def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
             i += 1
         i += 1
     return options, words[i:]
+
+
+KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519", "ssh-rsa", "ssh-dss", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+    | {f"{t}-cert-v01@openssh.com" for t in ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256")}
+)  # fmt: skip
+
+
+def public_key_line(line: str) -> bool:
+    """Whether LINE is an authorized_keys entry: [options] TYPE BASE64 [comment]."""
+    words = line.split()
+    for i, word in enumerate(words[:-1]):
+        if word in KEY_TYPES:
+            try:
+                blob = base64.b64decode(words[i + 1], validate=True)
+            except (binascii.Error, ValueError):
+                return False
+            # The blob starts with its own type name, length-prefixed.
+            return blob[4 : 4 + len(word)] == word.encode()
+    return False
+
+
+def check_authorized_keys(path: Path) -> str:
+    """PATH's text, refusing anything that is not public keys (a private key above all)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    if "PRIVATE KEY" in text:
+        raise UsageError(
+            f"{path} holds a private key",
+            hint="pass the public key (the .pub file); a private key must never go into a disk",
+        )
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    bad = [n for n, ln in enumerate(lines, 1) if not public_key_line(ln)]
+    if not lines or bad:
+        raise UsageError(
+            f"{path} is not a list of SSH public keys" + (f" (entry {bad[0]})" if bad else ""),
+            hint="one public key per line, as in ~/.ssh/id_ed25519.pub or authorized_keys",
+        )
+    return text

@@ -57,25 +57,37 @@ def _mke2fs_features() -> list[str]:
     return []
 
 
+def _quoted(path: str) -> str:
+    # debugfs splits its script at blanks outside double quotes and knows no
+    # escapes: a quote or a line break in a path would end or inject a command.
+    if '"' in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise ValueError(f"path {path!r} cannot be written in a debugfs script")
+    return f'"{path}"'
+
+
 def debugfs_script(extras_: Sequence[Extra], existing: dict[str, str]) -> str:
-    """debugfs commands that put EXTRAS into an ext4 image (pure)."""
+    """debugfs commands that put EXTRAS into an ext4 image (pure).
+
+    The sources are bcvk's own staging files (``stage_dir``), never a path
+    derived from OUTPUT; every path is refused rather than misquoted.
+    """
     lines: list[str] = []
     for extra in extras_:
-        path = extra.path
+        path = _quoted(extra.path)
         if extra.kind == "dir":
-            if existing.get(path) == "dir":
+            if existing.get(extra.path) == "dir":
                 continue
-            lines.append(f'mkdir "{path}"')
+            lines.append(f"mkdir {path}")
             kind = 0o040000
         else:
-            if existing.get(path, "missing") != "missing":
-                lines.append(f'rm "{path}"')
-            lines.append(f'write "{extra.source}" "{path}"')
+            if existing.get(extra.path, "missing") != "missing":
+                lines.append(f"rm {path}")
+            lines.append(f"write {_quoted(extra.source or '')} {path}")
             kind = 0o100000
         lines += [
-            f'set_inode_field "{path}" mode 0{kind | extra.mode:o}',
-            f'set_inode_field "{path}" uid {extra.uid}',
-            f'set_inode_field "{path}" gid {extra.gid}',
+            f"set_inode_field {path} mode 0{kind | extra.mode:o}",
+            f"set_inode_field {path} uid {extra.uid}",
+            f"set_inode_field {path} gid {extra.gid}",
         ]
     return "\n".join(lines) + "\n"
 

@@ -10,9 +10,12 @@ the disk, ``populate`` the root, ``make_esp``, ``assemble``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,14 +189,24 @@ def plan(req: Request, tree: Tree) -> Plan:
     return result
 
 
-def extras(work: Path, disk: Plan, opts: Options, tree: Tree) -> list[Extra]:
-    """The files bcvk adds to the image's tree in the disk's root."""
-    (work / "extras").mkdir()
+@contextlib.contextmanager
+def stage_dir() -> Iterator[Path]:
+    """A private directory with a plain name for the files bcvk adds.
+
+    Not beside OUTPUT: debugfs scripts and xfs protofiles name these files,
+    and OUTPUT's directory may hold blanks, quotes or line breaks.
+    """
+    with tempfile.TemporaryDirectory(prefix="bcvk-extras-") as directory:
+        yield Path(directory)
+
+
+def extras(stage: Path, disk: Plan, opts: Options, tree: Tree) -> list[Extra]:
+    """The files bcvk adds to the image's tree in the disk's root (staged in STAGE)."""
     out: list[Extra] = []
     existing = tree.located.existing
 
     def add_file(path: str, content: str | bytes, mode: int) -> None:
-        host = work / "extras" / path.strip("/").replace("/", "_")
+        host = stage / path.strip("/").replace("/", "_")
         host.write_bytes(content.encode() if isinstance(content, str) else content)
         out.append(Extra(path, "file", mode, os.fspath(host)))
 
@@ -220,10 +233,10 @@ def populate(work: Path, disk: Plan, opts: Options, tree: Tree) -> Path:
     with open(root_img, "wb") as f:
         f.truncate(disk.layout.root.size)
     size = format_size(disk.layout.root.size)
-    with step(f"Populating the {disk.filesystem.value} root filesystem ({size})"):
-        spec = mkfs.RootSpec(
-            tree.root, disk.ids.root_fs, extras(work, disk, opts, tree), tree.located.existing
-        )
+    step_name = f"Populating the {disk.filesystem.value} root filesystem ({size})"
+    with step(step_name), stage_dir() as stage:
+        added = extras(stage, disk, opts, tree)
+        spec = mkfs.RootSpec(tree.root, disk.ids.root_fs, added, tree.located.existing)
         mkfs.BUILDERS[disk.filesystem](spec, root_img, work)
     return root_img
 

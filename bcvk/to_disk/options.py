@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcvk.errors import NotFoundError, UsageError
+from bcvk.host import ssh
 from bcvk.to_disk.layout import LAYOUT_VERSION, Filesystem, PartitionTable
 from bcvk.values import Firmware, parse_choice, parse_karg, parse_size
 
@@ -175,11 +176,13 @@ def validate(opts: Options, fmt: DiskFormat) -> None:
     check_firmware(opts.firmware, opts.installer)
     check_install_log(opts.install_log)
     keys = opts.root_ssh_authorized_keys
-    if keys is not None and not keys.is_file():
-        raise NotFoundError(
-            f"--root-ssh-authorized-keys file {keys} does not exist",
-            hint="pass a file of public keys, e.g. ~/.ssh/id_ed25519.pub",
-        )
+    if keys is not None:
+        if not keys.is_file():
+            raise NotFoundError(
+                f"--root-ssh-authorized-keys file {keys} does not exist",
+                hint="pass a file of public keys, e.g. ~/.ssh/id_ed25519.pub",
+            )
+        ssh.check_authorized_keys(keys)
 
 
 # ------------------------------------------------------------------ cache key

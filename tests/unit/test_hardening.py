@@ -196,3 +196,44 @@ def test_the_base_disk_lock_serialises_builders(
         t.join()
     assert order in (["a+", "a-", "b+", "b-"], ["b+", "b-", "a+", "a-"])
     assert paths.runtime_dir().joinpath("locks").is_dir()
+
+
+# ------------------------------------------------------------------ files into disks
+
+PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBcvkStandIn test\n"
+
+
+def test_only_public_keys_go_into_a_disk(tmp_path: Path) -> None:
+    from bcvk.to_disk import DiskFormat, Options, options
+
+    good = tmp_path / "ok.pub"
+    good.write_text('# a comment\nno-agent-forwarding,from="10.0.0.0/8" ' + PUBLIC)
+    options.validate(Options(root_ssh_authorized_keys=good), DiskFormat.raw)
+    private = tmp_path / "id_ed25519"
+    private.write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END OPENSSH PRIVATE KEY-----\n"
+    )
+    with pytest.raises(UsageError, match="holds a private key"):
+        options.validate(Options(root_ssh_authorized_keys=private), DiskFormat.raw)
+    junk = tmp_path / "junk"
+    junk.write_text(PUBLIC + "ssh-ed25519 not-base64!\n")
+    with pytest.raises(UsageError, match=r"not a list of SSH public keys \(entry 2\)"):
+        options.validate(Options(root_ssh_authorized_keys=junk), DiskFormat.raw)
+
+
+@pytest.mark.parametrize("bad", ['/work/My "disks"/x', "/work/x\nwrite /etc/shadow /stolen"])
+def test_debugfs_scripts_refuse_paths_they_cannot_quote(bad: str) -> None:
+    from bcvk.to_disk import mkfs
+    from bcvk.to_disk.treecopy import Extra
+
+    with pytest.raises(ValueError, match="cannot be written in a debugfs script"):
+        mkfs.debugfs_script([Extra("/etc/fstab", "file", 0o644, bad)], {})
+
+
+def test_staged_extras_never_live_beside_output(tmp_path: Path) -> None:
+    from bcvk.to_disk import native
+
+    with native.stage_dir() as stage:
+        assert '"' not in str(stage)
+        assert "\n" not in str(stage)
+        assert not stage.is_relative_to(tmp_path)

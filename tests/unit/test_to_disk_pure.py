@@ -403,7 +403,7 @@ def test_extras_without_keys_or_selinux(tmp_path: Path) -> None:
 
 def test_extras_with_keys_and_selinux_relabel(tmp_path: Path) -> None:
     keys = tmp_path / "k.pub"
-    keys.write_text("ssh-ed25519 AAAA x\n")
+    keys.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBcvkStandIn x\n")
     work = tmp_path / "work"
     work.mkdir()
     extras = native.extras(
