@@ -14,7 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bcvk.errors import BcvkError
+from bcvk.errors import BcvkError, UsageError
+
+
+def user_path(text: str, flag: str) -> Path:
+    """A path the user typed, ``~`` expanded; ``~nosuchuser`` is a usage error."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory"
+        raise UsageError(
+            f"{flag} {text!r}: cannot expand '~' (no such user or no home directory)",
+            hint="write the path out in full",
+        ) from None
 
 
 def runtime_dir() -> Path:

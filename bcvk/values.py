@@ -244,7 +244,8 @@ def parse_karg(text: str) -> str:
 
 # A VM name is also a directory, a libvirt domain and part of file names.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_LABEL_RE = re.compile(r"[A-Za-z0-9_.:/=@+-]{1,128}")
+# Not starting with "-": a label may be handed to a program as an argument.
+_LABEL_RE = re.compile(r"[A-Za-z0-9_.:/=@+][A-Za-z0-9_.:/=@+-]{0,127}")
 # A login name as useradd takes it: what ssh(1) is given, never an option.
 _USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 
@@ -272,5 +273,8 @@ def validate_user(user: str) -> str:
 
 def validate_label(label: str) -> str:
     """A label (``KEY`` or ``KEY=VALUE``): printable, no commas or blanks."""
-    hint = "labels are 1-128 letters, digits and _ . : / = @ + -; no commas or spaces"
+    hint = (
+        "labels are 1-128 letters, digits and _ . : / = @ + -,"
+        " not starting with '-'; no commas or spaces"
+    )
     return _matching(_LABEL_RE, label, "label", hint)

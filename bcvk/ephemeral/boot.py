@@ -150,7 +150,7 @@ def start(opts: Options) -> Vm:
     made_log_dir = False
     try:
         if opts.log_dir and not opts.log_dir.directory.exists():
-            opts.log_dir.directory.mkdir(parents=True)
+            opts.log_dir.directory.mkdir()
             made_log_dir = True
         record.console_log = _console_log(opts, vmdir)
         machine = launch.prepare(state)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bcvk import paths
 from bcvk.errors import BcvkError, UsageError
 from bcvk.guest import mounts
 from bcvk.guest.mounts import Share
@@ -98,7 +99,7 @@ def parse_disk(text: str) -> DiskFile:
     parts = text.split(":")
     if len(parts) > 3 or not parts[0]:
         raise UsageError(f"invalid --mount-disk-file {text!r}", hint="use FILE[:NAME[:raw|qcow2]]")
-    path = Path(parts[0]).expanduser()
+    path = paths.user_path(parts[0], "--mount-disk-file")
     name = parts[1] if len(parts) > 1 and parts[1] else "output"
     fmt = parts[2] if len(parts) > 2 else ("qcow2" if path.suffix == ".qcow2" else "raw")
     if not _SERIAL_RE.fullmatch(name):
@@ -130,7 +131,19 @@ def parse_log_dir(text: str) -> LogDir:
             f"invalid --log-dir {text!r}",
             hint="use DIR or console=DIR, journal=DIR, console,journal=DIR",
         )
-    return LogDir(Path(directory).expanduser().absolute(), "console" in names, "journal" in names)
+    path = paths.user_path(directory, "--log-dir").absolute()
+    try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--log-dir {path}: exists and is not a directory")
+        # Only the last level is made (and removed again if the VM never starts).
+        if not path.exists() and not path.parent.is_dir():
+            raise UsageError(
+                f"--log-dir {path}: directory {path.parent} does not exist",
+                hint="create the parent directory first",
+            )
+    except OSError as exc:
+        raise UsageError(f"--log-dir {text!r}: {exc.strerror}") from None
+    return LogDir(path, "console" in names, "journal" in names)
 
 
 def make_options(

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bcvk import run
+from bcvk import paths, run
 from bcvk.errors import NotFoundError, UsageError
 from bcvk.log import logger
 from bcvk.values import MIB
@@ -31,7 +31,7 @@ SEED_FILES = ("user-data", "meta-data", "network-config", "vendor-data")
 
 def check_dir(directory: Path) -> Path:
     """DIRECTORY resolved, or a clear error when it is not a usable seed directory."""
-    path = directory.expanduser()
+    path = paths.user_path(str(directory), "--cloudinit")
     if not path.is_dir():
         raise NotFoundError(
             f"--cloudinit {directory}: no such directory",

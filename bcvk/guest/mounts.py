@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bcvk import paths
 from bcvk.errors import UsageError
 
 
@@ -58,7 +59,7 @@ _PATH_BAD = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _host_dir(text: str, flag: str, spec: str) -> Path:
-    path = Path(text).expanduser()
+    path = paths.user_path(text, flag)
     try:
         exists = path.is_dir()
     except OSError as exc:  # ENAMETOOLONG, EACCES: Python 3.11 raises them

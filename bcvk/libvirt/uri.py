@@ -13,6 +13,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
+from bcvk.errors import UsageError
+
 
 def default_uri() -> str:
     """``$LIBVIRT_DEFAULT_URI``, else qemu:///system for root, qemu:///session otherwise."""
@@ -88,7 +90,14 @@ class UriInfo:
 
 
 def parse_uri(uri: str) -> UriInfo:
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as exc:  # an out-of-range or non-numeric port, a bad IPv6 host
+        raise UsageError(
+            f"invalid libvirt URI {uri!r}: {exc}",
+            hint="for example qemu:///system or qemu+ssh://user@host/system",
+        ) from None
     scheme = parts.scheme
     driver, _, transport = scheme.partition("+")
     return UriInfo(
@@ -97,7 +106,7 @@ def parse_uri(uri: str) -> UriInfo:
         transport=transport or None,
         user=parts.username,
         host=parts.hostname,
-        port=parts.port,
+        port=port,
         path=parts.path or "/",
         query=tuple(parse_qsl(parts.query)),
     )

@@ -76,6 +76,21 @@ def check_output_path(output: Path) -> None:
             f"output directory {parent} is not writable",
             hint="choose a directory you can write to",
         )
+    # The work directory beside OUTPUT carries its name plus a suffix: check
+    # that it fits before building, not when renaming at the end.
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except OSError:
+        name_max = 255
+    if len(os.fsencode(_work_name(output.name, "0" * 8))) > name_max:
+        raise UsageError(
+            f"OUTPUT file name is too long ({len(os.fsencode(output.name))} bytes)",
+            hint=f"use a name of at most {name_max - len(_work_name('', '0' * 8))} bytes",
+        )
+
+
+def _work_name(name: str, token: str) -> str:
+    return f".{name}.bcvk-{token}"
 
 
 def existing_hash(output: Path, *, force: bool) -> str | None:
@@ -134,7 +149,7 @@ def sweep_stale_work(output: Path) -> list[Path]:
 def work_directory(output: Path) -> Iterator[Path]:
     """A hidden directory beside OUTPUT (same filesystem, so rename is atomic)."""
     sweep_stale_work(output)
-    work = output.parent / f".{output.name}.bcvk-{secrets.token_hex(4)}"
+    work = output.parent / _work_name(output.name, secrets.token_hex(4))
     work.mkdir(mode=0o700)
     try:
         (work / WORK_OWNER).write_text(f"{platform.node()} {os.getpid()}\n")

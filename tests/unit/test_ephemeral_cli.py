@@ -119,6 +119,18 @@ def test_log_dir_forms(tmp_path: Path) -> None:
         options.parse_log_dir(f"kmsg={tmp_path}")
 
 
+def test_log_dir_must_be_a_directory_whose_parent_exists(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(UsageError, match="not a directory"):
+        options.parse_log_dir(str(tmp_path / "file"))
+    with pytest.raises(UsageError, match="does not exist"):
+        options.parse_log_dir(str(tmp_path / "a" / "b"))
+    with pytest.raises(UsageError, match="cannot expand"):
+        options.parse_log_dir("~no-such-user-here/logs")
+    assert (tmp_path / "file").read_text() == "keep"
+    assert options.parse_log_dir(str(tmp_path / "new")).directory == tmp_path / "new"
+
+
 def test_conflicting_flags() -> None:
     with pytest.raises(UsageError, match="--detach"):
         ephemeral.make_options(IMAGE, detach=True, execute=["true"])

@@ -151,6 +151,10 @@ def test_output_directory_checks(tmp_path: Path) -> None:
         output.check_output_path(tmp_path / "missing" / "x.raw")
     with pytest.raises(UsageError, match="is a directory"):
         output.check_output_path(tmp_path)
+    with pytest.raises(UsageError, match="too long"):
+        output.check_output_path(tmp_path / ("d" * 250 + ".raw"))
+    output.check_output_path(tmp_path / ("d" * 200 + ".raw"))
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ boot entry
