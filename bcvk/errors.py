@@ -7,6 +7,7 @@ a bug and deserves a traceback.
 
 from __future__ import annotations
 
+import errno
 import shlex
 from collections.abc import Sequence
 
@@ -67,7 +68,7 @@ class CommandError(BcvkError):
             message = f"{name} was killed by signal {-returncode}"
         if detail:
             message += f": {detail}"
-        super().__init__(message, hint)
+        super().__init__(message, hint or "rerun with --debug to see the command and its output")
 
     @property
     def command_line(self) -> str:
@@ -83,3 +84,23 @@ def last_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+_OS_HINTS = {
+    errno.ENAMETOOLONG: "use a shorter path or file name",
+    errno.EACCES: "check the permissions, or run as a user who may use it",
+    errno.EPERM: "check the permissions, or run as a user who may use it",
+    errno.ENOSPC: "free some space, or choose a bigger filesystem",
+    errno.EDQUOT: "free some space, or choose a bigger filesystem",
+    errno.EFBIG: "ask for a smaller size: the filesystem cannot hold a file that large",
+    errno.EEXIST: "remove it or choose another path",
+    errno.ENOTDIR: "a directory was expected there",
+    errno.EISDIR: "a file was expected there",
+    errno.EROFS: "choose a writable location",
+    errno.ENOENT: "check that the path exists and is on a regular filesystem",
+}
+
+
+def os_hint(exc: OSError) -> str:
+    """What a user can do about EXC, by its errno."""
+    return _OS_HINTS.get(exc.errno or 0, "rerun with --debug for details")

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import hashlib
 import os
 import stat
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bcvk.errors import BcvkError, UsageError
+from bcvk.log import logger
 
 
 def user_path(text: str, flag: str) -> Path:
@@ -93,21 +95,65 @@ def write_atomic(target: Path, text: str, mode: int = 0o600) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: Path, *, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
-    """flock PATH for the block; yields False if non-blocking and busy."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if not blocking:
-            op |= fcntl.LOCK_NB
+def locked(
+    path: Path, *, shared: bool = False, blocking: bool = True, remove: bool = False
+) -> Iterator[bool]:
+    """flock PATH for the block; yields False if non-blocking and busy.
+
+    With REMOVE (exclusive locks only) the lock file is deleted on release,
+    so locks named after many different things do not pile up.  A waiter
+    that opened the file before it was deleted holds a lock on nothing:
+    it notices that the path no longer names its file and tries again.
+    """
+    if remove and shared:
+        raise ValueError("a removable lock must be exclusive")
+    op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    if not blocking:
+        op |= fcntl.LOCK_NB
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, op)
         except BlockingIOError:
+            os.close(fd)
             yield False
             return
+        if not remove or _same_file(fd, path):
+            break
+        os.close(fd)
+    try:
         yield True
     finally:
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def one_at_a_time(key: str, waiting: str) -> Iterator[None]:
+    """An exclusive lock named by KEY (hashed) in the runtime dir, logging WAITING when busy.
+
+    Its file is removed on release: there is one per disk or output path.
+    """
+    digest = hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()[:24]
+    lock = ensure_private_dir(ensure_private_dir(runtime_dir()) / "locks") / f"{digest}.lock"
+    with locked(lock, blocking=False, remove=True) as free:
+        if free:
+            yield
+            return
+    logger.info("%s", waiting)
+    with locked(lock, remove=True):
+        yield
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 _AT_FDCWD = -100

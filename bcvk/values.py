@@ -31,6 +31,9 @@ _UNITS = {"": 1, "b": 1, "k": KIB, "m": MIB, "g": GIB, "t": TIB}
 _SIZE_RE = re.compile(r"\s*(\d{1,20})(?:\.(\d{1,9}))?\s*([kmgtb]?)(?:i?b)?\s*", re.IGNORECASE)
 
 
+_SIZE_HINT = "use a number with an optional unit, e.g. 512M, 4G, 20GiB"
+
+
 def parse_size(text: str, *, default_unit: str = "", what: str = "size") -> int:
     """Parse ``4G``, ``512M``, ``2GiB``, ``1.5g`` or bare numbers into bytes.
 
@@ -39,10 +42,7 @@ def parse_size(text: str, *, default_unit: str = "", what: str = "size") -> int:
     """
     match = _SIZE_RE.fullmatch(text)
     if not match:
-        raise UsageError(
-            f"invalid {what} {text!r}",
-            hint="use a number with an optional unit, e.g. 512M, 4G, 20GiB",
-        )
+        raise UsageError(f"invalid {what} {text!r}", hint=_SIZE_HINT)
     whole, fraction, unit = match.groups()
     scale = _UNITS[(unit or default_unit).lower()]
     # Integers only: a float of a 20-digit number loses digits or overflows.
@@ -50,9 +50,11 @@ def parse_size(text: str, *, default_unit: str = "", what: str = "size") -> int:
     if fraction:
         value += int(fraction) * scale // 10 ** len(fraction)
     if value <= 0:
-        raise UsageError(f"invalid {what} {text!r}: must be positive")
+        raise UsageError(f"invalid {what} {text!r}: must be positive", hint=_SIZE_HINT)
     if value > MAX_SIZE:
-        raise UsageError(f"invalid {what} {text!r}: larger than {format_size(MAX_SIZE)}")
+        raise UsageError(
+            f"invalid {what} {text!r}: larger than {format_size(MAX_SIZE)}", hint=_SIZE_HINT
+        )
     return value
 
 
@@ -109,7 +111,10 @@ def parse_vcpus(text: str | int, what: str = "--vcpus") -> int:
     except (TypeError, ValueError):
         raise UsageError(f"invalid {what} {text!r}", hint="a whole number, e.g. 2") from None
     if not 1 <= n <= MAX_VCPUS:
-        raise UsageError(f"invalid {what} {text!r}: must be between 1 and {MAX_VCPUS}")
+        raise UsageError(
+            f"invalid {what} {text!r}: must be between 1 and {MAX_VCPUS}",
+            hint="a whole number of vCPUs, e.g. 2 (at most the host's CPUs is usual)",
+        )
     return n
 
 
@@ -223,7 +228,10 @@ def parse_timeout(value: float | str, what: str = "--ssh-timeout") -> float:
     except (TypeError, ValueError):
         raise UsageError(f"invalid {what} {value!r}", hint="seconds, e.g. 240") from None
     if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT:
-        raise UsageError(f"invalid {what} {value!r}: must be between 0 and a week, in seconds")
+        raise UsageError(
+            f"invalid {what} {value!r}: must be between 0 and a week, in seconds",
+            hint="seconds, e.g. 240; a slow host may need 900",
+        )
     return seconds
 
 

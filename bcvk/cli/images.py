@@ -111,7 +111,7 @@ def inspect(ctx: click.Context, image: str, fmt: str) -> None:
     sys.stdout.flush()
     for problem in report.problems:
         logger.error("image %s cannot boot: %s", image, problem)
-    if report.problems and not report.facts.kernels:
-        logger.info("hint: a bootc image carries a kernel under /usr/lib/modules/<version>/")
+    if report.facts.kernel_problem():
+        logger.info("hint: %s", report.facts.kernel_hint())
     if not report.bootable:
         ctx.exit(1)

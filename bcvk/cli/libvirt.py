@@ -163,7 +163,10 @@ def run(ctx: click.Context, /, image: str, ssh_: bool, ssh_wait: bool, **kwargs:
 
     kwargs.pop("detach", None)
     if ssh_ and ssh_wait:
-        raise UsageError("--ssh and --ssh-wait exclude each other")
+        raise UsageError(
+            "--ssh and --ssh-wait exclude each other",
+            hint="--ssh waits and opens a session; --ssh-wait only waits",
+        )
     opts = _run_options(ctx, kwargs, start=True, ssh_wait=ssh_ or ssh_wait)
     vm = core.run(image, opts, uri=_uri(ctx))
     if ssh_:

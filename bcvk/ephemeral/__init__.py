@@ -142,7 +142,7 @@ def run_ssh(
     """
     opts = image if isinstance(image, Options) else make_options(image, **kwargs)
     if opts.detach:
-        raise UsageError("run-ssh cannot detach")
+        raise UsageError("run-ssh cannot detach", hint="use `ephemeral run -d`, then `ssh`")
     vm = boot.start(opts)
     try:
         if interactive is None:

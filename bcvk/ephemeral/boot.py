@@ -78,7 +78,7 @@ def inject_key(machine: Machine, state: Launch) -> credentials.KeyInjection:
         try:
             routes = credentials.parse_routes(forced)
         except ValueError as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError(str(exc), hint="unset BCVK_SSH_KEY_ROUTES for the default") from None
     return credentials.inject_key(
         key.public_text(),
         routes,

@@ -229,7 +229,10 @@ def _fill_entry(root: Path, out: Path, block_label: str | None, want_facts: bool
 def _extract_kernel(root: Path, kernel: Kernel, out: Path) -> None:
     source = resolve(root, kernel.path)
     if source is None:
-        raise BcvkError(f"kernel {kernel.path} vanished from the image")
+        raise BcvkError(
+            f"kernel {kernel.path} vanished from the image",
+            hint="the image changed while bcvk read it; run the command again",
+        )
     if kernel.kind == "uki":
         tmp_k = out / f".{KERNEL}.tmp"
         tmp_i = out / f".{INITRD}.tmp"
@@ -272,7 +275,10 @@ def prepare(image: str, image_id: str, *, block: bool, mount: Callable[[], Path]
             logger.debug("prepared %s in %.1fs", image, time.monotonic() - start)
             facts = entry.facts()
             if facts is None:
-                raise BcvkError(f"could not read the facts of image {image}")
+                raise BcvkError(
+                    f"could not read the facts of image {image}",
+                    hint="`bcvk ephemeral cache prune` removes the cached copy",
+                )
         (entry.path / META).write_text(json.dumps({"image": image, "id": image_id}))
         entry.touch()
     assert facts is not None

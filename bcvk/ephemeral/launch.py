@@ -11,11 +11,14 @@ can reap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -23,14 +26,14 @@ from typing import IO, Any
 from bcvk import run
 from bcvk.ephemeral import cache, registry
 from bcvk.ephemeral.options import DiskFile, Options, RootfsMode
-from bcvk.errors import BcvkError, ToolMissingError, WaitTimeout
+from bcvk.errors import BcvkError, ToolMissingError, WaitTimeout, os_hint
 from bcvk.guest.mounts import Share
 from bcvk.host import podman, qemu, qmp, virtiofsd
 from bcvk.host.qemu import RootfsKind
 from bcvk.image.facts import TreeFacts
 from bcvk.image.inspect import host_arch, judge
 from bcvk.log import file_tail, logger
-from bcvk.values import GIB, Accel
+from bcvk.values import GIB, Accel, format_size
 
 
 @dataclass
@@ -123,11 +126,8 @@ def check_bootable(opts: Options, info: podman.ImageInfo, facts: TreeFacts) -> N
     problems, warnings = judge(info, facts, host_arch())
     if problems:
         hint = "run `bcvk images inspect " + opts.image + "` for details"
-        if not facts.kernels:
-            hint = (
-                "this is not a bootc image: a bootc image carries a kernel under "
-                "/usr/lib/modules/<version>/ (see images/README.md)"
-            )
+        if facts.kernel_problem():
+            hint = facts.kernel_hint()
         raise BcvkError(f"image {opts.image} cannot boot: {problems[0]}", hint=hint)
     for warning in warnings:
         if "virtiofs" in warning and opts.rootfs is RootfsMode.block:
@@ -182,8 +182,20 @@ def _create_disk(launch: Launch, disk: DiskFile, size: int) -> None:
     if disk.format == "qcow2":
         run.run([run.require("qemu-img"), "create", "-q", "-f", "qcow2", disk.path, str(size)])
     else:
-        with disk.path.open("xb") as f:
+        with disk.path.open("xb") as f, _sized("--mount-disk-file", disk.path, size):
             f.truncate(size)
+
+
+@contextlib.contextmanager
+def _sized(flag: str, path: Path, size: int) -> Iterator[None]:
+    """A file of SIZE that the filesystem refuses is the user's size, not a bcvk bug."""
+    try:
+        yield
+    except OSError as exc:
+        raise BcvkError(
+            f"{flag}: cannot make {path} {format_size(size)} large: {exc.strerror}",
+            hint="ask for a smaller size" if exc.errno == errno.EFBIG else os_hint(exc),
+        ) from None
 
 
 def keep_created_disks(launch: Launch) -> None:
@@ -200,7 +212,7 @@ def _make_swap(launch: Launch, size: int) -> Path:
     launch.record.files.append(name)
     launch.vmdir.write(launch.record)
     path = Path(name)
-    with path.open("r+b") as f:
+    with path.open("r+b") as f, _sized("--add-swap", path, size):
         f.truncate(size)
     mkswap = run.require("mkswap", "/usr/sbin/mkswap", "/sbin/mkswap")
     run.run([mkswap, "-q", path])
@@ -427,8 +439,11 @@ async def _wait_socket(launch: Launch, path: Path, log: Path, timeout: float = 3
             if child.poll() is not None:
                 raise BcvkError(
                     f"virtiofsd exited with status {child.returncode} before creating {path.name}",
-                    hint="; ".join(file_tail(log, 3)) or None,
+                    hint="; ".join(file_tail(log, 3)) or "rerun with --debug for its messages",
                 )
         if time.monotonic() > deadline:
-            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for virtiofsd socket {path}")
+            raise WaitTimeout(
+                f"timed out after {timeout:.0f}s waiting for virtiofsd socket {path}",
+                hint="the host may be overloaded; --rootfs block needs no virtiofsd",
+            )
         await asyncio.sleep(0.02)

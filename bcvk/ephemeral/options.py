@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcvk import paths
-from bcvk.errors import BcvkError, UsageError
+from bcvk.errors import BcvkError, UsageError, os_hint
 from bcvk.guest import mounts
 from bcvk.guest.mounts import Share
 from bcvk.host import podman
@@ -111,11 +111,16 @@ def parse_disk(text: str) -> DiskFile:
         raise UsageError(f"invalid disk format {fmt!r}", hint="raw or qcow2")
     try:
         if path.exists() and not path.is_file():
-            raise UsageError(f"--mount-disk-file {path}: not a regular file")
+            raise UsageError(
+                f"--mount-disk-file {path}: not a regular file", hint="give a disk image file"
+            )
         if not path.exists() and not path.parent.is_dir():
-            raise UsageError(f"--mount-disk-file {path}: directory {path.parent} does not exist")
+            raise UsageError(
+                f"--mount-disk-file {path}: directory {path.parent} does not exist",
+                hint="create the directory first; bcvk creates only the file",
+            )
     except OSError as exc:  # ENAMETOOLONG, EACCES: Python 3.11 raises them
-        raise UsageError(f"--mount-disk-file {text!r}: {exc.strerror}") from None
+        raise UsageError(f"--mount-disk-file {text!r}: {exc.strerror}", hint=os_hint(exc)) from None
     return DiskFile(path.absolute(), name, fmt)
 
 
@@ -134,7 +139,10 @@ def parse_log_dir(text: str) -> LogDir:
     path = paths.user_path(directory, "--log-dir").absolute()
     try:
         if path.exists() and not path.is_dir():
-            raise UsageError(f"--log-dir {path}: exists and is not a directory")
+            raise UsageError(
+                f"--log-dir {path}: exists and is not a directory",
+                hint="give a directory, or a path that does not exist yet",
+            )
         # Only the last level is made (and removed again if the VM never starts).
         if not path.exists() and not path.parent.is_dir():
             raise UsageError(
@@ -142,7 +150,7 @@ def parse_log_dir(text: str) -> LogDir:
                 hint="create the parent directory first",
             )
     except OSError as exc:
-        raise UsageError(f"--log-dir {text!r}: {exc.strerror}") from None
+        raise UsageError(f"--log-dir {text!r}: {exc.strerror}", hint=os_hint(exc)) from None
     return LogDir(path, "console" in names, "journal" in names)
 
 
@@ -187,12 +195,18 @@ def make_options(
     disk_files = tuple(parse_disk(d) for d in disks)
     serials = [d.name for d in disk_files]
     if len(set(serials)) != len(serials) or {"swap", "bcvk-rootfs"} & set(serials):
-        raise UsageError("--mount-disk-file names must be unique and not swap/bcvk-rootfs")
+        raise UsageError(
+            "--mount-disk-file names must be unique and not swap/bcvk-rootfs",
+            hint="give each disk its own name: FILE:NAME",
+        )
     swap = parse_size(add_swap, what="--add-swap") if add_swap else None
     if swap is not None and swap < MIN_SWAP:
         raise UsageError(f"--add-swap {add_swap}: too small", hint="e.g. --add-swap 1G")
     if detach and (console or execute):
-        raise UsageError("--detach cannot be combined with --console or --execute")
+        raise UsageError(
+            "--detach cannot be combined with --console or --execute",
+            hint="a detached VM has no console here; `ephemeral ssh NAME CMD` runs commands in it",
+        )
     return Options(
         image=image,
         name=name,
@@ -236,7 +250,10 @@ def free_port(avoid: set[int]) -> int:
             port = int(sock.getsockname()[1])
         if port not in avoid:
             return port
-    raise BcvkError("could not find a free TCP port on 127.0.0.1")
+    raise BcvkError(
+        "could not find a free TCP port on 127.0.0.1",
+        hint="free some ports, or pass -p with a port you know is free",
+    )
 
 
 def new_name() -> str:

@@ -28,12 +28,25 @@ from bcvk.image.facts import TreeFacts
 from bcvk.log import console_tail, file_tail, logger
 
 
+def kept_log_hint(vm: Vm) -> str:
+    """Where to read the console after a failed start.
+
+    A failed start removes the VM's state directory, so a log inside it must
+    not be named: only one under the user's --log-dir survives.
+    """
+    if vm.dir.path in vm.console_log.parents:
+        return "rerun with --log-dir DIR to keep the whole console log"
+    if vm.console_log.is_file() and vm.console_log.stat().st_size:
+        return f"console log: {vm.console_log}"
+    return "the guest wrote nothing on its console: the kernel never started"
+
+
 def no_ssh_hint(facts: TreeFacts | None) -> str:
     if facts is not None and not facts.sshd_installed:
         return "the image has no sshd (/usr/sbin/sshd is missing): install openssh-server in it"
     if facts is not None and not facts.sshd_enabled:
         return "sshd is installed in the image but not enabled: `systemctl enable sshd` (or ssh)"
-    return "see the console log; a slow host may need a longer --ssh-timeout"
+    return "a slow host may need a longer --ssh-timeout"
 
 
 class Vm:
@@ -240,7 +253,7 @@ def qemu_exit_error(vm: Vm, returncode: int | None) -> BcvkError:
         message = f"VM {vm.name} stopped during boot (QEMU status {returncode})"
         detail = "\n".join("  console: " + line for line in tail)
     panic = any("Kernel panic" in line for line in tail)
-    hint = f"QEMU's messages: {vm.dir.qemu_log}"
+    hint = kept_log_hint(vm)
     if panic:
         hint = (
             "the guest kernel panicked; see the console lines above (wrong root=, missing driver?)"
@@ -279,7 +292,7 @@ async def wait_for_ssh(vm: Vm, timeout: float, *, progress: bool, allow_poweroff
                 raise WaitTimeout(
                     f"VM {vm.name} did not answer SSH on 127.0.0.1:{vm.ssh_port} within "
                     f"{timeout:.0f}s; last console lines:\n{lines}",
-                    hint=no_ssh_hint(vm.facts) + f" (console log: {vm.console_log})",
+                    hint=f"{no_ssh_hint(vm.facts)}; {kept_log_hint(vm)}",
                 )
             bar.update()
             await asyncio.sleep(0.5)
@@ -303,5 +316,6 @@ def confirm_started(vm: Vm, timeout: float = 60.0) -> None:
             return
         time.sleep(0.2)
     raise WaitTimeout(
-        f"QEMU of VM {vm.name} did not answer on its control socket in {timeout:.0f}s"
+        f"QEMU of VM {vm.name} did not answer on its control socket in {timeout:.0f}s",
+        hint="the host may be overloaded; rerun with --debug to see QEMU's messages",
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bcvk import paths
-from bcvk.errors import UsageError
+from bcvk.errors import UsageError, os_hint
 
 
 class ShareKind(enum.StrEnum):
@@ -63,7 +63,7 @@ def _host_dir(text: str, flag: str, spec: str) -> Path:
     try:
         exists = path.is_dir()
     except OSError as exc:  # ENAMETOOLONG, EACCES: Python 3.11 raises them
-        raise UsageError(f"{flag} {spec!r}: {exc.strerror}") from None
+        raise UsageError(f"{flag} {spec!r}: {exc.strerror}", hint=os_hint(exc)) from None
     if not exists:
         raise UsageError(
             f"{flag} {text}: no such directory",
@@ -109,11 +109,17 @@ def parse_at(text: str, kind: ShareKind, *, local: bool = True) -> tuple[str, st
         if not _TAG_RE.fullmatch(target):
             raise UsageError(f"invalid --volume tag {target!r}", hint="use letters, digits, - _ .")
     elif not target.startswith("/") or _PATH_BAD.search(target):
-        raise UsageError(f"invalid {flag} {text!r}: the guest path must be absolute, one line")
+        raise UsageError(
+            f"invalid {flag} {text!r}: the guest path must be absolute, one line",
+            hint=f"use {flag} /host/dir:/guest/dir",
+        )
     if local:
         host = os.fspath(_host_dir(host, flag, text))
     elif not host.startswith("/"):
-        raise UsageError(f"the host path {host!r} must be absolute for a remote URI")
+        raise UsageError(
+            f"the host path {host!r} must be absolute for a remote URI",
+            hint="the path is on the libvirt host: write it out from /",
+        )
     return host, target
 
 
@@ -128,7 +134,9 @@ def at_guest_paths(specs: Iterable[tuple[ShareKind, str]], *, local: bool) -> tu
         shares.append(Share(kind, host, target, tag))
     targets = [s.target for s in shares if s.mounted]
     if len(set(targets)) != len(targets):
-        raise UsageError("two binds mount at the same guest path")
+        raise UsageError(
+            "two binds mount at the same guest path", hint="give each bind its own guest path"
+        )
     return tuple(shares)
 
 

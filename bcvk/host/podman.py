@@ -166,7 +166,10 @@ def unshare_argv(argv: Sequence[str]) -> list[str]:
 def mount_image(ref: str) -> Path:
     out = run.output(unshare_argv([podman(), "image", "mount", ref]))
     if not out:
-        raise BcvkError(f"podman image mount {ref} returned no path")
+        raise BcvkError(
+            f"podman image mount {ref} returned no path",
+            hint="check podman's storage with `podman info`",
+        )
     return Path(out.splitlines()[-1])
 
 

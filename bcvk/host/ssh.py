@@ -75,7 +75,9 @@ class Target:
         # as something it reads as an option (-oProxyCommand=… runs a command).
         validate_user(self.user)
         if not self.host or self.host.startswith("-") or any(c.isspace() for c in self.host):
-            raise UsageError(f"invalid SSH host {self.host!r}")
+            raise UsageError(
+                f"invalid SSH host {self.host!r}", hint="a host name or address, no '-' first"
+            )
 
 
 def argv(
@@ -163,7 +165,9 @@ def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
         options.append(word)
         if len(word) == 2 and word[1] in _VALUE_OPTIONS:
             if i + 1 >= len(words):
-                raise UsageError(f"ssh option {word} needs a value")
+                raise UsageError(
+                    f"ssh option {word} needs a value", hint=f"e.g. {word} VALUE before the command"
+                )
             options.append(words[i + 1])
             i += 1
         i += 1
@@ -198,7 +202,9 @@ def check_authorized_keys(path: Path) -> str:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
+        raise UsageError(
+            f"cannot read {path}: {exc}", hint="pass a readable text file of public keys"
+        ) from None
     if "PRIVATE KEY" in text:
         raise UsageError(
             f"{path} holds a private key",

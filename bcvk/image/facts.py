@@ -74,6 +74,17 @@ class TreeFacts:
             return f"kernel {kernel.version} has no initramfs.img beside its vmlinuz"
         return None
 
+    def kernel_hint(self) -> str:
+        """What the image's author can do about ``kernel_problem()``."""
+        if not self.kernels:
+            return (
+                "a bootc image carries its kernel and initramfs under "
+                "/usr/lib/modules/<version>/ (vmlinuz, initramfs.img)"
+            )
+        if len(self.kernels) > 1:
+            return "remove all but one /usr/lib/modules/<version>/ in the image build"
+        return "generate the initramfs in the image build (dracut, or update-initramfs)"
+
 
 def probe(root: Path, arch: str | None = None) -> TreeFacts:
     """Everything bcvk needs to know about the image at ROOT (kargs for ARCH)."""

@@ -45,7 +45,10 @@ def extract_uki(uki: Path, kernel_out: Path, initrd_out: Path) -> bool:
             hint="rebuild the UKI (ukify) or ship vmlinuz + initramfs.img instead",
         ) from None
     if ".linux" not in sections:
-        raise BcvkError(f"{uki} has no .linux section; it is not a unified kernel image")
+        raise BcvkError(
+            f"{uki} has no .linux section; it is not a unified kernel image",
+            hint="rebuild the UKI (ukify) or ship vmlinuz + initramfs.img instead",
+        )
     kernel_out.write_bytes(sections[".linux"])
     if ".initrd" in sections:
         initrd_out.write_bytes(sections[".initrd"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import struct
 import tempfile
@@ -69,7 +68,10 @@ def qcow2_virtual_size(path: Path) -> int:
     with path.open("rb") as fh:
         header = fh.read(32)
     if len(header) < 32 or header[:4] != b"QFI\xfb":
-        raise BcvkError(f"{path} is not a qcow2 image")
+        raise BcvkError(
+            f"{path} is not a qcow2 image",
+            hint="remove it (`bcvk libvirt base-disks prune`) and let bcvk rebuild it",
+        )
     (size,) = struct.unpack(">Q", header[24:32])
     return int(size)
 
@@ -170,7 +172,10 @@ def _ensure_in_place(conn: Connection, pool: Pool, req: to_disk.Request) -> Base
     pool.refresh()
     volume = pool.volume(name)
     if volume is None:
-        raise BcvkError(f"pool {pool.name} does not show the base disk {output}")
+        raise BcvkError(
+            f"pool {pool.name} does not show the base disk {output}",
+            hint=f"check the pool's directory: `virsh pool-dumpxml {pool.name}`",
+        )
     return BaseDisk(name, volume.path, volume.info().capacity, result.cache_hash, result.reused)
 
 
@@ -182,15 +187,10 @@ def build_lock(conn: Connection, pool: Pool, name: str) -> Iterator[None]:
     reuses the first's, instead of renaming its own over a disk a VM may
     already be backed by.
     """
-    key = hashlib.sha256(f"{conn.uri}\0{pool.name}\0{name}".encode()).hexdigest()[:24]
-    locks = paths.ensure_private_dir(paths.ensure_private_dir(paths.runtime_dir()) / "locks")
-    lock = locks / f"base-disk-{key}.lock"
-    with paths.locked(lock, blocking=False) as free:
-        if free:
-            yield
-            return
-    logger.info("Waiting for another bcvk that is preparing base disk %s…", name)
-    with paths.locked(lock):
+    with paths.one_at_a_time(
+        f"base-disk\0{conn.uri}\0{pool.name}\0{name}",
+        f"Waiting for another bcvk that is preparing base disk {name}…",
+    ):
         yield
 
 

@@ -36,11 +36,18 @@ START_HINT = (
 )
 
 
+_LIBVIRT_HINT = (
+    "libvirt refused; its log has the details (journalctl -u libvirtd or virtqemud, "
+    "or /var/log/libvirt/)"
+)
+
+
 class LibvirtError(BcvkError):
     """A libvirt call failed; carries libvirt's error code."""
 
     def __init__(self, message: str, hint: str | None = None, code: int = 0) -> None:
-        super().__init__(message, hint)
+        # libvirt's own message is the detail; its daemon log has the rest.
+        super().__init__(message, hint or _LIBVIRT_HINT)
         self.code = code
 
 
@@ -337,7 +344,10 @@ class DomainRef:
             if _code(exc) == lv.VIR_ERR_NO_DOMAIN_METADATA:
                 return None
             if _code(exc) == lv.VIR_ERR_NO_DOMAIN:
-                raise DomainNotFound(f"domain {self.name!r} disappeared") from exc
+                raise DomainNotFound(
+                    f"domain {self.name!r} disappeared",
+                    hint="it was removed meanwhile; `bcvk libvirt list --all` shows what is left",
+                ) from exc
             raise LibvirtError(f"reading metadata of {self.name}: {_message(exc)}") from exc
 
     def start(self) -> None:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bcvk import __version__, paths, to_disk
-from bcvk.errors import BcvkError, NotFoundError
+from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import credentials, mounts
 from bcvk.guest.mounts import Share, ShareKind
 from bcvk.host import podman, ssh, virtiofsd
@@ -99,6 +99,7 @@ def validate(opts: RunOptions) -> None:
     resources(opts.memory, opts.vcpus, opts.itype)
     # The base disk is to-disk's (installer auto): it decides what it can boot.
     to_disk.check_firmware(opts.firmware, to_disk.Installer.auto)
+    to_disk.check_disk_size(opts.disk_size, opts.filesystem)
     if opts.ssh_key is not None:
         public = opts.ssh_key.with_name(opts.ssh_key.name + ".pub")
         if not opts.ssh_key.is_file() or not public.is_file():
@@ -144,7 +145,9 @@ def _check_ports(opts: RunOptions, taken: set[int], check_local: bool) -> None:
     seen: set[int] = set()
     for fwd in opts.ports:
         if fwd.host in seen:
-            raise BcvkError(f"host port {fwd.host} is forwarded twice")
+            raise UsageError(
+                f"host port {fwd.host} is forwarded twice", hint="use one -p per host port"
+            )
         seen.add(fwd.host)
         if fwd.host in taken or (check_local and not port_bindable(fwd.host)):
             raise BcvkError(

@@ -53,6 +53,7 @@ from bcvk.pb.session import (
     shared_connection,
     ssh_argv,
 )
+from bcvk.values import validate_user
 
 if TYPE_CHECKING:
     from bcvk.libvirt.connection import Connection as Connection
@@ -128,6 +129,8 @@ def _fast_argv(
     ref: str | None, command: Sequence[str], user: str | None, uri: str | None, tty: bool | None
 ) -> tuple[str, list[str]] | None:
     """(ID, ssh argv) through a live shared connection, or None to ask libvirt."""
+    if user is not None:
+        validate_user(user)  # before anything connects: ssh would read '-o…' as an option
     found = shared_connection(ref, user, uri)
     if found is None:
         return None

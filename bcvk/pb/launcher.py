@@ -49,6 +49,7 @@ from bcvk.pb.session import VmLock, ensure_master, ssh_argv
 from bcvk.values import (
     MIB,
     PortForward,
+    is_vm_name,
     parse_choice,
     parse_size,
     parse_timeout,
@@ -322,6 +323,9 @@ class Launched:
 def launch(ref: str, opts: RunOptions, uri: str | None = None) -> Iterator[Launched]:
     """Find or create REF's VM, boot it, wait for SSH; hold its session lock in the block."""
     validate(opts)
+    # REF is a VM's ID or name, or an image: one of the two before connecting.
+    if opts.name is not None or not (looks_like_vm_ref(ref) and is_vm_name(ref)):
+        podman.validate_reference(ref.removeprefix("containers-storage:"))
     with libvirt_connection.connect(uri) as conn:
         ident = identify(conn, ref, opts)
         with VmLock(ident.vm_id) as lock:

@@ -110,7 +110,10 @@ def patch_domain_xml(
     root = ET.fromstring(xml_text)
     container = root.find(f"metadata/{{{BOOTC_NS}}}container")
     if container is None:
-        raise BcvkError(f"domain {root.findtext('name')} has no bcvk metadata to mark as pb")
+        raise BcvkError(
+            f"domain {root.findtext('name')} has no bcvk metadata to mark as pb",
+            hint="only VMs bcvk created can be podman-bootc VMs",
+        )
     for old in container.findall(f"{{{BOOTC_NS}}}{ELEMENT}"):
         container.remove(old)
     container.append(info.to_element())
@@ -128,7 +131,10 @@ def patch_domain_xml(
         entries = root.findall("sysinfo/oemStrings/entry")
         target = next((e for e in entries if (e.text or "").startswith(prefix)), None)
         if target is None:
-            raise BcvkError("the domain carries no SSH key credential to extend")
+            raise BcvkError(
+                "the domain carries no SSH key credential to extend",
+                hint="recreate the VM with `bcvk pb run`",
+            )
         target.text = tmpfiles_credential
     return ET.tostring(root, encoding="unicode")
 
@@ -154,7 +160,10 @@ def default_disk_size(image_size: int, requested: int | None) -> int:
 def image_vm_id(image_id: str) -> str:
     hexid = image_id.removeprefix("sha256:")
     if not re.match(r"^[0-9a-f]{12}", hexid):
-        raise BcvkError(f"unexpected image ID {image_id!r}")
+        raise BcvkError(
+            f"unexpected image ID {image_id!r}",
+            hint="podman gave an image ID that is not hexadecimal; `podman images` shows it",
+        )
     return hexid[:ID_LENGTH]
 
 

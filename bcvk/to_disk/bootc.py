@@ -27,13 +27,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bcvk import ephemeral, run
-from bcvk.errors import BcvkError, UsageError
+from bcvk.errors import BcvkError
 from bcvk.guest import mounts
 from bcvk.host import podman, ssh
 from bcvk.log import logger, step
 from bcvk.to_disk import assemble
-from bcvk.to_disk.layout import PartitionTable
-from bcvk.to_disk.options import Action, DiskFormat, Options, Request, Result
+from bcvk.to_disk.options import (
+    Action,
+    DiskFormat,
+    Options,
+    Request,
+    Result,
+    check_bootc_options,
+)
 from bcvk.to_disk.output import finish, work_directory
 from bcvk.values import MIB
 
@@ -92,14 +98,6 @@ def failure(returncode: int, output: Sequence[str]) -> BcvkError:
     )
 
 
-def check_options(opts: Options) -> None:
-    if opts.partition_table is not PartitionTable.gpt:
-        raise UsageError(
-            "--partition-table mbr is not supported by the bootc installer",
-            hint="bootc always writes GPT; use --installer native for MBR",
-        )
-
-
 def graph_root() -> Path:
     return Path(run.output([podman.podman(), "info", "--format", "{{.Store.GraphRoot}}"]))
 
@@ -131,7 +129,7 @@ def installer_options(req: Request, target: Path, store: Path) -> ephemeral.Opti
 
 def build(req: Request) -> Result:
     opts = req.opts
-    check_options(opts)
+    check_bootc_options(opts)
     keys = opts.root_ssh_authorized_keys.read_text() if opts.root_ssh_authorized_keys else None
     with work_directory(req.output) as work:
         target = work / "install.raw"

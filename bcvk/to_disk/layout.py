@@ -186,7 +186,10 @@ def compute_layout(
     content.
     """
     if arch not in ROOT_TYPES:
-        raise UsageError(f"no root partition type known for architecture {arch}")
+        raise UsageError(
+            f"no root partition type known for architecture {arch}",
+            hint="known: " + ", ".join(sorted(ROOT_TYPES)),
+        )
     size = align_up(disk_size)
     minimum = min_disk_size(content_bytes, filesystem)
     min_root = min_root_size(content_bytes, filesystem)

@@ -102,12 +102,18 @@ def read(root: Path, image: str) -> Tree:
     if problem := tree.facts.kernel_problem():
         raise BcvkError(
             f"image {image} cannot become a disk: {problem}",
-            hint="a bootc image carries its kernel and initramfs under /usr/lib/modules/<version>/",
+            hint=tree.facts.kernel_hint(),
         )
     if tree.located.kernel is None:
-        raise BcvkError(f"kernel {tree.kernel.path} in image {image} is not a regular file")
+        raise BcvkError(
+            f"kernel {tree.kernel.path} in image {image} is not a regular file",
+            hint="the kernel must be a file in the image itself, not a link out of it",
+        )
     if tree.located.existing["/etc"] != "dir":
-        raise BcvkError(f"image {image} has no /etc directory; it cannot be a bootable OS tree")
+        raise BcvkError(
+            f"image {image} has no /etc directory; it cannot be a bootable OS tree",
+            hint="a bootc image is a whole OS: build it FROM a bootc base image",
+        )
     return tree
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from bcvk.errors import NotFoundError, UsageError
 from bcvk.host import ssh
-from bcvk.to_disk.layout import LAYOUT_VERSION, Filesystem, PartitionTable
-from bcvk.values import Firmware, parse_choice, parse_karg, parse_size
+from bcvk.to_disk.layout import LAYOUT_VERSION, Filesystem, PartitionTable, min_disk_size
+from bcvk.values import Firmware, format_size, parse_choice, parse_karg, parse_size
 
 
 class DiskFormat(enum.StrEnum):
@@ -166,6 +166,26 @@ def check_firmware(firmware: Firmware, installer: Installer) -> None:
         )
 
 
+def check_disk_size(size: int | None, filesystem: Filesystem | None) -> None:
+    """Refuse, before the image is read, a disk that could not hold even an empty root."""
+    floor = min_disk_size(0, filesystem or Filesystem.ext4)
+    if size is not None and size < floor:
+        raise UsageError(
+            f"--disk-size {format_size(size)} is too small for any disk "
+            f"(at least {format_size(floor)} before the image's own files)",
+            hint="use --disk-size 4G or more, or omit it for the default",
+        )
+
+
+def check_bootc_options(opts: Options) -> None:
+    """What the bootc installer cannot do (checked up front when it is asked for)."""
+    if opts.partition_table is not PartitionTable.gpt:
+        raise UsageError(
+            "--partition-table mbr is not supported by the bootc installer",
+            hint="bootc always writes GPT; use --installer native for MBR",
+        )
+
+
 def validate(opts: Options, fmt: DiskFormat) -> None:
     """The checks that need no image: combinations and files named by the options."""
     if opts.compress and fmt is not DiskFormat.qcow2:
@@ -175,6 +195,9 @@ def validate(opts: Options, fmt: DiskFormat) -> None:
         )
     check_firmware(opts.firmware, opts.installer)
     check_install_log(opts.install_log)
+    check_disk_size(opts.disk_size, opts.filesystem)
+    if opts.installer is Installer.bootc:
+        check_bootc_options(opts)
     keys = opts.root_ssh_authorized_keys
     if keys is not None:
         if not keys.is_file():

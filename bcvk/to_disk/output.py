@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import hashlib
 import os
 import platform
 import secrets
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bcvk import __version__, paths
-from bcvk.errors import BcvkError, CommandError, NotFoundError, UsageError
+from bcvk.errors import BcvkError, CommandError, NotFoundError, UsageError, os_hint
 from bcvk.log import logger
 from bcvk.to_disk import mkfs
 
@@ -58,24 +57,8 @@ def xattrs_supported(directory: Path) -> str | None:
 
 
 def check_output_path(output: Path) -> None:
+    """Refuse, before any work, an OUTPUT that could not be written at the end."""
     parent = output.parent
-    try:
-        if not parent.is_dir():
-            raise NotFoundError(
-                f"output directory {parent} does not exist",
-                hint=f"create it first (mkdir -p {parent}) or choose another OUTPUT",
-            )
-        if output.is_dir():
-            raise UsageError(
-                f"OUTPUT {output} is a directory", hint="give a file name, e.g. out.qcow2"
-            )
-    except OSError as exc:  # Python 3.11's is_dir() raises ENAMETOOLONG, EACCES
-        raise BcvkError(f"cannot use OUTPUT {output}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BcvkError(
-            f"output directory {parent} is not writable",
-            hint="choose a directory you can write to",
-        )
     # The work directory beside OUTPUT carries its name plus a suffix: check
     # that it fits before building, not when renaming at the end.
     try:
@@ -87,6 +70,29 @@ def check_output_path(output: Path) -> None:
             f"OUTPUT file name is too long ({len(os.fsencode(output.name))} bytes)",
             hint=f"use a name of at most {name_max - len(_work_name('', '0' * 8))} bytes",
         )
+    try:
+        if not parent.is_dir():
+            raise NotFoundError(
+                f"output directory {parent} does not exist",
+                hint=f"create it first (mkdir -p {parent}) or choose another OUTPUT",
+            )
+        if output.is_dir():
+            raise UsageError(
+                f"OUTPUT {output} is a directory", hint="give a file name, e.g. out.qcow2"
+            )
+    except OSError as exc:  # Python 3.11's is_dir() raises ENAMETOOLONG, EACCES
+        raise UsageError(f"cannot use OUTPUT {output}: {exc.strerror}", hint=os_hint(exc)) from None
+    # Creating a file is the only real test: access(2) says yes to root in
+    # /proc, and to anyone on a read-only mount.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bcvk-probe-", dir=parent)
+    except OSError as exc:
+        raise BcvkError(
+            f"cannot create files in the output directory {parent}: {exc.strerror}",
+            hint="choose a directory on a regular filesystem that you can write to",
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _work_name(name: str, token: str) -> str:
@@ -193,15 +199,9 @@ def finish(dest: Path, output: Path, cache: str, digest: str, *, force: bool = F
 @contextlib.contextmanager
 def exclusive(output: Path) -> Iterator[None]:
     """One bcvk at a time builds OUTPUT; a second waits, then finds the first's disk."""
-    digest = hashlib.sha256(os.fsencode(output)).hexdigest()[:24]
-    locks = paths.ensure_private_dir(paths.ensure_private_dir(paths.runtime_dir()) / "locks")
-    lock = locks / f"to-disk-{digest}.lock"
-    with paths.locked(lock, blocking=False) as free:
-        if free:
-            yield
-            return
-    logger.info("Waiting for another bcvk that is writing %s…", output)
-    with paths.locked(lock):
+    with paths.one_at_a_time(
+        f"to-disk\0{output}", f"Waiting for another bcvk that is writing {output}…"
+    ):
         yield
 
 

@@ -50,7 +50,7 @@ def one_error(result: subprocess.CompletedProcess[str]) -> str:
     [
         ("not-bootc", "no kernel found", "not a bootc image"),
         ("no-kernel", "no kernel found", "not a bootc image"),
-        ("two-kernels", "found 2 kernels", "images inspect"),
+        ("two-kernels", "found 2 kernels", "all but one"),
     ],
 )
 def test_unbootable_images_are_refused(

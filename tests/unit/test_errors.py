@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,31 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["--version"]) == 0
     assert __version__ in capsys.readouterr().out
+
+
+def test_every_raised_bcvk_error_carries_a_hint() -> None:
+    """The boundary prints `error:` then `hint:`; a raise without one is a gap.
+
+    Scans bcvk's source for ``raise SomeError(...)`` of bcvk's own errors.
+    LibvirtError and CommandError supply a default hint themselves.
+    """
+    import ast
+
+    import bcvk
+    from bcvk import errors
+
+    own = {name for name, value in vars(errors).items() if isinstance(value, type)}
+    own |= {"DomainNotFound"}
+    defaults = {"LibvirtError", "CommandError"}
+    missing = []
+    for path in sorted(Path(bcvk.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+                continue
+            func = node.exc.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name not in own or name in defaults:
+                continue
+            if len(node.exc.args) < 2 and "hint" not in {k.arg for k in node.exc.keywords}:
+                missing.append(f"{path.name}:{node.lineno} {name}")
+    assert missing == []

@@ -79,3 +79,39 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
         paths.write_atomic(target, "\udcff")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["record"]
+
+
+def test_removable_locks_leave_no_file_and_still_exclude(tmp_path: Path) -> None:
+    import threading
+
+    lock = tmp_path / "x.lock"
+    order: list[str] = []
+    entered = threading.Event()
+
+    def second() -> None:
+        entered.wait()
+        with paths.locked(lock, remove=True):
+            order.append("second")
+
+    thread = threading.Thread(target=second)
+    with paths.locked(lock, remove=True) as held:
+        assert held
+        thread.start()
+        entered.set()
+        # The waiter opened the file that is about to be deleted: when this
+        # block ends it must lock a fresh file, not run alongside a third.
+        with paths.locked(lock, blocking=False, remove=True) as busy:
+            assert busy is False
+        order.append("first")
+    thread.join(timeout=10)
+    assert order == ["first", "second"]
+    assert not lock.exists()
+
+
+def test_one_at_a_time_uses_the_runtime_dir_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    with paths.one_at_a_time("to-disk\0/x/y.raw", "waiting"):
+        assert len(list((tmp_path / "bcvk" / "locks").iterdir())) == 1
+    assert list((tmp_path / "bcvk" / "locks").iterdir()) == []

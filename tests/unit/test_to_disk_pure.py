@@ -362,10 +362,9 @@ def test_bootc_failure_names_bootcs_error() -> None:
 
 
 def test_bootc_refuses_mbr() -> None:
-    from bcvk.to_disk import bootc as to_disk_bootc
 
     with pytest.raises(UsageError, match="mbr"):
-        to_disk_bootc.check_options(Options(partition_table=PartitionTable.mbr))
+        options.check_bootc_options(Options(partition_table=PartitionTable.mbr))
 
 
 # ------------------------------------------------------------------ extras
