@@ -89,9 +89,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # in_tree CMD...: run CMD chrooted into $TREE, inside a private mount
-# namespace holding /proc, /sys, /dev, /run and the apt cache: the mounts
-# vanish with the process, whatever happens. policy-rc.d stops maintainer
-# scripts from starting daemons on the build host.
+# namespace holding /proc, /sys, a minimal /dev, /run and the apt cache: the
+# mounts vanish with the process, whatever happens. policy-rc.d stops
+# maintainer scripts from starting daemons on the build host.
+#
+# /dev is a fresh tmpfs with only the character devices package scripts use,
+# never the host's /dev: systemd's and udev's maintainer scripts apply
+# static-nodes permissions (`z /dev/kvm 0660 - kvm -`) with the *image's*
+# kvm gid, which once regrouped the host's /dev/kvm so that libvirt's QEMU
+# user lost access and every domain definition re-probed QEMU (minutes).
 in_tree() {
     mkdir -p "$WORK/apt-archives/partial"
     printf '#!/bin/sh\nexit 101\n' >"$TREE/usr/sbin/policy-rc.d"
@@ -102,7 +108,16 @@ in_tree() {
         t=$1 apt=$2; shift 2
         mount -t proc proc "$t/proc"
         mount -t sysfs sys "$t/sys"
-        mount --rbind /dev "$t/dev"
+        mount -t tmpfs -o mode=0755,nosuid dev "$t/dev"
+        for n in null zero full random urandom tty; do
+            touch "$t/dev/$n"
+            mount --bind "/dev/$n" "$t/dev/$n"
+        done
+        mkdir -p "$t/dev/pts" "$t/dev/shm"
+        mount -t devpts -o newinstance,ptmxmode=0666 devpts "$t/dev/pts"
+        ln -s pts/ptmx "$t/dev/ptmx"
+        mount -t tmpfs -o mode=1777 shm "$t/dev/shm"
+        ln -s /proc/self/fd "$t/dev/fd"
         mount -t tmpfs tmpfs "$t/run"
         mount --bind "$apt" "$t/var/cache/apt/archives"
         exec chroot "$t" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \

@@ -29,6 +29,7 @@ from typing import Any
 from bcvk import paths
 from bcvk.errors import BcvkError
 from bcvk.host import podman
+from bcvk.host.proc import process_group, start_time
 from bcvk.log import logger
 from bcvk.values import is_vm_name, validate_vm_name
 
@@ -49,34 +50,6 @@ def ensure_root() -> Path:
 
 
 # ---------------------------------------------------------------- processes
-
-
-def start_time(pid: int) -> int | None:
-    """The start time of PID in clock ticks since boot, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses.
-    rest = stat[stat.rfind(")") + 2 :].split()
-    if rest and rest[0] == "Z":
-        return None  # a zombie has exited; only its parent's wait is missing
-    try:
-        return int(rest[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def process_group(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = stat[stat.rfind(")") + 2 :].split()
-    try:
-        return int(rest[2])
-    except (IndexError, ValueError):
-        return None
 
 
 # Every process bcvk starts for a VM carries its VM's token in this variable:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bcvk import paths, run
 from bcvk.errors import UsageError
+from bcvk.host.proc import boot_id
 from bcvk.log import logger
 
 ACCELS = ("kvm", "tcg")
@@ -31,13 +32,6 @@ class Verdict:
     accel: str
     reason: str
     probed_kernel: str | None = None
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 def cache_file() -> Path:

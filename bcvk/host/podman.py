@@ -11,7 +11,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,10 +187,11 @@ class ImageMount:
     converting the disk). Leaving the block always waits for the unmount.
     """
 
-    def __init__(self, ref: str, path: Path) -> None:
+    def __init__(self, ref: str, path: Path, on_release: Callable[[], None] | None = None) -> None:
         self.ref = ref
         self.path = path
         self._unmounting: run.Process | None = None
+        self._on_release = on_release
 
     def release(self) -> None:
         if self._unmounting is None:
@@ -201,18 +202,26 @@ class ImageMount:
                 stderr=subprocess.DEVNULL,
                 die_with_parent=False,
             )
+            if self._on_release is not None:
+                self._on_release()
 
     def close(self) -> None:
         if self._unmounting is None:
             unmount_image(self.ref)
+            if self._on_release is not None:
+                self._on_release()
         else:
             self._unmounting.wait()
 
 
 @contextlib.contextmanager
-def image_mount(ref: str) -> Iterator[ImageMount]:
-    """Like ``mounted``, with ``release()`` to unmount before the block ends."""
-    mount = ImageMount(ref, mount_image(ref))
+def image_mount(ref: str, on_release: Callable[[], None] | None = None) -> Iterator[ImageMount]:
+    """Like ``mounted``, with ``release()`` to unmount before the block ends.
+
+    ON_RELEASE runs once the unmount is done or under way (for records that
+    must not drop the mount a second time).
+    """
+    mount = ImageMount(ref, mount_image(ref), on_release)
     try:
         yield mount
     finally:

@@ -31,8 +31,9 @@ from bcvk.guest import mounts
 from bcvk.host import ssh, virtiofsd
 from bcvk.libvirt import basedisks, lifecycle
 from bcvk.libvirt import xml as lx
-from bcvk.libvirt.connection import DomainNotFound, connect
+from bcvk.libvirt.connection import DomainNotFound
 from bcvk.libvirt.lifecycle import SSH_TIMEOUT, STOP_TIMEOUT, Removal, plan_removal, remove
+from bcvk.libvirt.pending import connected
 from bcvk.libvirt.provision import (
     DEFAULT_DISK_SIZE,
     RunOptions,
@@ -110,7 +111,7 @@ def run(image: str, options: RunOptions | None = None, *, uri: str | None = None
         raise TypeError("pass either options or keyword arguments")
     opts = options or make_run_options(uri, **values)
     validate(opts)  # before connecting: a bad value is not a libvirt problem
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         return create_vm(conn, image, opts)
 
 
@@ -127,19 +128,19 @@ def create(image: str, options: RunOptions | None = None, *, uri: str | None = N
 def list_vms(
     uri: str | None = None, *, all_states: bool = False, label: str | None = None
 ) -> list[Vm]:
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         return filter_vms(all_vms(conn), all_states=all_states, label=label)
 
 
 def inspect(name: str, uri: str | None = None) -> Vm:
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         return get_vm(conn, name)[1]
 
 
 def domain_xml(name: str, uri: str | None = None) -> str:
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         dom, _ = get_vm(conn, name)
         return dom.xml()
 
@@ -155,7 +156,7 @@ def ssh_command(
     """Run COMMAND in VM NAME over SSH (waiting up to TIMEOUT for sshd); never raises on
     the command's exit status."""
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         dom, vm = lifecycle.running_vm(conn, name)
         target = vm.ssh_target()
         if not ssh.probe(target):
@@ -167,7 +168,7 @@ def ssh_interactive(
     name: str, command: Sequence[str] = (), *, uri: str | None = None, timeout: float = 60.0
 ) -> int:
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         dom, vm = lifecycle.running_vm(conn, name)
         target = vm.ssh_target()
         if not ssh.probe(target):
@@ -179,7 +180,7 @@ def start(
     name: str, *, uri: str | None = None, ssh_wait: bool = False, timeout: float = SSH_TIMEOUT
 ) -> Vm:
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         dom, vm = get_vm(conn, name)
         if vm.running:
             logger.info("VM %s is already running", name)
@@ -196,7 +197,7 @@ def stop(
     name: str, *, uri: str | None = None, force: bool = False, timeout: float = STOP_TIMEOUT
 ) -> None:
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         dom, vm = get_vm(conn, name)
         lifecycle.stop_domain(dom, force=force, timeout=timeout)
         if not vm.persistent:
@@ -208,7 +209,7 @@ def stop(
 
 def rm(name: str, *, uri: str | None = None, force: bool = False) -> Removal:
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         return remove(conn, name, force=force)
 
 
@@ -221,7 +222,7 @@ def rm_all(
     """
     removed: list[str] = []
     skipped: list[str] = []
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         for vm in filter_vms(all_vms(conn), all_states=True, label=label):
             if vm.running and not force:
                 skipped.append(vm.name)
@@ -238,7 +239,7 @@ def rm_all(
 
 
 def status(uri: str | None = None) -> dict[str, object]:
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         lib = conn.lib_version()
         hyp = conn.hypervisor_version()
         vms = all_vms(conn)
@@ -315,7 +316,7 @@ def upload(
     info = image_info(image)
     install = basedisks.InstallOptions(disk_size, fs, root_size, tuple(kargs))
     name = volume_name or default_volume_name(image, info.digest or info.id, "qcow2")
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         target_pool = conn.ensure_pool(pool)
         target_pool.refresh()
         existing = target_pool.volume(name)
@@ -341,7 +342,7 @@ def upload(
 
 
 def base_disks(uri: str | None = None, pool: str = "default") -> list[basedisks.BaseDiskInfo]:
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         target = conn.pool(pool)
         if target is None:
             return []
@@ -351,7 +352,7 @@ def base_disks(uri: str | None = None, pool: str = "default") -> list[basedisks.
 def prune_base_disks(
     uri: str | None = None, pool: str = "default", dry_run: bool = False
 ) -> list[basedisks.BaseDiskInfo]:
-    with connect(uri) as conn:
+    with connected(uri) as conn:
         target = conn.pool(pool)
         if target is None:
             return []

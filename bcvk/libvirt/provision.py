@@ -23,7 +23,7 @@ from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import credentials, mounts
 from bcvk.guest.mounts import Share, ShareKind
 from bcvk.host import podman, ssh, virtiofsd
-from bcvk.libvirt import basedisks, lifecycle
+from bcvk.libvirt import basedisks, lifecycle, pending
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainRef
 from bcvk.libvirt.lifecycle import SSH_TIMEOUT
@@ -257,10 +257,19 @@ def shares(conn: Connection, image: str, found: Sequence[Share]) -> Shared:
 
 
 class Undo:
-    """Undo steps for a half-done run, executed in reverse unless committed."""
+    """Undo steps for a half-done run, executed in reverse unless committed.
 
-    def __init__(self) -> None:
+    Each resource is also noted in a journal (``pending``) before it is made,
+    so that a run killed with SIGKILL is undone by the next command.
+    """
+
+    def __init__(self, journal: pending.Journal) -> None:
         self.steps: list[tuple[str, Callable[[], None]]] = []
+        self.journal = journal
+
+    def note(self, *step: str) -> None:
+        """About to make the resource STEP names (see ``pending.Journal``)."""
+        self.journal.note(*step)
 
     def push(self, what: str, fn: Callable[[], None]) -> None:
         self.steps.append((what, fn))
@@ -275,15 +284,19 @@ class Undo:
 
 
 @contextlib.contextmanager
-def rollback_on_error() -> Iterator[Undo]:
-    undo = Undo()
+def transaction(conn: Connection) -> Iterator[Undo]:
+    """A VM's creation: all of it, or (on an error, a signal, or SIGKILL) none of it."""
+    pending.sweep(conn)
+    undo = Undo(pending.Journal(conn.uri))
     try:
         yield undo
     except BaseException:
         if undo.steps:
             logger.info("Removing what this run created…")
         undo.rollback()
+        undo.journal.close()
         raise
+    undo.journal.close()
 
 
 def ssh_key(opts: RunOptions, name: str, vm_uuid: str, undo: Undo) -> tuple[Path, bool]:
@@ -293,6 +306,7 @@ def ssh_key(opts: RunOptions, name: str, vm_uuid: str, undo: Undo) -> tuple[Path
     paths.ensure_private_dir(paths.data_dir())
     paths.ensure_private_dir(paths.data_dir() / "libvirt")
     directory = key_dir(vm_uuid)
+    undo.note("key", vm_uuid)
     undo.push("removing the SSH key", lambda: shutil.rmtree(directory, True))
     return ssh.generate_key(directory, comment=f"bcvk-{name}").private, True
 
@@ -315,6 +329,7 @@ def vm_disk(
             hint=f"remove it (virsh vol-delete --pool {pool.name} {volume}) "
             "or choose another --name",
         )
+    undo.note("volume", pool.name, volume)
     with step(f"Creating disk {volume} backed by {base.volume}"):
         vol = pool.create_volume(basedisks.overlay_xml(volume, base.capacity, base.path), volume)
     undo.push(f"deleting volume {volume}", vol.delete)
@@ -408,7 +423,9 @@ def domain_spec(
 
 def define_and_start(conn: Connection, opts: RunOptions, xml: str, undo: Undo) -> DomainRef:
     """Stage 7: the domain in libvirt (started unless asked not to)."""
-    name = lx.Domain.from_xml(xml).name
+    domain = lx.Domain.from_xml(xml)
+    name = domain.name
+    undo.note("domain", domain.uuid)
     if opts.transient:
         with step(f"Starting transient VM {name}"):
             dom = conn.create_transient(xml)
@@ -423,12 +440,13 @@ def define_and_start(conn: Connection, opts: RunOptions, xml: str, undo: Undo) -
     return dom
 
 
-def create_vm(conn: Connection, image: str, opts: RunOptions) -> Vm:
+def create_vm(conn: Connection, image: str, opts: RunOptions, within: Undo | None = None) -> Vm:
+    """Stages 1-8; all or nothing, as part of the transaction WITHIN if given."""
     validate(opts)
     req = resolve(conn, image, opts)
     base = base_disk(conn, image, opts)
     shared = shares(conn, image, opts.shares)
-    with rollback_on_error() as undo:
+    with contextlib.nullcontext(within) if within is not None else transaction(conn) as undo:
         vm_uuid = str(uuidlib.uuid4())
         private, generated = ssh_key(opts, req.name, vm_uuid, undo)
         disk_path, volume = vm_disk(conn, opts, req.name, base, undo)
@@ -445,6 +463,5 @@ def create_vm(conn: Connection, image: str, opts: RunOptions) -> Vm:
             lifecycle.wait_for_ssh(dom, vm, opts.timeout)
             if ssh_mounts:
                 lifecycle.apply_guest_mounts(vm)
-        undo.steps.clear()  # committed
     logger.info("VM %s is %s (ssh: bcvk libvirt ssh %s)", req.name, vm.state, req.name)
     return vm

@@ -82,9 +82,10 @@ def __getattr__(name: str) -> Any:
 
 
 def connect(uri: str | None) -> contextlib.AbstractContextManager[Connection]:
-    from bcvk.libvirt.connection import connect as libvirt_connect
+    """libvirt at URI, once what killed `pb run`s there left is undone."""
+    from bcvk.libvirt.pending import connected
 
-    return libvirt_connect(uri)
+    return connected(uri)
 
 
 def list_vms(uri: str | None = None) -> list[PbVm]:

@@ -23,7 +23,7 @@ from bcvk.errors import BcvkError, UsageError
 from bcvk.guest import cloudinit, mounts
 from bcvk.guest.mounts import Share, ShareKind
 from bcvk.host import podman
-from bcvk.libvirt import basedisks, lifecycle, provision
+from bcvk.libvirt import basedisks, lifecycle, pending, provision
 from bcvk.libvirt import connection as libvirt_connection
 from bcvk.libvirt.connection import Connection
 from bcvk.log import logger, step
@@ -229,8 +229,11 @@ def check_reuse(vm: PbVm, ident: Identity, opts: RunOptions, disk_size: int | No
         )
 
 
-def create(conn: Connection, ident: Identity, opts: RunOptions) -> None:
-    """Define the pb VM (not started): disk, key, metadata, optional seed ISO."""
+def create(conn: Connection, ident: Identity, opts: RunOptions, undo: provision.Undo) -> None:
+    """Define the pb VM (not started): disk, key, metadata, optional seed ISO.
+
+    Part of UNDO's transaction: ``launch`` commits it once the VM has booted.
+    """
     assert ident.image is not None
     assert ident.info is not None
     disk_size = default_disk_size(ident.info.size, opts.disk_size)
@@ -251,41 +254,35 @@ def create(conn: Connection, ident: Identity, opts: RunOptions) -> None:
         pool=pool,
     )
     with install_log():
-        vm = provision.create_vm(conn, ident.image, lopts)
-    made_seed = None
-    try:
-        seed = None
-        if opts.cloudinit is not None:
-            made_seed = seed_volume(conn, pool, ident.vm_id, opts.cloudinit)
-            seed = made_seed[1]
-        key = vm.metadata.ssh_private_key_path
-        assert key is not None
-        public = Path(key + ".pub").read_text().strip()
-        info = PbInfo(
-            id=ident.vm_id,
-            name=opts.name,
-            image_id=ident.info.id,
-            repository=ident.image,
-            user=opts.user,
-            disk_size=disk_size,
-            filesystem=opts.filesystem.value if opts.filesystem else None,
-            root_size=opts.root_size_max,
-            cloudinit_iso=seed,
-        )
-        dom = conn.get(ident.domain)
-        patched = patch_domain_xml(
-            dom.xml(inactive=True),
-            info,
-            seed_iso=seed,
-            tmpfiles_credential=key_credential(public, opts.user) if opts.user != "root" else None,
-        )
-        conn.define(patched)
-    except BaseException:
-        with contextlib.suppress(BcvkError):
-            lifecycle.remove(conn, ident.domain, force=True)
-        if made_seed is not None:
-            domains.delete_volume(conn, pool, made_seed[0])
-        raise
+        vm = provision.create_vm(conn, ident.image, lopts, within=undo)
+    seed = None
+    if opts.cloudinit is not None:
+        volume = domains.seed_volume_name(ident.vm_id)
+        undo.note("volume", pool, volume)
+        undo.push(f"deleting volume {volume}", lambda: domains.delete_volume(conn, pool, volume))
+        seed = seed_volume(conn, pool, ident.vm_id, opts.cloudinit)[1]
+    key = vm.metadata.ssh_private_key_path
+    assert key is not None
+    public = Path(key + ".pub").read_text().strip()
+    info = PbInfo(
+        id=ident.vm_id,
+        name=opts.name,
+        image_id=ident.info.id,
+        repository=ident.image,
+        user=opts.user,
+        disk_size=disk_size,
+        filesystem=opts.filesystem.value if opts.filesystem else None,
+        root_size=opts.root_size_max,
+        cloudinit_iso=seed,
+    )
+    dom = conn.get(ident.domain)
+    patched = patch_domain_xml(
+        dom.xml(inactive=True),
+        info,
+        seed_iso=seed,
+        tmpfiles_credential=key_credential(public, opts.user) if opts.user != "root" else None,
+    )
+    conn.define(patched)
 
 
 def seed_volume(conn: Connection, pool_name_: str, vm_id: str, source: Path) -> tuple[str, str]:
@@ -326,7 +323,7 @@ def launch(ref: str, opts: RunOptions, uri: str | None = None) -> Iterator[Launc
     # REF is a VM's ID or name, or an image: one of the two before connecting.
     if opts.name is not None or not (looks_like_vm_ref(ref) and is_vm_name(ref)):
         podman.validate_reference(ref.removeprefix("containers-storage:"))
-    with libvirt_connection.connect(uri) as conn:
+    with pending.connected(uri) as conn:
         ident = identify(conn, ref, opts)
         with VmLock(ident.vm_id) as lock:
             lock.shared()
@@ -345,23 +342,20 @@ def launch(ref: str, opts: RunOptions, uri: str | None = None) -> Iterator[Launc
                     else None
                 )
                 check_reuse(existing, ident, opts, disk)
-                vm = existing
+                try:
+                    vm = domains.boot(conn, existing, quiet=opts.quiet, timeout=opts.timeout)
+                except BaseException:
+                    with contextlib.suppress(BcvkError):
+                        lifecycle.stop_domain(conn.get(existing.name), force=True)
+                    raise
             else:
-                create(conn, ident, opts)
-                created = True
-                vm = domains.get(conn, ident.vm_id)
-            try:
-                vm = domains.boot(conn, vm, quiet=opts.quiet, timeout=opts.timeout)
-                started = True
-            except BaseException:
-                if created:
-                    logger.info("Removing VM %s, which did not come up", ident.vm_id)
-                    with contextlib.suppress(BcvkError):
-                        domains.remove(conn, domains.get(conn, ident.vm_id))
-                else:
-                    with contextlib.suppress(BcvkError):
-                        lifecycle.stop_domain(conn.get(vm.name), force=True)
-                raise
+                # A VM that never came up (an error, a signal, SIGKILL) is undone.
+                with provision.transaction(conn) as undo:
+                    create(conn, ident, opts, undo)
+                    created = True
+                    vm = domains.get(conn, ident.vm_id)
+                    vm = domains.boot(conn, vm, quiet=opts.quiet, timeout=opts.timeout)
+            started = True
             ensure_master(vm.target(), vm.id, uri)
             logger.info("VM %s (%s) is ready: bcvk pb ssh %s", vm.id, vm.name, vm.id)
             yield Launched(vm, created, started, lock, uri)

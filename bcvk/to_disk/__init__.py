@@ -172,7 +172,8 @@ def _run(req: Request) -> Result:
 def _install(req: Request) -> Result:
     """Pick the installer: --installer, else bootc when the image carries it."""
     opts = req.opts
-    with work_directory(req.output) as work, podman.image_mount(req.image_id) as mount:
+    with work_directory(req.output) as build, build.mounted(req.image_id) as mount:
+        work = build.directory
         tree = native.read(mount.path, req.image)
         use_bootc = opts.installer is Installer.bootc or (
             opts.installer is Installer.auto and tree.facts.has_bootc

@@ -131,7 +131,8 @@ def build(req: Request) -> Result:
     opts = req.opts
     check_bootc_options(opts)
     keys = opts.root_ssh_authorized_keys.read_text() if opts.root_ssh_authorized_keys else None
-    with work_directory(req.output) as work:
+    with work_directory(req.output) as build:
+        work = build.directory
         target = work / "install.raw"
         with open(target, "wb") as f:
             f.truncate(req.disk_size)

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import glob
 import os
-import platform
 import secrets
 import tempfile
 from collections.abc import Iterator
@@ -21,12 +20,11 @@ from pathlib import Path
 from bcvk import __version__, paths
 from bcvk.errors import BcvkError, CommandError, NotFoundError, UsageError, os_hint
 from bcvk.log import logger
-from bcvk.to_disk import mkfs
+from bcvk.to_disk import mkfs, runs
 
 XATTR_HASH = "user.bootc.cache_hash"
 XATTR_DIGEST = "user.bootc.image_digest"
 XATTR_CREATOR = "user.bcvk.created_by"
-WORK_OWNER = "owner"
 
 
 def read_xattr(path: Path | str, name: str) -> str | None:
@@ -120,48 +118,33 @@ def existing_hash(output: Path, *, force: bool) -> str | None:
     return read_xattr(output, XATTR_HASH)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_work(output: Path) -> list[Path]:
-    """Remove work directories for OUTPUT that a killed run on this host left behind.
+    """Remove work directories beside OUTPUT that a killed run on this host left.
 
-    SIGKILL or a power cut skip the ``finally`` in work_directory; the owner file
-    says which host and process a directory belonged to.  Anything without one,
-    from another host, or whose process still exists is left alone.
+    ``runs.reap`` finds them through their records; this catches the ones
+    whose record a reboot took with the runtime directory.  Anything without
+    an owner file, from another host, or whose process still exists is left
+    alone.
     """
     removed = []
     for work in output.parent.glob(f".{glob.escape(output.name)}.bcvk-*"):
-        try:
-            host, pid = (work / WORK_OWNER).read_text().split()
-            dead = host == platform.node() and not _pid_alive(int(pid))
-        except (OSError, ValueError):
-            continue
-        if dead:
-            logger.info("Removing %s, left by an interrupted run (pid %s)", work, pid)
+        owner = runs.Owner.read(work)
+        if owner is not None and owner.abandoned():
+            logger.info("Removing %s, left by an interrupted run", work)
             mkfs.remove_tree(work)
             removed.append(work)
     return removed
 
 
 @contextlib.contextmanager
-def work_directory(output: Path) -> Iterator[Path]:
-    """A hidden directory beside OUTPUT (same filesystem, so rename is atomic)."""
+def work_directory(output: Path) -> Iterator[runs.Run]:
+    """A recorded build working in a hidden directory beside OUTPUT (``Run.work``).
+
+    Beside OUTPUT: the same filesystem, so the final rename is atomic.
+    """
     sweep_stale_work(output)
-    work = output.parent / _work_name(output.name, secrets.token_hex(4))
-    work.mkdir(mode=0o700)
-    try:
-        (work / WORK_OWNER).write_text(f"{platform.node()} {os.getpid()}\n")
-        yield work
-    finally:
-        mkfs.remove_tree(work)
+    with runs.recorded(output.parent / _work_name(output.name, secrets.token_hex(4))) as run:
+        yield run
 
 
 def finish(dest: Path, output: Path, cache: str, digest: str, *, force: bool = False) -> int:

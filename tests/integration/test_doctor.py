@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from bcvk.host import accel
+from bcvk.host import accel, proc
 from tests.conftest import DEMO_IMAGE, bcvk
 
 
@@ -31,7 +31,7 @@ def test_doctor_json(demo_image: str, tmp_path: Path) -> None:
     assert data["accel"] in ("kvm", "tcg")
     assert data["accel"] == _kvm_really_boots_linux(demo_image)
     # The verdict is cached for this boot of the host.
-    assert (tmp_path / "bcvk" / f"accel-{accel.boot_id()}.json").exists()
+    assert (tmp_path / "bcvk" / f"accel-{proc.boot_id()}.json").exists()
 
 
 def _kvm_really_boots_linux(image: str) -> str:

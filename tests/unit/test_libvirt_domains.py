@@ -7,6 +7,7 @@ each test removes what it defined (the driver's own domain "test" stays).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -21,7 +22,7 @@ from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import mounts
 from bcvk.guest.mounts import ShareKind
 from bcvk.host import podman
-from bcvk.libvirt import basedisks, domains, lifecycle, provision
+from bcvk.libvirt import basedisks, domains, lifecycle, pending, provision
 from bcvk.libvirt import vms as vmview
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import (
@@ -316,6 +317,85 @@ def test_failed_run_leaves_nothing_behind(
     assert pool.volume("broken.qcow2") is None
     keys = tmp_path / "data" / "bcvk" / "libvirt"
     assert not keys.exists() or list(keys.iterdir()) == []
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (the undo is switched off)."""
+
+
+def _kill_during_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    def killed(self: DomainRef) -> None:
+        raise Killed()
+
+    monkeypatch.setattr(DomainRef, "start", killed)
+    monkeypatch.setattr(provision.Undo, "rollback", lambda self: None)
+    monkeypatch.setattr(pending.Journal, "close", lambda self: None)
+
+
+def _as_dead(journal_file: Path) -> None:
+    """Rewrite the journal as if its process had died (a pid with another start time)."""
+    data = json.loads(journal_file.read_text())
+    data["process"]["started"] += 1
+    journal_file.write_text(json.dumps(data))
+
+
+def test_a_killed_run_is_undone_by_the_next_command(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    keep = provision.create_vm(conn, IMAGE, options(name="keep"))
+    with monkeypatch.context() as m:
+        _kill_during_start(m)
+        with pytest.raises(Killed):
+            provision.create_vm(conn, IMAGE, options(name="killed"))
+    # What SIGKILL leaves: a defined domain, its disk, its key, and the journal.
+    journals = list(pending.root().glob("pending-*.json"))
+    assert len(journals) == 1
+    killed_uuid = conn.get("killed").uuid
+    assert vmview.key_dir(killed_uuid).is_dir()
+    pool = conn.pool(POOL)
+    assert pool is not None
+    assert pool.volume("killed.qcow2") is not None
+    # Another URI's sweep does not touch it; nor does this one while the run lives.
+    assert pending.sweep(conn) == []
+    _as_dead(journals[0])
+    done = pending.sweep(conn)
+    assert sorted(d.split()[0] for d in done) == ["domain", "key", "volume"]
+    assert conn.lookup("killed") is None
+    assert pool.volume("killed.qcow2") is None
+    assert not vmview.key_dir(killed_uuid).exists()
+    assert list(pending.root().glob("*pending-*")) == []
+    # The VM that was complete is untouched.
+    assert conn.lookup("keep") is not None
+    assert pool.volume("keep.qcow2") is not None
+    assert vmview.key_dir(conn.get("keep").uuid).is_dir()
+    assert keep.name == "keep"
+
+
+def test_a_journalled_volume_now_used_by_another_vm_is_kept(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        _kill_during_start(m)
+        with pytest.raises(Killed):
+            provision.create_vm(conn, IMAGE, options(name="again"))
+    journal = next(pending.root().glob("pending-*.json"))
+    # Someone removed the half-made domain by hand and made a new VM of that name.
+    lifecycle.remove(conn, "again", force=True)
+    provision.create_vm(conn, IMAGE, options(name="again"))
+    _as_dead(journal)
+    pending.sweep(conn)
+    pool = conn.pool(POOL)
+    assert pool is not None
+    assert conn.lookup("again") is not None
+    assert pool.volume("again.qcow2") is not None
+
+
+def test_journals_of_other_uris_are_left_alone(conn: Connection) -> None:
+    journal = pending.Journal("qemu:///elsewhere")
+    journal.note("key", "0" * 8)
+    _as_dead(journal.path)
+    assert pending.sweep(conn) == []
+    assert journal.path.exists()
 
 
 def test_mount_units_as_credentials_for_new_systemd(

@@ -5,21 +5,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bcvk import to_disk
+from bcvk import ephemeral, to_disk
 from bcvk.errors import NotFoundError, UsageError
+from bcvk.host.proc import Identity, boot_id, start_time
 from bcvk.image.facts import TreeFacts
 from bcvk.image.scan import Loss
-from bcvk.to_disk import DiskFormat, Options, assemble, bootloader, native, options, output
+from bcvk.to_disk import (
+    DiskFormat,
+    Options,
+    assemble,
+    bootloader,
+    native,
+    options,
+    output,
+    runs,
+)
 from bcvk.to_disk import mkfs as diskfs
 from bcvk.to_disk.layout import Filesystem, Ids, PartitionTable
 from bcvk.to_disk.treecopy import Extra
 from bcvk.values import Accel, Firmware
+from tests.conftest import FakeBin
 
 DIGEST = "sha256:" + "ab" * 32
 REF = "localhost/bcvk/debian-bootc:12"
@@ -447,34 +460,74 @@ def test_xattr_probe_explains_an_unsupporting_filesystem(
     assert list(tmp_path.iterdir()) == []
 
 
-def _work_dir(parent: Path, owner: str | None) -> Path:
-    work = parent / f".x.qcow2.bcvk-{len(list(parent.iterdir())):08x}"
+def _work_dir(parent: Path, owner: runs.Owner | str | None, name: str = ".x.qcow2") -> Path:
+    work = parent / f"{name}.bcvk-{len(list(parent.iterdir())):08x}"
     work.mkdir()
     (work / "root.img").write_bytes(b"partial")
-    if owner is not None:
-        (work / output.WORK_OWNER).write_text(owner)
+    if isinstance(owner, runs.Owner):
+        owner.write(work)
+    elif owner is not None:
+        (work / runs.OWNER).write_text(owner)
     return work
+
+
+def _dead_process() -> Identity:
+    """The identity of a process that has exited (and been waited for)."""
+    child = subprocess.Popen(["sleep", "0.01"])
+    started = start_time(child.pid)
+    child.wait()
+    assert started is not None
+    return Identity(child.pid, started, boot_id())
 
 
 def test_sweep_removes_only_work_of_dead_runs_on_this_host(tmp_path: Path) -> None:
     import platform
-    import subprocess
 
-    child = subprocess.Popen(["true"])
-    child.wait()  # reaped: its pid names no process now
-    dead = _work_dir(tmp_path, f"{platform.node()} {child.pid}\n")
-    alive = _work_dir(tmp_path, f"{platform.node()} {os.getpid()}\n")
-    elsewhere = _work_dir(tmp_path, f"another-host {child.pid}\n")
+    dead = _dead_process()
+    here = platform.node()
+    gone = _work_dir(tmp_path, runs.Owner("t1", here, dead))
+    alive = _work_dir(tmp_path, runs.Owner("t2", here, Identity.current()))
+    elsewhere = _work_dir(tmp_path, runs.Owner("t3", "another-host", dead))
+    # A recycled pid: same number, another start time, is still "gone".
+    recycled = Identity(os.getpid(), Identity.current().started + 1, boot_id())
+    reused = _work_dir(tmp_path, runs.Owner("t4", here, recycled))
     unmarked = _work_dir(tmp_path, None)
     garbled = _work_dir(tmp_path, "nonsense")
-    other_output = tmp_path / ".y.qcow2.bcvk-00000000"
-    other_output.mkdir()
-    (other_output / output.WORK_OWNER).write_text(f"{platform.node()} {child.pid}\n")
+    other_output = _work_dir(tmp_path, runs.Owner("t5", here, dead), name=".y.qcow2")
 
-    assert output.sweep_stale_work(tmp_path / "x.qcow2") == [dead]
-    assert not dead.exists()
+    assert sorted(output.sweep_stale_work(tmp_path / "x.qcow2")) == sorted([gone, reused])
     for kept in (alive, elsewhere, unmarked, garbled, other_output):
         assert kept.is_dir()
+
+
+def test_a_killed_build_is_undone_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_bin: FakeBin
+) -> None:
+    """The record a SIGKILLed build left: its work dir goes, its image mount is dropped."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    fake_bin.add("podman", "true")
+    monkeypatch.setattr(ephemeral, "ps", list)
+    work = tmp_path / ".out.raw.bcvk-1"
+    with runs.recorded(work) as run:
+        run.mount, run.mount_state = "sha256-image", "mounted"
+        run.save()
+        # What SIGKILL leaves: the record and the directory, owned by a dead process.
+        killed = dataclasses.replace(run, process=_dead_process())
+        killed.save()
+        runs.Owner(run.token, platform.node(), killed.process).write(work)
+        foreign = tmp_path / ".other.raw.bcvk-2"
+        foreign.mkdir()  # no owner file: not this record's to remove
+        live = runs.Run("live", Identity.current(), str(tmp_path / "busy"))
+        live.save()
+        assert runs.reap() == [str(work)]
+        assert not work.exists()
+        assert foreign.is_dir()
+        assert live.path.exists()  # a live build is left alone
+        assert not run.path.exists()
+    assert [c[-1] for c in fake_bin.calls("podman")] == ["sha256-image"]
+    live.path.unlink()
+    # Nothing of the runs is left in the runtime dir.
+    assert sorted(p.name for p in (tmp_path / "bcvk").iterdir()) == []
 
 
 def test_install_log_is_validated_and_kept_out_of_the_cache_key() -> None:
