@@ -14,7 +14,7 @@ import pytest
 from bcvk import paths
 from bcvk.ephemeral import registry
 from bcvk.errors import BcvkError, UsageError
-from bcvk.host import ssh
+from bcvk.host import proc, ssh
 from bcvk.libvirt import xml as lx
 from bcvk.pb import model
 from bcvk.to_disk import output
@@ -92,7 +92,7 @@ def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
     """A dead VM's QEMU pid now leads an unrelated session: reaping must not touch it."""
     victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        began = registry.start_time(victim.pid)
+        began = proc.start_time(victim.pid)
         assert began is not None
         # What bcvk recorded for its QEMU: this pid, an earlier start, the VM's token.
         recorded = registry.Proc("qemu", victim.pid, began - 100, token="ab" * 16)

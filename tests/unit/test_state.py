@@ -12,6 +12,7 @@ import pytest
 from bcvk.ephemeral import registry as state
 from bcvk.ephemeral.registry import Proc, VmRecord
 from bcvk.errors import BcvkError, UsageError
+from bcvk.host import proc
 from bcvk.values import validate_vm_name
 
 
@@ -45,7 +46,7 @@ def test_start_time_identifies_processes() -> None:
     mine = me()
     assert mine.alive()
     assert not Proc("x", os.getpid(), mine.started + 1, group=False).alive()
-    assert state.start_time(dead_pid()) is None
+    assert proc.start_time(dead_pid()) is None
 
 
 def test_record_round_trips_through_json() -> None:
