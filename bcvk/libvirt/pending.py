@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcvk import paths
+from bcvk import paths, to_disk
 from bcvk.host.proc import Identity
 from bcvk.libvirt.connection import Connection, DomainNotFound, LibvirtError, connect
 from bcvk.libvirt.vms import key_dir
@@ -76,7 +76,12 @@ class Journal:
 
 @contextlib.contextmanager
 def connected(uri: str | None) -> Iterator[Connection]:
-    """A connection to URI, after undoing what killed creations there left."""
+    """A connection to URI, after undoing what killed creations there left.
+
+    A creation killed while building its base disk left a to-disk run: that
+    is undone first (locally; a remote host's builds ran here too).
+    """
+    to_disk.reap_interrupted()
     with connect(uri) as conn:
         sweep(conn)
         yield conn

@@ -26,7 +26,7 @@ from typing import Any
 from bcvk.errors import BcvkError, CommandError, UsageError
 from bcvk.host import podman
 from bcvk.log import logger
-from bcvk.to_disk import bootc, native
+from bcvk.to_disk import bootc, native, runs
 from bcvk.to_disk.assemble import OVA_NAME_MAX
 from bcvk.to_disk.layout import Filesystem, PartitionTable, default_disk_size
 from bcvk.to_disk.options import (
@@ -70,10 +70,16 @@ __all__ = [
     "make_options",
     "normalize_reference",
     "read_cache_hash",
+    "reap_interrupted",
     "read_image_digest",
     "request",
     "run",
 ]
+
+
+def reap_interrupted() -> list[str]:
+    """Undo what killed to-disk runs of this host left (work dirs, image mounts)."""
+    return runs.reap()
 
 
 def read_cache_hash(path: Path | str) -> str | None:
@@ -126,6 +132,7 @@ def request(image: str, output: str | os.PathLike[str], opts: Options) -> Reques
 
 def run(req: Request) -> Result:
     """Reuse OUTPUT when it carries the request's cache hash, else build it."""
+    reap_interrupted()
     with exclusive(req.output):
         return _run(req)
 
