@@ -13,13 +13,15 @@ import os
 import socket
 import subprocess
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_IMAGE, FIXTURES, bcvk, image_exists
+from bcvk.libvirt.metadata import BOOTC_NS
+from tests.conftest import DEMO_IMAGE, FIXTURES, bcvk, bcvk_popen, image_exists
 from tests.integration import libvirt_env as env
 
 PREFIX = f"bcvk-it-{uuid.uuid4().hex[:6]}"
@@ -344,6 +346,140 @@ def test_base_disk_deleted_behind_our_back_is_rebuilt(libvirtd: None) -> None:
     assert base.exists()
     assert env.backing_file(env.POOL_DIR / f"{name2}.qcow2") == str(base)
     lv_ok("rm", "-f", name2)
+    env.virsh("vol-delete", "--pool", "default", base.name)
+
+
+# ------------------------------------------------------------------ what rm may delete
+
+
+def _inactive_xml(name: str) -> ET.Element:
+    return ET.fromstring(env.virsh("dumpxml", "--inactive", name).stdout)
+
+
+def _set_bootc(root: ET.Element, tag: str, value: str) -> None:
+    container = root.find(f"metadata/{{{BOOTC_NS}}}container")
+    assert container is not None
+    element = container.find(f"{{{BOOTC_NS}}}{tag}")
+    if element is None:
+        element = ET.SubElement(container, f"{{{BOOTC_NS}}}{tag}")
+    element.text = value
+
+
+def _define(root: ET.Element, tmp_path: Path) -> None:
+    path = tmp_path / f"{root.findtext('name')}.xml"
+    path.write_text(ET.tostring(root, encoding="unicode"))
+    env.virsh("define", str(path))
+
+
+def test_rm_of_a_clone_leaves_the_originals_disk_and_key(libvirtd: None, tmp_path: Path) -> None:
+    """virt-clone keeps <metadata>: rm -f of the clone once deleted the original's disk and key."""
+    original, clone = f"{PREFIX}-orig", f"{PREFIX}-copy"
+    lv_ok("create", "--name", original, DEMO_IMAGE)
+    info = json.loads(lv_ok("inspect", original, "--format", "json").stdout)
+    disk, key = Path(info["disk_path"]), Path(info["ssh_private_key_path"])
+    # A clone the way virt-clone makes one: a copy of the disk, the XML with a
+    # new name and UUID (and NVRAM), the metadata untouched.
+    env.virsh("vol-clone", "--pool", "default", disk.name, f"{clone}.qcow2")
+    root = _inactive_xml(original)
+    root.find("name").text = clone  # type: ignore[union-attr]
+    root.remove(root.find("uuid"))  # type: ignore[arg-type]
+    for source in root.iter("source"):
+        if source.get("file") == str(disk):
+            source.set("file", str(env.POOL_DIR / f"{clone}.qcow2"))
+    nvram = root.find("os/nvram")
+    if nvram is not None and nvram.text:
+        nvram.text = nvram.text.replace(original, clone)
+    _define(root, tmp_path)
+    try:
+        refused = lv("ssh", clone, "--", "true")
+        assert refused.returncode == 1
+        assert "it is a copy" in refused.stderr
+        lv_ok("rm", "-f", clone)
+        assert clone not in env.domain_names()
+        assert f"{clone}.qcow2" not in env.volumes()  # the clone's own disk
+        assert disk.exists()  # the original's disk
+        assert key.exists()  # and key
+        assert env.backing_file(disk) is not None
+        assert json.loads(lv_ok("inspect", original, "--format", "json").stdout)["name"] == original
+    finally:
+        env.virsh("undefine", clone, "--nvram", check=False)
+        env.virsh("vol-delete", "--pool", "default", f"{clone}.qcow2", check=False)
+        lv("rm", "-f", original)
+    assert not disk.exists()
+    assert not key.parent.exists()
+
+
+def test_rm_never_follows_metadata_out_of_bcvks_own_files(libvirtd: None, tmp_path: Path) -> None:
+    """Metadata naming a key, a log and a volume that are not the VM's own: all survive rm -f."""
+    name = f"{PREFIX}-lies"
+    lv_ok("create", "--name", name, DEMO_IMAGE)
+    info = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
+    own_disk, own_key = Path(info["disk_path"]), Path(info["ssh_private_key_path"])
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    (victims / "id_ed25519").write_text("not bcvk's key\n")
+    (victims / "console.log").write_text("someone's log\n")
+    victim_volume = f"{PREFIX}-victim.qcow2"
+    env.virsh("vol-create-as", "default", victim_volume, "16M", "--format", "qcow2")
+    root = _inactive_xml(name)
+    _set_bootc(root, "ssh-private-key-path", str(victims / "id_ed25519"))
+    _set_bootc(root, "console-log", str(victims / "console.log"))
+    _set_bootc(root, "disk-volume", victim_volume)
+    _set_bootc(root, "base-disk", victim_volume)
+    _define(root, tmp_path)  # the same name and UUID: not a copy, just lying metadata
+    try:
+        lv_ok("rm", "-f", name)
+        assert name not in env.domain_names()
+        assert not own_disk.exists()  # what is its own goes
+        assert not own_key.parent.exists()
+        assert (victims / "id_ed25519").read_text() == "not bcvk's key\n"
+        assert (victims / "console.log").read_text() == "someone's log\n"
+        assert victim_volume in env.volumes()
+    finally:
+        env.virsh("vol-delete", "--pool", "default", victim_volume, check=False)
+        lv("rm", "-f", name)
+
+
+def test_concurrent_creates_on_a_cold_cache_share_one_unchanged_base_disk(
+    libvirtd: None,
+) -> None:
+    """Two `create`s of one image with no base disk yet: one builds, the other waits."""
+    # A karg of its own makes the base disk cold for this test alone.
+    karg = f"bcvk.concurrent={uuid.uuid4().hex[:8]}"
+    names = [f"{PREFIX}-con-a", f"{PREFIX}-con-b"]
+    volumes_before = env.volumes()
+    procs = [
+        bcvk_popen("libvirt", "-c", env.URI, "create", "--name", n, "--karg", karg, DEMO_IMAGE)
+        for n in names
+    ]
+    results = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=1500)
+        results.append((proc.returncode, err))
+    try:
+        for code, err in results:
+            assert code == 0, err
+        bases = {v for v in env.volumes() - volumes_before if v.startswith("bootc-base-")}
+        assert len(bases) == 1, bases
+        base = env.POOL_DIR / bases.pop()
+        # One of them built it; the other waited for it and reused it.
+        assert sum("Reusing" in err for _, err in results) == 1, [e for _, e in results]
+        assert any("Waiting for another bcvk" in err for _, err in results)
+        before = (base.stat().st_ino, base.stat().st_mtime_ns)
+        for n in names:
+            assert env.backing_file(env.POOL_DIR / f"{n}.qcow2") == str(base)
+        # Both boot from it, one after the other, and the base disk never changes.
+        for n in names:
+            lv_ok("start", n, "--ssh-wait", "--timeout", BOOT_TIMEOUT)
+            os_release = guest(n, f"grep -q {karg} /proc/cmdline && cat /etc/os-release")
+            assert os_release.returncode == 0, os_release.stderr
+            assert "ID=debian" in os_release.stdout
+            lv_ok("stop", n, "--force")
+            assert (base.stat().st_ino, base.stat().st_mtime_ns) == before
+    finally:
+        for n in names:
+            lv("rm", "-f", n)
+    # Only this test's base disk: others' are caches other tests reuse.
     env.virsh("vol-delete", "--pool", "default", base.name)
 
 
