@@ -21,6 +21,8 @@ from bcvk.log import logger
 
 def user_path(text: str, flag: str) -> Path:
     """A path the user typed, ``~`` expanded; ``~nosuchuser`` is a usage error."""
+    if "\0" in text:
+        raise UsageError(f"{flag} {text!r}: a path cannot hold a NUL byte", hint="fix the path")
     try:
         return Path(text).expanduser()
     except RuntimeError:  # pathlib's "Could not determine home directory"

@@ -44,7 +44,9 @@ def call(fn: Callable[..., Any], *args: str | os.PathLike[str]) -> Any:
     words = [os.fspath(a) for a in args]
     if not podman.rootless():
         return json.loads(json.dumps(fn(*words)))
-    argv = [sys.executable, "-m", "bcvk.image.inns", fn.__module__, fn.__qualname__, *words]
+    # -P: the current directory is not on the path, so a checkout the user
+    # stands in (another bcvk, another layout) is never what runs.
+    argv = [sys.executable, "-P", "-m", "bcvk.image.inns", fn.__module__, fn.__qualname__, *words]
     try:
         return json.loads(run.output(podman.unshare_argv(argv)))
     except CommandError as exc:

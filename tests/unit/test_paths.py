@@ -115,3 +115,11 @@ def test_one_at_a_time_uses_the_runtime_dir_and_cleans_up(
     with paths.one_at_a_time("to-disk\0/x/y.raw", "waiting"):
         assert len(list((tmp_path / "bcvk" / "locks").iterdir())) == 1
     assert list((tmp_path / "bcvk" / "locks").iterdir()) == []
+
+
+@pytest.mark.parametrize(("text", "message"), [("~\0", "NUL"), ("~no-such-user-x/y", "expand")])
+def test_user_paths_that_cannot_be(text: str, message: str) -> None:
+    from bcvk.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        paths.user_path(text, "--flag")
