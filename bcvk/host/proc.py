@@ -8,9 +8,14 @@ never mistaken for the process that wrote them.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+R = TypeVar("R")
 
 
 def boot_id() -> str:
@@ -63,3 +68,41 @@ class Identity:
 
     def alive(self) -> bool:
         return self.boot == boot_id() and start_time(self.pid) == self.started
+
+
+def load_record(path: Path, cls: Callable[..., R]) -> R | None:
+    """A JSON record whose ``process`` field is an ``Identity``; None when unreadable."""
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        data["process"] = Identity(**data["process"])
+        return cls(**data)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def dead_records(
+    paths: Iterator[Path] | list[Path],
+    load: Callable[[Path], R | None],
+    wanted: Callable[[R], bool] = lambda record: True,
+) -> Iterator[R]:
+    """The records among PATHS left by processes that are gone, each claimed first.
+
+    A record is claimed by renaming it, so of two processes reaping at once
+    exactly one undoes it; the claim is removed once the caller is done.
+    Unreadable records (a write cut short) are removed too.
+    """
+    for path in sorted(paths):
+        record = load(path)
+        process = getattr(record, "process", None)
+        if record is not None and (not wanted(record) or (process and process.alive())):
+            continue
+        claimed = path.with_name(".reaping-" + path.name)
+        try:
+            path.rename(claimed)
+        except FileNotFoundError:
+            continue
+        try:
+            if record is not None:
+                yield record
+        finally:
+            claimed.unlink(missing_ok=True)

@@ -25,14 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcvk import paths, to_disk
-from bcvk.host.proc import Identity
+from bcvk.host.proc import Identity, dead_records, load_record
 from bcvk.libvirt.connection import Connection, DomainNotFound, LibvirtError, connect
 from bcvk.libvirt.vms import key_dir
 from bcvk.libvirt.xml import Domain
 from bcvk.log import logger
-
-_REAPING = ".reaping-"
-
 
 _PREFIX = "pending-"
 
@@ -66,12 +63,7 @@ class Journal:
 
     @classmethod
     def load(cls, path: Path) -> Journal | None:
-        try:
-            data = json.loads(path.read_text())
-            data["process"] = Identity(**data["process"])
-            return cls(**data)
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
+        return load_record(path, cls)
 
 
 @contextlib.contextmanager
@@ -92,18 +84,10 @@ def sweep(conn: Connection) -> list[str]:
     done: list[str] = []
     if not root().is_dir():
         return done
-    for path in sorted(root().glob(f"{_PREFIX}*.json")):
-        journal = Journal.load(path)
-        if journal is None or journal.uri != conn.uri or journal.process.alive():
-            continue
-        claimed = path.with_name(_REAPING + path.name)
-        try:
-            path.rename(claimed)  # of two sweepers, one undoes it
-        except FileNotFoundError:
-            continue
+    found = root().glob(f"{_PREFIX}*.json")
+    for journal in dead_records(found, Journal.load, lambda j: j.uri == conn.uri):
         logger.info("Undoing a VM creation that was interrupted (journal %s)", journal.token)
         done += _undo(conn, journal)
-        claimed.unlink(missing_ok=True)
     return done
 
 

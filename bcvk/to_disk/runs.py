@@ -28,12 +28,11 @@ from pathlib import Path
 from bcvk import ephemeral, paths
 from bcvk.errors import BcvkError
 from bcvk.host import podman
-from bcvk.host.proc import Identity
+from bcvk.host.proc import Identity, dead_records, load_record
 from bcvk.log import logger
 from bcvk.to_disk import mkfs
 
 OWNER = "owner"  # in the work directory: which run it belongs to
-_REAPING = ".reaping-"
 
 
 _PREFIX = "to-disk-"
@@ -65,12 +64,7 @@ class Run:
 
     @classmethod
     def load(cls, path: Path) -> Run | None:
-        try:
-            data = json.loads(path.read_text())
-            data["process"] = Identity(**data["process"])
-            return cls(**data)
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
+        return load_record(path, cls)
 
     @contextlib.contextmanager
     def mounted(self, image: str) -> Iterator[podman.ImageMount]:
@@ -136,19 +130,8 @@ def reap() -> list[str]:
     removed: list[str] = []
     if not root().is_dir():
         return removed
-    for path in sorted(root().glob(f"{_PREFIX}*.json")):
-        run = Run.load(path)
-        if run is not None and run.process.alive():
-            continue
-        # Claimed by renaming: of two bcvks reaping at once, one does it.
-        claimed = path.with_name(_REAPING + path.name)
-        try:
-            path.rename(claimed)
-        except FileNotFoundError:
-            continue
-        if run is not None:
-            removed += _undo(run)
-        claimed.unlink(missing_ok=True)
+    for run in dead_records(root().glob(f"{_PREFIX}*.json"), Run.load):
+        removed += _undo(run)
     return removed
 
 
