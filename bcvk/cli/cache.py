@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from bcvk.cli import CONTEXT, options, output
+
+if TYPE_CHECKING:
+    from bcvk.ephemeral import CacheSnapshot
 
 
 @click.group(context_settings=CONTEXT)
@@ -15,7 +20,7 @@ def cache() -> None:
 @cache.command("list")
 @options.format_option("table", "json")
 def list_(fmt: str) -> None:
-    """List cached images: size, last use, whether still present or in use."""
+    """List cached images: size, warm-start snapshots, last use, present or in use."""
     from bcvk import ephemeral
     from bcvk.values import format_size
 
@@ -24,13 +29,14 @@ def list_(fmt: str) -> None:
         output.emit_json([i.to_json() for i in infos])
         return
     output.emit_table(
-        ["IMAGE ID", "IMAGE", "SIZE", "ROOTFS", "LAST USED", "STATUS"],
+        ["IMAGE ID", "IMAGE", "SIZE", "ROOTFS", "SNAPSHOTS", "LAST USED", "STATUS"],
         [
             (
                 i.image_id[:12],
                 i.image or "-",
                 format_size(i.size),
                 "yes" if i.has_rootfs else "no",
+                _snapshots(i.snapshots),
                 output.age(i.last_used),
                 "in use" if i.in_use else ("image gone" if not i.image_present else "-"),
             )
@@ -52,7 +58,10 @@ def list_(fmt: str) -> None:
 def prune(days: float, everything: bool, dry_run: bool) -> None:
     """Remove entries whose image is gone or that were unused for --days.
 
-    An entry in use by a running VM (or being built) is never removed.
+    An entry in use by a running VM (or being built) is never removed; its
+    warm-start snapshots unused for --days (with --all: every one not being
+    saved) are.  Prints IMAGE-ID for a removed entry, IMAGE-ID/warm/KEY for
+    a removed snapshot.
     """
     from bcvk import ephemeral
     from bcvk.log import logger
@@ -60,7 +69,11 @@ def prune(days: float, everything: bool, dry_run: bool) -> None:
 
     removed = ephemeral.cache_prune(older_than_days=days, everything=everything, dry_run=dry_run)
     for info in removed:
-        click.echo(info.image_id)
+        if info.only_snapshots:
+            for snap in info.snapshots:
+                click.echo(f"{info.image_id}/warm/{snap.key}")
+        else:
+            click.echo(info.image_id)
     freed = sum(i.size for i in removed)
     verb = "would free" if dry_run else "freed"
     logger.info(
@@ -70,3 +83,11 @@ def prune(days: float, everything: bool, dry_run: bool) -> None:
         verb,
         format_size(freed),
     )
+
+
+def _snapshots(snaps: tuple[CacheSnapshot, ...]) -> str:
+    from bcvk.values import format_size
+
+    if not snaps:
+        return "-"
+    return f"{len(snaps)} ({format_size(sum(s.size for s in snaps))})"

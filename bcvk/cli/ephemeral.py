@@ -98,6 +98,13 @@ def vm_options(fn: F) -> F:
             type=click.Choice([a.value for a in Accel]),
             help="Force an accelerator (also $BCVK_ACCEL); default: KVM only where it works.",
         ),
+        click.option(
+            "--warm",
+            type=click.Choice(["auto", "off", "refresh"]),
+            help="Start from a saved, SSH-ready machine: auto restores the snapshot of this "
+            "configuration or boots cold and saves one; off always boots cold; refresh "
+            "replaces the snapshot (also $BCVK_WARM).  [default: auto]",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -134,6 +141,7 @@ def ephemeral() -> None:
       BCVK_VIRTIOFSD, VIRTIOFSD_BIN   virtiofsd binary (like --virtiofsd)
       QEMU_BIN                  QEMU binary (default qemu-system-<arch>)
       BCVK_SSH_KEY_ROUTES       force key injection: smbios,cmdline,cloud-init
+      BCVK_WARM=auto|off|refresh     warm start (like --warm)
     """
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from bcvk import run
 from bcvk.ephemeral import boot, cache, registry
 from bcvk.ephemeral.cache import CacheInfo
+from bcvk.ephemeral.cache import SnapshotInfo as CacheSnapshot
 from bcvk.ephemeral.options import (
     DEFAULT_SSH_TIMEOUT,
     DiskFile,
@@ -49,6 +50,7 @@ from bcvk.log import logger
 __all__ = [
     "DEFAULT_SSH_TIMEOUT",
     "CacheInfo",
+    "CacheSnapshot",
     "DiskFile",
     "LogDir",
     "Options",

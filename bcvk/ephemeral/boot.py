@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
+import time
 
 from bcvk import run
-from bcvk.ephemeral import launch, registry
+from bcvk.ephemeral import cache, launch, registry, warm
 from bcvk.ephemeral.launch import Launch, Machine
-from bcvk.ephemeral.options import Options, RootfsMode, check_ports_free, free_port, new_name
+from bcvk.ephemeral.options import (
+    Options,
+    RootfsMode,
+    WarmMode,
+    check_ports_free,
+    free_port,
+    new_name,
+)
 from bcvk.ephemeral.vm import (
     GuestPoweredOff,
     Vm,
@@ -30,6 +39,7 @@ from bcvk.ephemeral.vm import (
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import cloudinit, credentials, mounts
 from bcvk.host import podman, qemu, ssh
+from bcvk.log import logger
 from bcvk.values import PullPolicy
 
 
@@ -138,42 +148,95 @@ def _console_log(opts: Options, vmdir: registry.VmDir) -> str:
 
 
 def start(opts: Options) -> Vm:
-    """Boot the VM OPTS describe; return once SSH answers (or, detached, once it runs)."""
+    """Boot the VM OPTS describe; return once SSH answers (or, detached, once it runs).
+
+    A VM that can start warm (``bcvk.ephemeral.warm``) is restored from its
+    configuration's snapshot; a snapshot that does not restore is removed
+    and the VM boots cold (saving a new one).
+    """
     check_ports_free(opts.ports)
     if opts.virtiofsd is not None or opts.rootfs is RootfsMode.virtiofs:
         # Fail before any work when an explicitly requested virtiofsd is unusable.
         launch.choose_rootfs(opts, None)
     info = ensure_image(opts)
+    try:
+        return _start(opts, info)
+    except warm.Unusable:
+        return _start(dataclasses.replace(opts, warm=WarmMode.refresh), info)
+
+
+def _plan(
+    opts: Options,
+    reason: str | None,
+    machine: Machine,
+    state: Launch,
+    drives: tuple[qemu.Drive, ...],
+) -> warm.Plan:
+    reason = reason or warm.machine_reason(machine)
+    if reason is not None:
+        return warm.plan(opts, reason, None)
+    spec = launch.qemu_spec(machine, state, (), (), (), drives, 0, launch.WarmDevices(0))
+    snapshot = cache.Snapshot(machine.prepared.entry, warm.snapshot_key(spec))
+    return warm.plan(opts, None, snapshot)
+
+
+def _start(opts: Options, info: podman.ImageInfo) -> Vm:
     vmdir, record = reserve(opts, info)
     state = Launch(opts, info, vmdir, record)
     vm = Vm(vmdir, record, owner=True)
     made_log_dir = False
+    plan: warm.Plan | None = None
+    incoming: int | None = None
     try:
         if opts.log_dir and not opts.log_dir.directory.exists():
             opts.log_dir.directory.mkdir()
             made_log_dir = True
         record.console_log = _console_log(opts, vmdir)
-        machine = launch.prepare(state)
+        cannot_warm = warm.option_reason(opts)
+        machine = launch.prepare(state, prefer_block=cannot_warm is None)
         vm.facts = machine.facts
-        injection = inject_key(machine, state)
         drives = launch.drives(machine, state)
-        if (seed := seed_drive(state, injection)) is not None:
-            drives = (*drives, seed)
+        plan = _plan(opts, cannot_warm, machine, state, drives)
+        logger.info("%s", plan.message())
+        smbios: tuple[str, ...] = ()
+        kargs: tuple[str, ...] = ()
+        if plan.mode == "restore":
+            assert plan.snapshot is not None
+            # The snapshot holds no key: this VM's own goes in over the control port.
+            ssh.generate_key(vmdir.path, comment=f"bcvk-{record.name}")
+            incoming = warm.open_state(plan.snapshot)
+            record.start = "warm"
+        else:
+            injection = inject_key(machine, state)
+            if (seed := seed_drive(state, injection)) is not None:
+                drives = (*drives, seed)
+            smbios, kargs = injection.smbios, injection.kernel_args
         vmdir.write(record)
-        asyncio.run(launch.launch(machine, state, injection.smbios, injection.kernel_args, drives))
+        asyncio.run(
+            launch.launch(
+                machine, state, smbios, kargs, drives,
+                warm=plan.warm_devices, incoming=incoming,
+            )
+        )  # fmt: skip
         vm.children = state.children
         record.phase = "running"
         vmdir.write(record)
+        if plan.mode == "restore":
+            _restore(vm, opts)
         if opts.detach:
             return hand_over(vm, machine, state)
-        asyncio.run(
-            wait_for_ssh(
-                vm,
-                opts.ssh_timeout,
-                progress=_progress(opts) and not opts.console,
-                allow_poweroff=not opts.execute,
+        if plan.mode != "restore":  # a restored VM answered SSH already
+            asyncio.run(
+                wait_for_ssh(
+                    vm,
+                    opts.ssh_timeout,
+                    progress=_progress(opts) and not opts.console,
+                    allow_poweroff=not opts.execute,
+                )
             )
-        )
+        if plan.mode == "save":
+            assert plan.snapshot is not None
+            warm.save(vm, plan.snapshot, ssh.KeyPair(vm.key).public_text(), opts.image)
         after_ready(vm, machine, state)
         launch.keep_created_disks(state)
         return vm
@@ -181,7 +244,7 @@ def start(opts: Options) -> Vm:
         launch.keep_created_disks(state)
         vm.stop(graceful=False)
         raise
-    except BaseException:
+    except BaseException as exc:
         vm.children = state.children
         with signals_deferred():
             for sock in state.listeners:
@@ -189,9 +252,34 @@ def start(opts: Options) -> Vm:
             teardown(vm, graceful=False, timeout=0)
             if made_log_dir and opts.log_dir is not None:
                 _remove_if_empty(opts.log_dir.directory)
+        if isinstance(exc, warm.Unusable) and plan is not None and plan.snapshot is not None:
+            warm.discard(plan.snapshot, str(exc))
         raise
     finally:
+        if incoming is not None:
+            os.close(incoming)
         state.close()
+
+
+def _restore(vm: Vm, opts: Options) -> None:
+    """Run the restored machine, hand it its key, and wait for its SSH."""
+    began = time.monotonic()
+    try:
+        warm.resume(vm)
+        resumed = time.monotonic()
+        warm.hand_in(vm, ssh.KeyPair(vm.key).public_text())
+        handed = time.monotonic()
+        asyncio.run(
+            wait_for_ssh(vm, min(opts.ssh_timeout, 60.0), progress=False, allow_poweroff=False)
+        )
+    except (BcvkError, GuestPoweredOff) as exc:
+        raise warm.Unusable(str(exc).splitlines()[0]) from None
+    logger.debug(
+        "warm start: loaded %.1fs, key in %.1fs, SSH answered %.1fs after QEMU started",
+        resumed - began,
+        handed - began,
+        time.monotonic() - began,
+    )
 
 
 def hand_over(vm: Vm, machine: Machine, state: Launch) -> Vm:

@@ -3,7 +3,9 @@
 ``cache_dir()/images/<image id>/`` holds the image's facts, its kernel and
 initramfs (copied out, or extracted from a UKI) and, for the block transport,
 ``rootfs.ext4``: a read-only ext4 image of the root filesystem made with
-``mkfs.ext4 -d``.  Every later VM of the same image reuses them.
+``mkfs.ext4 -d``.  Every later VM of the same image reuses them.  ``warm/``
+holds the image's warm-start snapshots (``bcvk.ephemeral.warm``): one saved
+machine per configuration, ``KEY.state`` with ``KEY.json`` beside it.
 
 Entries are built under an exclusive ``flock`` to a temporary name and then
 renamed, so two VMs starting at once build once and never see half a file.
@@ -14,6 +16,7 @@ the work that reads the tree runs there (``bcvk.image.inns``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -40,6 +43,7 @@ ROOTFS = "rootfs.ext4"
 USED = "last-used"
 META = "image.json"
 LOCK = "lock"
+WARM = "warm"
 # Bumped when the layout, the facts or the way rootfs.ext4 is made change.
 FORMAT = 2
 
@@ -77,6 +81,10 @@ class Entry:
     def lock(self) -> Path:
         return self.path / LOCK
 
+    @property
+    def warm(self) -> Path:
+        return self.path / WARM
+
     def facts(self) -> TreeFacts | None:
         try:
             data = json.loads((self.path / FACTS).read_text())
@@ -104,10 +112,17 @@ class Entry:
 
     def size(self) -> int:
         total = 0
-        for child in self.path.iterdir():
+        for child in (*self.path.iterdir(), *_children(self.warm)):
             with contextlib.suppress(OSError):
                 total += child.stat().st_blocks * 512
         return total
+
+
+def _children(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:
+        return []
 
 
 def entry_for(image_id: str) -> Entry:
@@ -292,6 +307,102 @@ def prepare(image: str, image_id: str, *, block: bool, mount: Callable[[], Path]
     )
 
 
+# ---------------------------------------------------------------- snapshots
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One saved machine: ``warm/KEY.state``, its ``KEY.json`` and ``KEY.lock``."""
+
+    entry: Entry
+    key: str
+
+    @property
+    def state(self) -> Path:
+        return self.entry.warm / f"{self.key}.state"
+
+    @property
+    def meta(self) -> Path:
+        return self.entry.warm / f"{self.key}.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.entry.warm / f"{self.key}.lock"
+
+    def read_meta(self) -> dict[str, object] | None:
+        try:
+            data = json.loads(self.meta.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def usable(self) -> bool:
+        """Complete as written: its metadata names this key and the file's size."""
+        meta = self.read_meta()
+        try:
+            size = self.state.stat().st_size
+        except OSError:
+            return False
+        return meta is not None and meta.get("key") == self.key and meta.get("size") == size
+
+    def remove(self) -> None:
+        for path in (self.state, self.meta):
+            path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    key: str
+    size: int
+    created: float
+    last_used: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "size": self.size,
+            "created": int(self.created),
+            "last_used": int(self.last_used),
+        }
+
+
+def snapshots(entry: Entry) -> list[SnapshotInfo]:
+    found = []
+    for path in sorted(_children(entry.warm)):
+        if path.suffix != ".state" or path.name.startswith("."):
+            continue
+        snap = Snapshot(entry, path.stem)
+        meta = snap.read_meta() or {}
+        created = meta.get("created")
+        with contextlib.suppress(OSError):
+            found.append(
+                SnapshotInfo(
+                    key=snap.key,
+                    size=path.stat().st_blocks * 512,
+                    created=float(created) if isinstance(created, int | float) else 0.0,
+                    last_used=snap.meta.stat().st_mtime if snap.meta.exists() else 0.0,
+                )
+            )
+    return found
+
+
+def prune_snapshots(entry: Entry, *, older_than: float | None, dry_run: bool) -> list[SnapshotInfo]:
+    """Remove ENTRY's snapshots last used before OLDER_THAN (a time), or all if None."""
+    removed = []
+    for info in snapshots(entry):
+        if older_than is not None and info.last_used >= older_than:
+            continue
+        snap = Snapshot(entry, info.key)
+        if not dry_run:
+            with paths.locked(snap.lock, blocking=False) as free:
+                if not free:  # being saved right now
+                    continue
+                snap.remove()
+            snap.lock.unlink(missing_ok=True)
+        removed.append(info)
+    return removed
+
+
 # ---------------------------------------------------------------- cache listing
 
 
@@ -304,6 +415,9 @@ class CacheInfo:
     has_rootfs: bool
     image_present: bool
     in_use: bool
+    snapshots: tuple[SnapshotInfo, ...] = ()
+    # From prune: only these snapshots of the entry went, the entry stays.
+    only_snapshots: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -314,6 +428,7 @@ class CacheInfo:
             "rootfs": self.has_rootfs,
             "image_present": self.image_present,
             "in_use": self.in_use,
+            "snapshots": [s.to_json() for s in self.snapshots],
         }
 
 
@@ -367,18 +482,36 @@ def describe() -> list[CacheInfo]:
                 has_rootfs=entry.rootfs.exists(),
                 image_present=entry.image_id in present,
                 in_use=in_use,
+                snapshots=tuple(snapshots(entry)),
             )
         )
     return infos
 
 
 def prune(*, older_than_days: float | None, everything: bool, dry_run: bool) -> list[CacheInfo]:
-    """Remove entries whose image is gone or unused for long; never one in use."""
+    """Remove entries whose image is gone or unused for long; never one in use.
+
+    Of the entries kept, snapshots unused for as long go too (with EVERYTHING,
+    all snapshots not being saved): a snapshot of an old configuration is
+    never restored again.
+    """
     removed = []
     now = time.time()
+    cutoff = None if everything or older_than_days is None else now - older_than_days * 86400
     for info in describe():
         old = older_than_days is not None and now - info.last_used > older_than_days * 86400
         if info.in_use or not (everything or old or not info.image_present):
+            if cutoff is not None or everything:
+                gone = prune_snapshots(entry_for(info.image_id), older_than=cutoff, dry_run=dry_run)
+                if gone:
+                    removed.append(
+                        dataclasses.replace(
+                            info,
+                            size=sum(g.size for g in gone),
+                            snapshots=tuple(gone),
+                            only_snapshots=True,
+                        )
+                    )
             continue
         entry = entry_for(info.image_id)
         if not dry_run:

@@ -99,14 +99,20 @@ class Machine:
         return self.virtiofsd is None
 
 
-def choose_rootfs(opts: Options, facts: TreeFacts | None) -> tuple[RootfsKind, Path | None]:
-    """The rootfs transport and the virtiofsd to use (for binds too), if any."""
+def choose_rootfs(
+    opts: Options, facts: TreeFacts | None, *, prefer_block: bool = False
+) -> tuple[RootfsKind, Path | None]:
+    """The rootfs transport and the virtiofsd to use (for binds too), if any.
+
+    PREFER_BLOCK (a warm-startable VM: QEMU cannot save a virtiofs device)
+    makes auto pick block.
+    """
     binary = virtiofsd.find(opts.virtiofsd)  # raises if an explicit path is bad
     if opts.rootfs is RootfsMode.virtiofs:
         if binary is None:
             raise ToolMissingError("--rootfs virtiofs: virtiofsd not found", hint=virtiofsd.HINT)
         return RootfsKind.virtiofs, binary
-    if opts.rootfs is RootfsMode.block:
+    if opts.rootfs is RootfsMode.block or prefer_block:
         return RootfsKind.block, binary
     caps = facts.initramfs if facts else {}
     if binary is None:
@@ -135,14 +141,14 @@ def check_bootable(opts: Options, info: podman.ImageInfo, facts: TreeFacts) -> N
         logger.warning("%s: %s", opts.image, warning)
 
 
-def prepare(launch: Launch) -> Machine:
+def prepare(launch: Launch, *, prefer_block: bool = False) -> Machine:
     """The per-image cache entry, checked, with its transport, QEMU and accelerator."""
     from bcvk.host import accel
 
     opts, image_id = launch.opts, launch.info.id
     prepared = cache.prepare(opts.image, image_id, block=False, mount=launch.mount)
     check_bootable(opts, launch.info, prepared.facts)
-    transport, binary = choose_rootfs(opts, prepared.facts)
+    transport, binary = choose_rootfs(opts, prepared.facts, prefer_block=prefer_block)
     if transport is RootfsKind.block:
         prepared = cache.prepare(opts.image, image_id, block=True, mount=launch.mount)
         launch.unmount()
@@ -301,6 +307,14 @@ def _virtiofsd_argv(
     return _helper_argv(launch, argv)
 
 
+@dataclass(frozen=True)
+class WarmDevices:
+    """What a warm-startable VM adds: the control port, and the state to load."""
+
+    control_fd: int
+    incoming_fd: int | None = None  # restore: QEMU loads this instead of booting
+
+
 def ninep_shares(binds: tuple[Share, ...]) -> tuple[qemu.NinePShare, ...]:
     return tuple(qemu.NinePShare(b.tag, b.source, b.readonly) for b in binds)
 
@@ -313,6 +327,7 @@ def qemu_spec(
     virtiofs: tuple[qemu.VirtiofsShare, ...],
     drives: tuple[qemu.Drive, ...],
     qmp_fd: int,
+    warm: WarmDevices | None = None,
 ) -> qemu.QemuSpec:
     opts, prepared = machine.opts, machine.prepared
     cmdline = qemu.kernel_args(
@@ -339,6 +354,9 @@ def qemu_spec(
         console_on_stdio=opts.console,
         qmp_fd=qmp_fd,
         name=launch.record.name,
+        control_fd=warm.control_fd if warm else None,
+        vmgenid=warm is not None,
+        incoming_fd=warm.incoming_fd if warm else None,
     )
 
 
@@ -359,8 +377,14 @@ async def launch(
     smbios: tuple[str, ...],
     kargs: tuple[str, ...],
     drives: tuple[qemu.Drive, ...],
+    *,
+    warm: bool = False,
+    incoming: int | None = None,
 ) -> None:
     """Start virtiofsd(s) and QEMU concurrently.
+
+    WARM adds the control port (and INCOMING, a descriptor of a saved
+    state, makes QEMU load it instead of booting).
 
     The listening sockets exist before any child does (we bind them and pass
     the descriptors), so QEMU starts at once and its vhost-user handshake
@@ -393,9 +417,18 @@ async def launch(
         )
         for index, share in enumerate(served)
     )
-    spec = qemu_spec(machine, launch, smbios, kargs, virtiofs, drives, qmp_sock.fileno())
+    devices = None
+    if warm:
+        control = qmp.unix_listener(vmdir.control)
+        launch.listeners.append(control)
+        devices = WarmDevices(control.fileno(), incoming)
+    spec = qemu_spec(machine, launch, smbios, kargs, virtiofs, drives, qmp_sock.fileno(), devices)
     qemu_argv = qemu.argv(spec)
     qemu_fds = [qmp_sock.fileno(), *(s.fileno() for s in connected.values())]
+    if devices is not None:
+        qemu_fds.append(devices.control_fd)
+        if incoming is not None:
+            qemu_fds.append(incoming)
 
     async def start_share(index: int, share: _Served) -> None:
         shared = share.host if share.host is not None else await asyncio.to_thread(launch.mount)

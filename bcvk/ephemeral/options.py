@@ -10,6 +10,7 @@ as for every other command.
 from __future__ import annotations
 
 import enum
+import os
 import re
 import secrets
 import socket
@@ -53,6 +54,17 @@ class RootfsMode(enum.StrEnum):
     block = "block"
 
 
+class WarmMode(enum.StrEnum):
+    """Whether a VM may start from a saved, booted machine (``bcvk.ephemeral.warm``)."""
+
+    auto = "auto"  # restore a snapshot when one exists; else boot cold and save one
+    off = "off"  # always boot cold, save nothing
+    refresh = "refresh"  # drop the snapshot, boot cold, save a new one
+
+
+WARM_ENV = "BCVK_WARM"
+
+
 @dataclass(frozen=True)
 class DiskFile:
     """``--mount-disk-file``: FILE as /dev/disk/by-id/virtio-NAME (created if missing)."""
@@ -92,6 +104,7 @@ class Options:
     accel: Accel | None = None
     rootfs: RootfsMode = RootfsMode.auto
     progress: bool | None = None  # None: when stderr is a terminal
+    warm: WarmMode = WarmMode.auto
 
 
 def parse_disk(text: str) -> DiskFile:
@@ -177,6 +190,7 @@ def make_options(
     accel: str | None = None,
     rootfs: str = "auto",
     progress: bool | None = None,
+    warm: str | None = None,
 ) -> Options:
     """Validate raw (CLI-shaped) values into ``Options``; raises UsageError."""
     podman.validate_reference(image)
@@ -227,7 +241,16 @@ def make_options(
         accel=parse_choice(Accel, accel, "--accel") if accel is not None else None,
         rootfs=parse_choice(RootfsMode, rootfs, "--rootfs"),
         progress=progress,
+        warm=parse_warm(warm),
     )
+
+
+def parse_warm(text: str | None) -> WarmMode:
+    """``--warm``, else ``$BCVK_WARM``, else auto."""
+    if text is not None:
+        return parse_choice(WarmMode, text, "--warm")
+    env = os.environ.get(WARM_ENV)
+    return parse_choice(WarmMode, env, WARM_ENV) if env else WarmMode.auto
 
 
 def check_ports_free(forwards: Sequence[PortForward]) -> None:

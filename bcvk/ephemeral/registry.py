@@ -166,6 +166,7 @@ class VmRecord:
     files: list[str] = field(default_factory=list)  # outside the state dir, removed on reap
     console_log: str = ""
     phase: str = "starting"  # starting → running → stopping
+    start: str = "cold"  # "cold" (booted) or "warm" (restored from a snapshot)
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     schema: int = SCHEMA
 
@@ -215,6 +216,11 @@ class VmDir:
     @property
     def qmp(self) -> Path:
         return self.path / "qmp.sock"
+
+    @property
+    def control(self) -> Path:
+        """The warm-start control port's socket (``bcvk.ephemeral.warm``)."""
+        return self.path / "ctl.sock"
 
     @property
     def console_log(self) -> Path:

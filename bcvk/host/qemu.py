@@ -26,6 +26,9 @@ class RootfsKind(enum.StrEnum):
 
 
 ROOTFS_TAG = "rootfs"
+# The virtio-serial port a warm-startable guest's agent listens on
+# (/dev/virtio-ports/org.bcvk.control in the guest).
+CONTROL_PORT = "org.bcvk.control"
 # Where the console goes when the user did not ask for it on the terminal.
 SERIAL_ID = "serial0"
 
@@ -79,6 +82,12 @@ class QemuSpec:
     qmp_fd: int | None = None  # listening socket we bound and pass to QEMU
     qmp_socket: str | None = None  # else QEMU binds this path itself
     name: str | None = None
+    # Warm start (bcvk.ephemeral.warm): the control port's listening socket,
+    # a VM generation ID (so a restored guest reseeds its RNG), and the
+    # saved state to load instead of booting.
+    control_fd: int | None = None
+    vmgenid: bool = False
+    incoming_fd: int | None = None
 
 
 def find_qemu(arch: str | None = None) -> Path:
@@ -184,6 +193,15 @@ def argv(spec: QemuSpec) -> list[str]:
 
     for value in spec.smbios:
         args += ["-smbios", f"type=11,value={escape_option(value)}"]
+
+    if spec.control_fd is not None:
+        args += ["-device", "virtio-serial-pci,id=vser0"]
+        args += ["-chardev", f"socket,id=ctl,fd={spec.control_fd},server=on,wait=off"]
+        args += ["-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={CONTROL_PORT}"]
+    if spec.vmgenid:
+        args += ["-device", "vmgenid,guid=auto"]
+    if spec.incoming_fd is not None:
+        args += ["-incoming", f"fd:{spec.incoming_fd}"]
     return args
 
 

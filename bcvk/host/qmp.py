@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +115,110 @@ def status(path: Path) -> str | None:
     if not result or not isinstance(result[0], dict):
         return None
     return str(result[0].get("status"))
+
+
+# ---------------------------------------------------------------- saved state
+
+
+class MigrationError(Exception):
+    """QEMU could not save or load a machine's state (the message says why)."""
+
+
+# Migration is throttled to 128 MiB/s by default: a stopped machine's
+# state is written to a local file, as fast as the disk takes it.
+_UNTHROTTLED = 64 << 30
+
+
+async def _save(path: Path, fd: int, timeout: float) -> dict[str, Any]:
+    from qemu.qmp import QMPClient
+
+    _quiet_library()
+    client = QMPClient("bcvk")
+    try:
+        await asyncio.wait_for(client.connect(unix_connect(path, timeout)), timeout)
+        await client.execute("stop")
+        try:
+            await client.execute("migrate-set-parameters", {"max-bandwidth": _UNTHROTTLED})
+            client.send_fd_scm(fd)
+            await client.execute("getfd", {"fdname": "bcvk-state"})
+            await client.execute("migrate", {"uri": "fd:bcvk-state"})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                info = await client.execute("query-migrate")
+                assert isinstance(info, dict)
+                if info.get("status") == "completed":
+                    return info
+                if info.get("status") in ("failed", "cancelled"):
+                    raise MigrationError(str(info.get("error-desc") or info.get("status")))
+                if loop.time() > deadline:
+                    with contextlib.suppress(Exception):
+                        await client.execute("migrate_cancel")
+                    raise MigrationError(f"not done after {timeout:.0f}s")
+                await asyncio.sleep(0.05)
+        finally:
+            # The machine runs on whatever happened to its copy.
+            await client.execute("cont")
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), timeout)
+
+
+def save_state(path: Path, fd: int, *, timeout: float = 120.0) -> dict[str, Any]:
+    """Pause the VM behind PATH, write its whole state to FD, resume it.
+
+    Returns QEMU's ``query-migrate`` answer; raises ``MigrationError``.
+    """
+    try:
+        return asyncio.run(_save(path, fd, timeout))
+    except MigrationError:
+        raise
+    except Exception as exc:  # OSError, timeouts, qemu.qmp's own errors
+        raise MigrationError(str(exc) or type(exc).__name__) from None
+
+
+async def _resume(path: Path, timeout: float, alive: Callable[[], bool]) -> None:
+    from qemu.qmp import QMPClient
+
+    _quiet_library()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    client = QMPClient("bcvk")
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(client.connect(unix_connect(path, 1.0)), 2.0)
+                break
+            except Exception:
+                if not alive() or loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        while True:
+            status = await client.execute("query-status")
+            state = status.get("status") if isinstance(status, dict) else None
+            if state == "paused":
+                await client.execute("cont")
+                return
+            if state == "running":
+                return
+            if state != "inmigrate":
+                raise MigrationError(f"QEMU is {state!r} after loading the state")
+            if not alive() or loop.time() > deadline:
+                raise MigrationError("the saved state did not load")
+            await asyncio.sleep(0.05)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), 2.0)
+
+
+def resume_incoming(path: Path, *, alive: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait until a QEMU started with ``-incoming`` has loaded its state, then run it.
+
+    ALIVE says whether QEMU still runs (a state it cannot load makes it exit).
+    """
+    try:
+        asyncio.run(_resume(path, timeout, alive))
+    except MigrationError:
+        raise
+    except Exception as exc:
+        raise MigrationError(str(exc) or type(exc).__name__) from None

@@ -339,7 +339,12 @@ def test_cache_list_and_prune(
 
 @pytest.fixture
 def fake_host(fake_bin: FakeBin, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> FakeBin:
-    """podman, QEMU and ssh replaced by scripts; a tiny image tree to boot."""
+    """podman, QEMU and ssh replaced by scripts; a tiny image tree to boot.
+
+    The fake QEMU cannot save a machine: these VMs boot cold (warm start is
+    tested in test_warm.py and, with real guests, tests/integration/test_warm.py).
+    """
+    monkeypatch.setenv("BCVK_WARM", "off")
     tree = isolated_home / "image"
     kdir = tree / "usr/lib/modules/6.1.0-fake"
     kdir.mkdir(parents=True)

@@ -118,3 +118,11 @@ def test_block_kernel_args_need_a_label() -> None:
     assert "root=LABEL=bcvk-x" in args
     assert "ro" in args
     assert "systemd.volatile=overlay" not in args
+
+
+def test_restored_vm_argv(golden: Callable[[str, str], None]) -> None:
+    """A warm VM: the control port, a VM generation ID, and the state to load."""
+    from dataclasses import replace
+
+    spec = replace(BASE, smbios=(), control_fd=8, vmgenid=True, incoming_fd=3)
+    golden("ephemeral/qemu-restore.argv", render(qemu.argv(spec)))
