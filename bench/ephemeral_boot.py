@@ -13,6 +13,12 @@ Sections (each also runnable alone):
   launch   command start → QEMU spawned, with virtiofsd and QEMU started
            concurrently (default) or one after the other (BCVK_LAUNCH=sequential).
   four     four detached VMs started at once; every one must reach SSH.
+  warm     warm start against cold boot, interleaved in triples: `run-ssh
+           --warm off` (cold), `--warm refresh` (cold, then the snapshot is
+           saved before the command runs: the first VM's overhead) and the
+           default (restored from that snapshot), each `IMAGE -- true`.
+
+The other sections pass `--warm off`: they measure the cold boot.
 
 Run as root on an otherwise idle host; TCG timings swing with host load.
 """
@@ -23,6 +29,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -32,7 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import BCVK, ROOT, free_port, load, log
+from benchlib import BCVK, ROOT, free_port, load, log, run
 
 SSH_OPTS = [
     "-F", "none", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -81,7 +88,19 @@ def warm_cache(image: str, transport: str) -> Path:
     """One bcvk start so the cache has everything; returns the entry."""
     name = f"bench-warm-{os.getpid()}"
     subprocess.run(
-        [BCVK, "ephemeral", "run", "-d", "--rootfs", transport, "--name", name, image],
+        [
+            BCVK,
+            "ephemeral",
+            "run",
+            "-d",
+            "--warm",
+            "off",
+            "--rootfs",
+            transport,
+            "--name",
+            name,
+            image,
+        ],
         check=True,
         capture_output=True,
     )
@@ -99,8 +118,9 @@ def run_bcvk(image: str, transport: str, memory: str, vcpus: int) -> float:
     start = time.monotonic()
     result = subprocess.run(
         [
-            BCVK, "ephemeral", "run-ssh", "--rootfs", transport, "--memory", memory,
-            "--vcpus", str(vcpus), "--ssh-timeout", "1200", image, "--", "true",
+            BCVK, "ephemeral", "run-ssh", "--warm", "off", "--rootfs", transport,
+            "--memory", memory, "--vcpus", str(vcpus), "--ssh-timeout", "1200", image,
+            "--", "true",
         ],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
@@ -323,6 +343,8 @@ def bench_four(args: argparse.Namespace) -> dict[str, object]:
                 "ephemeral",
                 "run",
                 "-d",
+                "--warm",
+                "off",
                 "--rootfs",
                 args.transport,
                 "--memory",
@@ -373,9 +395,46 @@ def bench_four(args: argparse.Namespace) -> dict[str, object]:
     return {"ssh_ports": ports, "distinct_ports": len(set(ports)) == 4, "all_ready_after_s": ready}
 
 
+def warm_once(image: str, memory: str, vcpus: int, mode: str) -> tuple[float, str]:
+    elapsed, result = run(
+        [
+            BCVK, "ephemeral", "run-ssh", "--warm", mode, "--memory", memory,
+            "--vcpus", str(vcpus), "--ssh-timeout", "1200", image, "--", "true",
+        ]
+    )  # fmt: skip
+    return elapsed, result.stderr
+
+
+def bench_warm(args: argparse.Namespace) -> dict[str, object]:
+    """Cold (--warm off), first VM (--warm refresh: cold + save), warm (auto)."""
+    times: dict[str, list[float]] = {"cold": [], "refresh": [], "warm": []}
+    saves: list[float] = []
+    for i in range(args.runs):
+        for mode, flag in (("cold", "off"), ("refresh", "refresh"), ("warm", "auto")):
+            elapsed, err = warm_once(args.image, args.memory, args.vcpus, flag)
+            expect = "warm start: restoring" if mode == "warm" else "cold boot"
+            if expect not in err:
+                sys.exit(f"run {i} ({mode}) did not start as expected:\n{err[-2000:]}")
+            if mode == "refresh":
+                match = re.search(r"saved warm-start snapshot \S+ \(.*\) in ([0-9.]+)s", err)
+                if not match:
+                    sys.exit(f"run {i}: no snapshot saved:\n{err[-2000:]}")
+                saves.append(float(match.group(1)))
+            times[mode].append(elapsed)
+            log(f"  run {i} {mode:8s} {elapsed:6.1f} s  (load {load():.1f})")
+    cold = statistics.median(times["cold"])
+    return {
+        **{mode: summary(values) for mode, values in times.items()},
+        "save_s": summary(saves),
+        "cold_over_warm": round(cold / statistics.median(times["warm"]), 1),
+        "first_vm_overhead": round(statistics.median(times["refresh"]) / cold - 1, 3),
+        "runs_s": times,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=["all", "boot", "build", "launch", "four"])
+    parser.add_argument("section", choices=["all", "boot", "build", "launch", "four", "warm"])
     parser.add_argument("--image", default="localhost/bcvk/debian-bootc:12")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--launch-runs", type=int, default=10)
@@ -389,6 +448,7 @@ def main() -> int:
         "launch": bench_launch,
         "boot": bench_boot,
         "four": bench_four,
+        "warm": bench_warm,
     }
     results: dict[str, object] = {"image": args.image, "nproc": os.cpu_count()}
     for name, fn in sections.items():
