@@ -40,6 +40,7 @@ from bcvk.ephemeral.options import (
     LogDir,
     Options,
     RootfsMode,
+    WarmMode,
     make_options,
 )
 from bcvk.ephemeral.vm import GuestPoweredOff, Vm, wait_for_ssh
@@ -57,6 +58,7 @@ __all__ = [
     "RootfsMode",
     "Vm",
     "VmInfo",
+    "WarmMode",
     "attach",
     "cache_list",
     "cache_prune",

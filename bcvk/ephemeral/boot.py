@@ -1,10 +1,14 @@
 """Booting one ephemeral VM, as a list of stages.
 
 ``start`` runs them in order: ``ensure_image``, ``reserve`` a registry
-entry, ``launch.prepare`` the machine, ``inject_key``, ``launch.drives``,
-``launch.launch`` the processes, then either ``hand_over`` (detached) or
-wait for SSH.  Whatever fails, everything started so far is torn down:
-processes, image mount, files it created and the registry entry.
+entry, ``launch.prepare`` the machine, ``launch.drives``, ``_plan`` the
+start (cold, cold and save, or restore: ``bcvk.ephemeral.warm``), then
+``inject_key`` (cold) or a bare key pair (restore), ``launch.launch`` the
+processes, ``_restore`` a warm VM, and either ``hand_over`` (detached) or
+wait for SSH (and ``warm.save`` the first VM of a configuration).
+Whatever fails, everything started so far is torn down: processes, image
+mount, files it created and the registry entry; a restore that fails also
+removes its snapshot, and ``start`` boots the VM cold instead.
 """
 
 from __future__ import annotations
@@ -197,7 +201,9 @@ def _start(opts: Options, info: podman.ImageInfo) -> Vm:
         vm.facts = machine.facts
         drives = launch.drives(machine, state)
         plan = _plan(opts, cannot_warm, machine, state, drives)
-        logger.info("%s", plan.message())
+        # Asked for explicitly (or by to-disk's installer): nothing to explain.
+        announce = logger.debug if opts.warm is WarmMode.off else logger.info
+        announce("%s", plan.message())
         smbios: tuple[str, ...] = ()
         kargs: tuple[str, ...] = ()
         if plan.mode == "restore":

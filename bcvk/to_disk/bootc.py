@@ -124,6 +124,8 @@ def installer_options(req: Request, target: Path, store: Path) -> ephemeral.Opti
         binds=(store_share(store),),
         # an installer VM under TCG on a busy host can take minutes
         ssh_timeout=INSTALLER_SSH_TIMEOUT,
+        # its disk and share cannot be restored, and each install is a one-off
+        warm=ephemeral.WarmMode.off,
     )
 
 

@@ -158,7 +158,10 @@ def test_signals_during_boot_tear_down(
     images: dict[str, str], session: Session, sig: signal.Signals
 ) -> None:
     name = unique("signalled")
-    proc = session.popen("ephemeral", "run-ssh", "--name", name, images["demo"], "--", "true")
+    # A cold boot (a warm start would be over before the signal).
+    proc = session.popen(
+        "ephemeral", "run-ssh", "--warm", "off", "--name", name, images["demo"], "--", "true"
+    )
     try:
         session.wait_for_processes(name, {"qemu"})
         session.wait_for_phase(name, "running")
