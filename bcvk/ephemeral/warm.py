@@ -37,7 +37,7 @@ from bcvk.ephemeral.options import Options, RootfsMode, WarmMode
 from bcvk.ephemeral.vm import Vm
 from bcvk.errors import BcvkError
 from bcvk.guest import warm as guest
-from bcvk.host import qemu, qmp
+from bcvk.host import qemu, qmp, ssh
 from bcvk.host.qemu import RootfsKind
 from bcvk.log import logger
 
@@ -173,6 +173,10 @@ def save(vm: Vm, snapshot: cache.Snapshot, public_key: str, image: str) -> None:
         if not free or snapshot.usable():
             logger.info("not saving a snapshot: another VM has saved or is saving it")
             return
+        # Under the lock no one else writes this key: a temporary file left
+        # is a killed saver's.
+        for stale in snapshot.entry.warm.glob(f".{snapshot.key}.*.tmp"):
+            stale.unlink(missing_ok=True)
         start = time.monotonic()
         ready = vm.ssh(guest.prepare_script(public_key), timeout=120)
         if ready.returncode != 0:
@@ -277,6 +281,17 @@ def hand_in(vm: Vm, public_key: str, timeout: float = 60.0) -> None:
             raise Unusable(f"control port: {exc.strerror or exc}") from None
     if answer.split(b"\n", 1)[0].strip() != guest.READY.encode():
         raise Unusable(f"the guest's agent answered {answer[:40]!r}")
+
+
+def wait_banner(vm: Vm, timeout: float) -> None:
+    """Until the restored VM's sshd greets on its forwarded port."""
+    deadline = time.monotonic() + timeout
+    while not ssh.banner(vm.ssh_port, timeout=5.0):
+        if not vm.alive():
+            raise Unusable("QEMU exited after the restore")
+        if time.monotonic() > deadline:
+            raise Unusable(f"sshd did not answer on port {vm.ssh_port} in {timeout:.0f}s")
+        time.sleep(0.1)
 
 
 def discard(snapshot: cache.Snapshot, why: str) -> None:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import os
 import shlex
+import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,6 +120,21 @@ def probe(target: Target) -> bool:
     except BcvkError:
         return False
     return result.returncode == 0
+
+
+def banner(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> bool:
+    """True when an SSH server on HOST:PORT sends its version banner.
+
+    Cheaper than ``probe`` (no key exchange, which under TCG costs seconds):
+    for a guest whose sshd is known to have been ready, it proves the
+    forwarded port reaches a live sshd.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            return conn.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
 
 
 def execute(

@@ -356,3 +356,62 @@ def test_cache_list_shows_snapshots(
     assert main(["cache", "list", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data[0]["snapshots"][0]["key"] == "s" * 32
+
+
+class SavingVm(FakeVm):
+    """A VM whose SSH always works (the prepare script 'runs')."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.scripts: list[str] = []
+
+    def ssh(self, command: str, **_: object) -> subprocess.CompletedProcess[str]:
+        self.scripts.append(command)
+        return subprocess.CompletedProcess([], 0, "", "")
+
+
+def test_a_failed_save_leaves_nothing_and_gives_the_key_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bcvk.host import qmp
+
+    snap = snapshot_in(tmp_path)
+    stale = snap.entry.warm / f".{snap.key}.4242.tmp"  # a SIGKILLed saver's
+    stale.write_bytes(b"half")
+    handed: list[str] = []
+
+    def full_disk(path: Path, fd: int, **_: object) -> dict[str, object]:
+        os.write(fd, b"partial state")
+        raise qmp.MigrationError("No space left on device")
+
+    monkeypatch.setattr(qmp, "save_state", full_disk)
+    monkeypatch.setattr(warm, "hand_in", lambda vm, key: handed.append(key))
+    vm = SavingVm(tmp_path)
+    warm.save(vm, snap, KEY, IMAGE)  # type: ignore[arg-type]
+    assert vm.scripts == [guest.prepare_script(KEY)]
+    assert handed == [KEY]
+    assert "could not save a warm-start snapshot: No space left on device" in caplog.text
+    assert sorted(p.name for p in snap.entry.warm.iterdir()) == [f"{snap.key}.lock"]
+
+
+def test_a_save_writes_state_then_its_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bcvk.host import qmp
+
+    snap = snapshot_in(tmp_path)
+
+    def saved(path: Path, fd: int, **_: object) -> dict[str, object]:
+        os.write(fd, b"QEVM" + b"\0" * 1000)
+        return {"status": "completed"}
+
+    monkeypatch.setattr(qmp, "save_state", saved)
+    monkeypatch.setattr(warm, "hand_in", lambda vm, key: None)
+    warm.save(SavingVm(tmp_path), snap, KEY, IMAGE)  # type: ignore[arg-type]
+    assert snap.usable()
+    assert (snap.state.stat().st_mode & 0o777, snap.meta.stat().st_mode & 0o777) == (0o600, 0o600)
+    assert json.loads(snap.meta.read_text())["image"] == IMAGE
+    # Saved already: a second first VM does not save again.
+    vm = SavingVm(tmp_path)
+    warm.save(vm, snap, KEY, IMAGE)  # type: ignore[arg-type]
+    assert vm.scripts == []

@@ -11,7 +11,7 @@ while :; do
       case $line in
         "key "*)
           umask 077
-          mkdir -p /root/.ssh
+          [ -d /root/.ssh ] || mkdir /root/.ssh
           printf '%s\n' "${line#key }" >> /root/.ssh/authorized_keys ;;
         "clock "*) date -u -s "@${line#clock }" > /dev/null ;;
         "hostname "*) printf '%s' "${line#hostname }" > /proc/sys/kernel/hostname ;;
