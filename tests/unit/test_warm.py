@@ -415,3 +415,14 @@ def test_a_save_writes_state_then_its_metadata(
     vm = SavingVm(tmp_path)
     warm.save(vm, snap, KEY, IMAGE)  # type: ignore[arg-type]
     assert vm.scripts == []
+
+
+def test_two_first_vms_save_one_snapshot(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bcvk import paths
+
+    snap = snapshot_in(tmp_path)
+    vm = SavingVm(tmp_path)
+    with paths.locked(snap.lock):  # the other first VM is saving
+        warm.save(vm, snap, KEY, IMAGE)  # type: ignore[arg-type]
+    assert vm.scripts == []  # this one keeps its key and goes on
+    assert "another VM has saved or is saving it" in caplog.text
