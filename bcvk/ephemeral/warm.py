@@ -13,7 +13,8 @@ its kernel reseed its RNG.
 The configuration is the snapshot's key (``snapshot_key``): QEMU's whole
 command line with the per-VM parts left out (ports, names, paths of
 sockets and logs, SSH key credentials), the identity of every file it
-reads (QEMU, kernel, initramfs, root image), the agent and bcvk's version.
+reads (QEMU and its ROMs, kernel, initramfs, root image), the agent and
+bcvk's version.
 A changed input gives another key, so an old snapshot is never restored
 into a changed machine.
 """
@@ -118,7 +119,13 @@ def snapshot_key(spec: qemu.QemuSpec) -> str:
         incoming_fd=None,
     )
     binary = shutil.which(spec.binary) or spec.binary
-    files = [binary, spec.kernel, spec.initrd, *(d.path for d in spec.drives)]
+    files = [
+        binary,
+        *map(str, qemu.rom_files(binary)),
+        spec.kernel,
+        spec.initrd,
+        *(d.path for d in spec.drives),
+    ]
     identities = {}
     for path in files:
         if path is None:

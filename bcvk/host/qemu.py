@@ -100,6 +100,29 @@ def find_qemu(arch: str | None = None) -> Path:
     return run.require(f"qemu-system-{arch}", "/usr/libexec/qemu-kvm", why="to run VMs")
 
 
+# Firmware and option ROMs QEMU loads into an ephemeral VM (SeaBIOS, the
+# direct-kernel-boot ROM, virtio-net's ROM).  Debian packages them apart
+# from QEMU, and they are part of a saved machine (bcvk.ephemeral.warm).
+ROM_FILES = ("bios-256k.bin", "linuxboot_dma.bin", "efi-virtio.rom", "kvmvapic.bin")
+
+
+# Where QEMU looks for them, under its prefix (Debian's QEMU searches the
+# SeaBIOS and iPXE packages' directories too; Fedora links them in share/qemu).
+ROM_DIRS = ("share/qemu", "share/seabios", "lib/ipxe/qemu")
+
+
+def rom_files(binary: str) -> list[Path]:
+    """The ROM_FILES of the QEMU at BINARY that exist (first found), links resolved."""
+    prefix = Path(binary).resolve().parent.parent
+    found = []
+    for name in ROM_FILES:
+        for directory in ROM_DIRS:
+            if (prefix / directory / name).exists():
+                found.append((prefix / directory / name).resolve())
+                break
+    return found
+
+
 def escape_option(value: str) -> str:
     """QEMU's option syntax: a literal comma in a value is written twice."""
     return value.replace(",", ",,")

@@ -17,6 +17,7 @@ from bcvk.ephemeral import cache, warm
 from bcvk.ephemeral.options import WarmMode, make_options
 from bcvk.errors import UsageError
 from bcvk.guest import warm as guest
+from bcvk.host import qemu
 from bcvk.host.qemu import Drive, QemuSpec
 from bcvk.values import Accel, PortForward
 
@@ -426,3 +427,17 @@ def test_two_first_vms_save_one_snapshot(tmp_path: Path, caplog: pytest.LogCaptu
         warm.save(vm, snap, KEY, IMAGE)  # type: ignore[arg-type]
     assert vm.scripts == []  # this one keeps its key and goes on
     assert "another VM has saved or is saving it" in caplog.text
+
+
+def test_the_roms_qemu_loads_are_part_of_the_key(files: dict[str, Path], tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "share" / "qemu").mkdir(parents=True)
+    binary = prefix / "bin" / "qemu-system-x86_64"
+    binary.write_text("qemu")
+    rom = prefix / "share" / "qemu" / "bios-256k.bin"
+    rom.write_text("seabios 1")
+    assert qemu.rom_files(str(binary)) == [rom]
+    before = warm.snapshot_key(spec_of(files, binary=str(binary)))
+    rom.write_text("seabios 2, a new package")
+    assert warm.snapshot_key(spec_of(files, binary=str(binary))) != before
