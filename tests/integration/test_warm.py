@@ -138,7 +138,7 @@ def test_an_earlier_vms_key_does_not_open_a_warm_vm(warm_session: Session) -> No
     record = warm_session.vm_record(name)
     assert record is not None
     assert record["start"] == "warm"
-    assert warm_session.bcvk("ephemeral", "rm", name).returncode == 0
+    assert warm_session.bcvk("ephemeral", "rm", "-f", name).returncode == 0
     other = unique("warmkey")
     assert (
         warm_session.bcvk(
@@ -156,7 +156,7 @@ def test_an_earlier_vms_key_does_not_open_a_warm_vm(warm_session: Session) -> No
         assert refused.returncode == 255
         assert "Permission denied" in refused.stderr
     finally:
-        warm_session.bcvk("ephemeral", "rm", other)
+        warm_session.bcvk("ephemeral", "rm", "-f", other)
 
 
 def test_two_warm_vms_at_once_with_port_forwards(warm_session: Session) -> None:
@@ -219,7 +219,8 @@ def test_a_changed_machine_or_warm_off_boots_cold(
         assert "warm start" not in started.stderr
         assert (warm_session.vm_record(name) or {}).get("start") == "cold"
     finally:
-        warm_session.bcvk("ephemeral", "rm", name)
+        # -f: a guest early in its boot would ignore the power button
+        warm_session.bcvk("ephemeral", "rm", "-f", name)
     assert snapshot_files() == before
 
 
