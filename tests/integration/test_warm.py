@@ -126,7 +126,7 @@ def test_a_warm_vm_is_fresh_its_own_and_on_time(warm_session: Session) -> None:
 
 
 def test_an_earlier_vms_key_does_not_open_a_warm_vm(warm_session: Session) -> None:
-    """Keys of earlier VMs (the saving one included) are refused by a restored one."""
+    """An earlier warm VM's key is refused by a later one (each holds only its own)."""
     name = unique("warmkey")
     started = warm_session.bcvk("ephemeral", "run", "-d", "--memory", MEMORY, "--name", name,
                                 DEMO_IMAGE)  # fmt: skip
