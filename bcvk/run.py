@@ -89,9 +89,14 @@ def preexec_pdeathsig() -> Callable[[], None]:
     """A preexec_fn after which the child dies with bcvk, even on SIGKILL of bcvk."""
     prctl = _prctl()
     PR_SET_PDEATHSIG = 1
+    parent = os.getpid()
 
     def hook() -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        # Killed between fork and prctl, bcvk sent no signal: the child is
+        # already an orphan and must not go on to exec.
+        if os.getppid() != parent:
+            os._exit(1)
 
     return hook
 
