@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -268,21 +269,33 @@ def _start(opts: Options, info: podman.ImageInfo) -> Vm:
 
 
 def _restore(vm: Vm, opts: Options) -> None:
-    """Run the restored machine, hand it its key, and wait for its SSH."""
-    began = time.monotonic()
-    try:
+    """Run the restored machine, hand it its key, and wait for its sshd."""
+    began = resumed = time.monotonic()
+    probe: socket.socket | None = None
+
+    def resume() -> None:
+        nonlocal resumed, probe
         warm.resume(vm)
         resumed = time.monotonic()
-        warm.hand_in(vm, ssh.KeyPair(vm.key).public_text())
+        # Opened now (QEMU forwards the port once it is up), answered by the
+        # guest's sshd while its agent takes the key.
+        with contextlib.suppress(OSError):
+            probe = socket.create_connection(("127.0.0.1", vm.ssh_port), timeout=5)
+
+    try:
+        warm.hand_in(vm, ssh.KeyPair(vm.key).public_text(), resume=resume)
         handed = time.monotonic()
         # sshd was serving when the machine was saved, and the agent has put
         # this VM's key in place: its banner on the new port is proof enough
         # (a full `ssh … true` would add a key exchange, seconds under TCG).
-        warm.wait_banner(vm, min(opts.ssh_timeout, 60.0))
+        warm.wait_banner(vm, min(opts.ssh_timeout, 60.0), first=probe)
     except BcvkError as exc:
         raise warm.Unusable(str(exc).splitlines()[0]) from None
+    finally:
+        if probe is not None:
+            probe.close()
     logger.debug(
-        "warm start: loaded %.1fs, key in %.1fs, SSH answered %.1fs after QEMU started",
+        "warm start: loaded %.1fs, key in %.1fs, sshd answered %.1fs after QEMU started",
         resumed - began,
         handed - began,
         time.monotonic() - began,

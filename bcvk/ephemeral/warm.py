@@ -27,7 +27,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import bcvk
@@ -263,8 +265,19 @@ def resume(vm: Vm) -> None:
         raise Unusable(str(exc)) from None
 
 
-def hand_in(vm: Vm, public_key: str, timeout: float = 60.0) -> None:
-    """Give the guest's agent VM's key, the host's clock and VM's name; wait for "ok"."""
+def hand_in(
+    vm: Vm,
+    public_key: str,
+    timeout: float = 60.0,
+    *,
+    resume: Callable[[], None] | None = None,
+) -> None:
+    """Give the guest's agent VM's key, name and the host's clock; wait for its "ok".
+
+    With RESUME (a restore), key and name are queued on the control port
+    while QEMU still loads the state, RESUME runs the machine, and only then
+    is the clock sent, so that it is current.
+    """
     deadline = time.monotonic() + timeout
     try:
         sock = qmp.unix_connect(vm.dir.control, timeout)
@@ -274,7 +287,10 @@ def hand_in(vm: Vm, public_key: str, timeout: float = 60.0) -> None:
         sock.setblocking(True)
         sock.settimeout(timeout)
         try:
-            sock.sendall(guest.hand_in_lines(public_key, time.time(), vm.name))
+            sock.sendall(guest.identity_lines(public_key, vm.name))
+            if resume is not None:
+                resume()
+            sock.sendall(guest.go_lines(time.time()))
             answer = b""
             while b"\n" not in answer:
                 sock.settimeout(max(0.1, deadline - time.monotonic()))
@@ -290,9 +306,21 @@ def hand_in(vm: Vm, public_key: str, timeout: float = 60.0) -> None:
         raise Unusable(f"the guest's agent answered {answer[:40]!r}")
 
 
-def wait_banner(vm: Vm, timeout: float) -> None:
-    """Until the restored VM's sshd greets on its forwarded port."""
+def wait_banner(vm: Vm, timeout: float, first: socket.socket | None = None) -> None:
+    """Until the restored VM's sshd greets on its forwarded port.
+
+    FIRST, a connection opened before the guest ran, is read first: its
+    sshd answers it while the agent takes the key.
+    """
     deadline = time.monotonic() + timeout
+    if first is not None:
+        with first:
+            try:
+                first.settimeout(max(0.1, min(10.0, timeout)))
+                if first.recv(64).startswith(b"SSH-"):
+                    return
+            except OSError:
+                pass
     while not ssh.banner(vm.ssh_port, timeout=5.0):
         if not vm.alive():
             raise Unusable("QEMU exited after the restore")

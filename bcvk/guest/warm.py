@@ -91,14 +91,18 @@ rm -f "$keys.bcvk"
 """
 
 
-def hand_in_lines(public_key: str, clock: float, hostname: str) -> bytes:
-    """What bcvk writes to a restored guest's control port, ending with ``go``."""
+def identity_lines(public_key: str, hostname: str) -> bytes:
+    """The VM's own key and hostname, for its control port (sendable before it runs)."""
     if not _HOSTNAME_RE.fullmatch(hostname):
         raise ValueError(f"invalid hostname {hostname!r}")
-    lines = [
-        f"key {check_key(public_key)}",
-        f"clock {clock:.3f}",
-        f"hostname {hostname}",
-        "go",
-    ]
-    return ("\n".join(lines) + "\n").encode()
+    return f"key {check_key(public_key)}\nhostname {hostname}\n".encode()
+
+
+def go_lines(clock: float) -> bytes:
+    """The host's clock (sent once the VM runs, so it is current), then ``go``."""
+    return f"clock {clock:.3f}\ngo\n".encode()
+
+
+def hand_in_lines(public_key: str, clock: float, hostname: str) -> bytes:
+    """Everything bcvk writes to a restored guest's control port, ending with ``go``."""
+    return identity_lines(public_key, hostname) + go_lines(clock)

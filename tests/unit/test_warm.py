@@ -230,7 +230,7 @@ def test_prepare_script(golden: Callable[[str, str], None]) -> None:
 
 def test_hand_in_lines() -> None:
     lines = guest.hand_in_lines(KEY, 1764650000.25, "vm-2").decode().splitlines()
-    assert lines == [f"key {KEY}", "clock 1764650000.250", "hostname vm-2", "go"]
+    assert lines == [f"key {KEY}", "hostname vm-2", "clock 1764650000.250", "go"]
 
 
 @pytest.mark.parametrize(
@@ -296,11 +296,24 @@ def test_hand_in_waits_for_the_agents_ok(
     vm = FakeVm(tmp_path)
     if error is None:
         warm.hand_in(vm, KEY, timeout=5)  # type: ignore[arg-type]
-        assert agent.got.startswith(f"key {KEY}\nclock ".encode())
-        assert agent.got.endswith(b"\nhostname vm-2\ngo\n")
+        assert agent.got.startswith(f"key {KEY}\nhostname vm-2\nclock ".encode())
+        assert agent.got.endswith(b"\ngo\n")
     else:
         with pytest.raises(warm.Unusable, match=error.replace("(", r"\(").replace("\\n", "\\\\n")):
             warm.hand_in(vm, KEY, timeout=5)  # type: ignore[arg-type]
+
+
+def test_a_restore_queues_the_key_runs_the_vm_then_sends_the_clock(tmp_path: Path) -> None:
+    agent = FakeAgent(tmp_path / "ctl.sock", b"ok\n")
+    seen: list[bytes] = []
+    warm.hand_in(
+        FakeVm(tmp_path),  # type: ignore[arg-type]
+        KEY,
+        timeout=5,
+        resume=lambda: seen.append(agent.got),
+    )
+    assert b"clock" not in b"".join(seen)
+    assert agent.got.endswith(b"\ngo\n")
 
 
 def test_hand_in_without_a_control_socket_is_unusable(tmp_path: Path) -> None:
