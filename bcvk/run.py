@@ -129,24 +129,35 @@ def run(
     if stdin is None and input is None:
         stdin = subprocess.DEVNULL
     try:
-        proc = subprocess.run(
+        child = subprocess.Popen(
             args,
-            input=input,
-            stdin=stdin,
+            stdin=subprocess.PIPE if input is not None else stdin,
             stdout=subprocess.PIPE if capture else (stdout if stdout is not None else 2),
             stderr=subprocess.PIPE if capture else None,
             env=full_env,
             cwd=cwd,
-            timeout=timeout,
             text=text,
-            check=False,
             # A SIGKILLed bcvk must not leave mkfs or qemu-img writing on.
             preexec_fn=preexec_pdeathsig(),
         )
     except FileNotFoundError as exc:
         raise ToolMissingError(f"{args[0]} not found", hint=package_hint(args[0])) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(args, -signal.SIGKILL, f"timed out after {timeout}s", hint) from exc
+    with child:
+        try:
+            out, err = child.communicate(input, timeout=timeout)
+        except BaseException as exc:
+            # Ctrl-C or a timeout: the child is killed and *reaped* before
+            # anyone cleans up after it (subprocess.run waits only 0.25 s on
+            # Ctrl-C; an mkfs still closing its files keeps the image mount
+            # busy, and the unmount that follows fails).
+            child.kill()
+            child.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise CommandError(
+                    args, -signal.SIGKILL, f"timed out after {timeout}s", hint
+                ) from exc
+            raise
+    proc = subprocess.CompletedProcess(args, child.returncode, out, err)
     if check and proc.returncode != 0:
         err = proc.stderr if capture else ""
         if isinstance(err, bytes):
