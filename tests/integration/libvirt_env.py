@@ -70,8 +70,12 @@ def domstate(name: str) -> str:
 
 
 def volumes() -> set[str]:
-    out = virsh("vol-list", "default").stdout.splitlines()[2:]
-    return {line.split()[0] for line in out if line.strip()}
+    listed = virsh("vol-list", "default", check=False)
+    if listed.returncode != 0:
+        # On a fresh host the pool exists only once bcvk's first VM made it.
+        assert "not found" in listed.stderr, listed.stderr
+        return set()
+    return {line.split()[0] for line in listed.stdout.splitlines()[2:] if line.strip()}
 
 
 def backing_file(path: str | Path) -> str | None:
