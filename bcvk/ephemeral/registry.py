@@ -187,6 +187,10 @@ class VmRecord:
 
     def status(self) -> str:
         """``running``, ``starting`` (foreground bcvk still setting up) or ``stale``."""
+        if self.start == "warm" and self.supervisor is not None and not self.supervisor.alive():
+            # A restore whose bcvk died before handing the VM over: its
+            # machine may still be paused, or running with no key in it.
+            return "stale"
         if self.qemu is not None and self.qemu.alive():
             return "running" if self.phase != "stopping" else "stopping"
         if self.supervisor is not None and self.supervisor.alive():

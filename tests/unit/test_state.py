@@ -213,3 +213,13 @@ def test_records_written_from_two_threads_at_once_all_land(runtime: Path) -> Non
     assert errors == []
     assert d.read() is not None
     assert sorted(p.name for p in d.path.glob("*.tmp")) == []
+
+
+def test_a_restore_whose_bcvk_died_before_the_hand_over_is_stale() -> None:
+    """Its QEMU may run on, paused or without a key: reaped, never listed as running."""
+    record = VmRecord(name="x", image="i", supervisor=me(), qemu=me(), start="warm")
+    assert record.status() == "running"
+    record.supervisor = Proc("bcvk", dead_pid(), 1, group=False)
+    assert record.status() == "stale"
+    record.supervisor = None  # handed over: a detached warm VM like any other
+    assert record.status() == "running"
