@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,12 @@ RUN_TOKEN = f"BCVK_TEST_RUN={uuid.uuid4().hex}"
 os.environ["BCVK_TEST_RUN"] = RUN_TOKEN.split("=", 1)[1]
 
 _module_times: dict[str, float] = defaultdict(float)
+
+# A suite started in the background by a non-interactive shell (`nohup
+# make test &`, some CI runners) inherits SIGINT ignored, and so would every
+# bcvk it starts: the Ctrl-C tests would test nothing.  A handler (unlike
+# SIG_IGN) is reset to the default across exec.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
