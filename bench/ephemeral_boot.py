@@ -86,23 +86,17 @@ def cache_entry(image: str) -> Path:
     return cache / "bcvk" / "images" / image_id
 
 
+def detached_cold(image: str, transport: str, name: str, *options: str) -> list[str]:
+    """`ephemeral run -d` booting cold (these sections measure the cold boot)."""
+    return [BCVK, "ephemeral", "run", "-d", "--warm", "off", "--rootfs", transport,
+            "--name", name, *options, image]  # fmt: skip
+
+
 def warm_cache(image: str, transport: str) -> Path:
     """One bcvk start so the cache has everything; returns the entry."""
     name = f"bench-warm-{os.getpid()}"
     subprocess.run(
-        [
-            BCVK,
-            "ephemeral",
-            "run",
-            "-d",
-            "--warm",
-            "off",
-            "--rootfs",
-            transport,
-            "--name",
-            name,
-            image,
-        ],
+        detached_cold(image, transport, name),
         check=True,
         capture_output=True,
     )
@@ -340,23 +334,7 @@ def bench_four(args: argparse.Namespace) -> dict[str, object]:
     names = [f"bench-four-{os.getpid()}-{i}" for i in range(4)]
     starters = [
         subprocess.Popen(
-            [
-                BCVK,
-                "ephemeral",
-                "run",
-                "-d",
-                "--warm",
-                "off",
-                "--rootfs",
-                args.transport,
-                "--memory",
-                "1G",
-                "--vcpus",
-                "1",
-                "--name",
-                name,
-                args.image,
-            ],
+            detached_cold(args.image, args.transport, name, "--memory", "1G", "--vcpus", "1"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

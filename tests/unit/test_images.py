@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from bcvk.__main__ import main
 from bcvk.host.podman import ImageInfo, parse_inspect
 from bcvk.image import facts as image_facts
 from bcvk.image.facts import TreeFacts
@@ -153,15 +154,16 @@ def fake_podman(fake_bin: FakeBin) -> FakeBin:
     return fake_bin
 
 
+def one_image(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """The fake podman lists one image, localhost/a:1 of SIZE bytes."""
+    image = {"Id": "f" * 64, "Names": ["localhost/a:1"], "Size": size, "Created": 0}
+    monkeypatch.setenv("FAKE_IMAGES", json.dumps([image]))
+
+
 def test_cli_list_json_filters_on_bootc_label(
     fake_podman: FakeBin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bcvk.__main__ import main
-
-    monkeypatch.setenv(
-        "FAKE_IMAGES",
-        json.dumps([{"Id": "f" * 64, "Names": ["localhost/a:1"], "Size": 1, "Created": 0}]),
-    )
+    one_image(monkeypatch, size=1)
     assert main(["images", "list", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [row["name"] for row in out] == ["localhost/a:1"]
@@ -173,12 +175,7 @@ def test_cli_list_json_filters_on_bootc_label(
 def test_cli_list_table(
     fake_podman: FakeBin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bcvk.__main__ import main
-
-    monkeypatch.setenv(
-        "FAKE_IMAGES",
-        json.dumps([{"Id": "f" * 64, "Names": ["localhost/a:1"], "Size": 2048, "Created": 0}]),
-    )
+    one_image(monkeypatch, size=2048)
     assert main(["images", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "SIZE"]
