@@ -254,7 +254,9 @@ def qemu_exit_error(vm: Vm, returncode: int | None) -> BcvkError:
         detail = "\n".join("  console: " + line for line in tail)
     panic = any("Kernel panic" in line for line in tail)
     hint = kept_log_hint(vm)
-    if panic:
+    if any("guest memory" in line or "phys-bits" in line for line in stderr):
+        hint = f"QEMU cannot give the guest {vm.record.memory_mib} MiB here: ask for less --memory"
+    elif panic:
         hint = (
             "the guest kernel panicked; see the console lines above (wrong root=, missing driver?)"
         )

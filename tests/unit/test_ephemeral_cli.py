@@ -394,6 +394,7 @@ def test_qemu_dying_is_quoted_and_cleaned_up(
     err = capsys.readouterr().err
     assert rc == 1
     assert "QEMU exited during boot (status 1): qemu-system-x86_64: cannot set up" in err
+    assert "hint: QEMU cannot give the guest 2048 MiB here: ask for less --memory" in err
     assert "virtiofsd not found; using --rootfs block" in err
     assert runtime_entries(isolated_home) == []
     # The image was mounted once to fill the cache, and unmounted again.
