@@ -394,13 +394,25 @@ def prune_snapshots(entry: Entry, *, older_than: float | None, dry_run: bool) ->
             continue
         snap = Snapshot(entry, info.key)
         if not dry_run:
-            with paths.locked(snap.lock, blocking=False) as free:
+            with paths.locked(snap.lock, blocking=False, remove=True) as free:
                 if not free:  # being saved right now
                     continue
                 snap.remove()
-            snap.lock.unlink(missing_ok=True)
         removed.append(info)
+    if not dry_run:
+        _remove_abandoned_saves(entry)
     return removed
+
+
+def _remove_abandoned_saves(entry: Entry) -> None:
+    """Temporary files of savers that were killed (``.KEY.PID.tmp``), whose lock is free."""
+    for tmp in _children(entry.warm):
+        parts = tmp.name.split(".")
+        if len(parts) != 4 or parts[0] or parts[3] != "tmp":
+            continue
+        with paths.locked(Snapshot(entry, parts[1]).lock, blocking=False, remove=True) as free:
+            if free:
+                tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- cache listing

@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import bcvk
 from bcvk import paths
@@ -43,6 +44,7 @@ from bcvk.guest import warm as guest
 from bcvk.host import qemu, qmp, ssh
 from bcvk.host.qemu import RootfsKind
 from bcvk.log import logger
+from bcvk.values import Accel
 
 # Bumped when what a snapshot holds, or how it is restored, changes.
 FORMAT = 1
@@ -133,15 +135,32 @@ def snapshot_key(spec: qemu.QemuSpec) -> str:
         if path is None:
             continue
         st = os.stat(path)
-        identities[os.path.realpath(path)] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+        # Size and mtime: every file here is replaced by a rename or a package
+        # upgrade when it changes (device and inode numbers are not stable
+        # across overlay mounts, which would make a snapshot never match).
+        identities[os.path.realpath(path)] = [st.st_size, st.st_mtime_ns]
     data = {
         "format": FORMAT,
         "bcvk": bcvk.__version__,
         "argv": qemu.argv(shape),
         "files": identities,
         "agent": hashlib.sha256(guest.AGENT.encode()).hexdigest(),
+        "host_cpu": host_cpu() if spec.accel is Accel.kvm else None,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def host_cpu() -> str:
+    """The host CPU a KVM guest sees (``-cpu host``): QEMU does not check it on load."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    first = text.split("\n\n", 1)[0]
+    wanted = ("vendor_id", "cpu family", "model", "model name", "stepping", "microcode", "flags")
+    lines = [line for line in first.splitlines() if line.split(":", 1)[0].strip() in wanted]
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return f"{os.uname().release}:{digest}"
 
 
 def plan(opts: Options, reason: str | None, snapshot: cache.Snapshot | None) -> Plan:
@@ -149,7 +168,9 @@ def plan(opts: Options, reason: str | None, snapshot: cache.Snapshot | None) -> 
     if reason is not None or snapshot is None:
         return Plan("cold", reason or "no snapshot")
     if opts.warm is WarmMode.refresh:
-        snapshot.remove()
+        with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
+            if free:  # else another VM is saving a new one right now
+                snapshot.remove()
         if opts.detach:
             return Plan("cold", "--warm refresh removed the snapshot (a detached VM saves none)")
         return Plan("save", "--warm refresh", snapshot)
@@ -157,7 +178,7 @@ def plan(opts: Options, reason: str | None, snapshot: cache.Snapshot | None) -> 
         return Plan("restore", "", snapshot)
     why = "no snapshot yet"
     if snapshot.state.exists() or snapshot.meta.exists():
-        with paths.locked(snapshot.lock, blocking=False) as free:
+        with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
             if free:  # not being written: a left-over of an interrupted save
                 snapshot.remove()
                 why = "the snapshot was incomplete"
@@ -178,7 +199,7 @@ def save(vm: Vm, snapshot: cache.Snapshot, public_key: str, image: str) -> None:
     VMs of one configuration save once; the other goes on without saving.
     """
     snapshot.entry.warm.mkdir(mode=0o700, exist_ok=True)
-    with paths.locked(snapshot.lock, blocking=False) as free:
+    with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
         if not free or snapshot.usable():
             logger.info("not saving a snapshot: another VM has saved or is saving it")
             return
@@ -187,10 +208,18 @@ def save(vm: Vm, snapshot: cache.Snapshot, public_key: str, image: str) -> None:
         for stale in snapshot.entry.warm.glob(f".{snapshot.key}.*.tmp"):
             stale.unlink(missing_ok=True)
         start = time.monotonic()
-        ready = vm.ssh(guest.prepare_script(public_key), timeout=120)
-        if ready.returncode != 0:
-            last = (ready.stderr or "").strip().splitlines() or [f"status {ready.returncode}"]
-            logger.warning("could not save a warm-start snapshot: %s", last[-1])
+        try:
+            ready = vm.ssh(guest.prepare_script(public_key), timeout=120)
+            failed = None if ready.returncode == 0 else (ready.stderr or "").strip()
+            failed = failed if failed is None else (failed.splitlines() or [""])[-1]
+        except BcvkError as exc:  # ssh timed out
+            failed = str(exc).splitlines()[0]
+        if failed is not None:
+            logger.warning("could not save a warm-start snapshot: %s", failed or "ssh failed")
+            # The script may have got as far as removing the key: the agent,
+            # if it runs, gives it back; if it does not, the key is still there.
+            with contextlib.suppress(Unusable):
+                hand_in(vm, public_key, timeout=10)
             return
         try:
             size = _write_state(vm, snapshot)
@@ -290,6 +319,7 @@ def hand_in(
             sock.sendall(guest.identity_lines(public_key, vm.name))
             if resume is not None:
                 resume()
+                deadline = time.monotonic() + timeout  # loading has its own limit
             sock.sendall(guest.go_lines(time.time()))
             answer = b""
             while b"\n" not in answer:
@@ -332,6 +362,6 @@ def wait_banner(vm: Vm, timeout: float, first: socket.socket | None = None) -> N
 def discard(snapshot: cache.Snapshot, why: str) -> None:
     """Remove a snapshot that failed to restore, so the next VM saves a new one."""
     logger.warning("warm start failed (%s); removing the snapshot and booting cold", why)
-    with paths.locked(snapshot.lock, blocking=False) as free:
+    with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
         if free:
             snapshot.remove()

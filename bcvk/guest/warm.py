@@ -88,6 +88,7 @@ keys={AUTHORIZED_KEYS}
 grep -vxF -e {key} "$keys" > "$keys.bcvk" || :
 cat "$keys.bcvk" > "$keys"
 rm -f "$keys.bcvk"
+if grep -qxF -e {key} "$keys"; then echo "the key is still in $keys" >&2; exit 1; fi
 """
 
 

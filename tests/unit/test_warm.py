@@ -408,7 +408,7 @@ def test_a_failed_save_leaves_nothing_and_gives_the_key_back(
     assert vm.scripts == [guest.prepare_script(KEY)]
     assert handed == [KEY]
     assert "could not save a warm-start snapshot: No space left on device" in caplog.text
-    assert sorted(p.name for p in snap.entry.warm.iterdir()) == [f"{snap.key}.lock"]
+    assert list(snap.entry.warm.iterdir()) == []  # the lock file goes with its lock
 
 
 def test_a_save_writes_state_then_its_metadata(
@@ -457,3 +457,53 @@ def test_the_roms_qemu_loads_are_part_of_the_key(files: dict[str, Path], tmp_pat
     before = warm.snapshot_key(spec_of(files, binary=str(binary)))
     rom.write_text("seabios 2, a new package")
     assert warm.snapshot_key(spec_of(files, binary=str(binary))) != before
+
+
+class FailingVm(SavingVm):
+    def ssh(self, command: str, **_: object) -> subprocess.CompletedProcess[str]:
+        self.scripts.append(command)
+        return subprocess.CompletedProcess([], 255, "", "Connection reset by peer\n")
+
+
+def test_a_failed_prepare_is_a_warning_and_the_key_is_handed_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The script may have removed the key before the connection dropped."""
+    snap = snapshot_in(tmp_path)
+    handed: list[tuple[str, float]] = []
+
+    def hand_in(vm: object, key: str, timeout: float = 60.0) -> None:
+        handed.append((key, timeout))
+        raise warm.Unusable("no agent")  # it never started: the key is still there
+
+    monkeypatch.setattr(warm, "hand_in", hand_in)
+    warm.save(FailingVm(tmp_path), snap, KEY, IMAGE)  # type: ignore[arg-type]
+    assert "could not save a warm-start snapshot: Connection reset by peer" in caplog.text
+    assert handed == [(KEY, 10)]
+    assert list(snap.entry.warm.iterdir()) == []
+
+
+def test_prune_removes_a_killed_savers_temporary_file(tmp_path: Path) -> None:
+    from bcvk import paths
+
+    snap = snapshot_in(tmp_path)
+    abandoned = snap.entry.warm / f".{snap.key}.4242.tmp"
+    abandoned.write_bytes(b"half a machine")
+    other = cache.Snapshot(snap.entry, "b" * 32)
+    being_written = snap.entry.warm / f".{other.key}.4343.tmp"
+    being_written.write_bytes(b"being written")
+    with paths.locked(other.lock, remove=True):
+        cache.prune_snapshots(snap.entry, older_than=None, dry_run=False)
+    assert not abandoned.exists()
+    assert being_written.exists()
+
+
+def test_a_kvm_snapshot_is_keyed_to_the_host_cpu(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kvm = spec_of(files, accel=Accel.kvm)
+    before = warm.snapshot_key(kvm)
+    monkeypatch.setattr(warm, "host_cpu", lambda: "6.1.0:another-cpu")
+    assert warm.snapshot_key(kvm) != before
+    tcg = warm.snapshot_key(spec_of(files))
+    assert warm.snapshot_key(spec_of(files)) == tcg  # TCG emulates its CPU: no host input

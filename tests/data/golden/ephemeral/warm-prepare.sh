@@ -16,3 +16,4 @@ keys=/root/.ssh/authorized_keys
 grep -vxF -e 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0123456789abcdef bcvk-vm1' "$keys" > "$keys.bcvk" || :
 cat "$keys.bcvk" > "$keys"
 rm -f "$keys.bcvk"
+if grep -qxF -e 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0123456789abcdef bcvk-vm1' "$keys"; then echo "the key is still in $keys" >&2; exit 1; fi
