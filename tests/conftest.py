@@ -9,6 +9,7 @@ is a failure, because CI installs every capability.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -128,6 +130,53 @@ def bcvk(
     if check and result.returncode != 0:
         raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+class Cli(Protocol):
+    def __call__(
+        self,
+        *args: str,
+        check: bool = ...,
+        env: dict[str, str] | None = ...,
+        input: str | None = ...,
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """Run `bcvk ARGS` in this process, through the same ``main`` and error
+    boundary as the console script: the hermetic tier's way to drive the CLI.
+
+    A child process costs a quarter of a second of imports each time, which
+    over a few hundred calls was most of the hermetic tier's run time; the
+    install test and the integration tier still run the real console script.
+    """
+    from bcvk.__main__ import main
+
+    def run(
+        *args: str,
+        check: bool = False,
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        capsys.readouterr()
+        with monkeypatch.context() as patch:
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            patch.setattr(sys, "stdin", io.StringIO(input or ""))
+            try:
+                code = main(list(args))
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+        out, err = capsys.readouterr()
+        result = subprocess.CompletedProcess(["bcvk", *args], code, out, err)
+        if check and code != 0:
+            raise AssertionError(f"bcvk {' '.join(args)} failed ({code}):\n{err}")
+        return result
+
+    return run
 
 
 def bcvk_popen(

@@ -26,7 +26,7 @@ from typing import Any
 from bcvk.errors import BcvkError, CommandError, UsageError
 from bcvk.host import podman
 from bcvk.log import logger
-from bcvk.to_disk import bootc, native, runs
+from bcvk.to_disk import runs
 from bcvk.to_disk.assemble import OVA_NAME_MAX
 from bcvk.to_disk.layout import Filesystem, PartitionTable, default_disk_size
 from bcvk.to_disk.options import (
@@ -178,6 +178,11 @@ def _run(req: Request) -> Result:
 
 def _install(req: Request) -> Result:
     """Pick the installer: --installer, else bootc when the image carries it."""
+    # Imported here: the installers pull in the image reader and the whole
+    # ephemeral pipeline, which `libvirt list`, `pb list` and every other
+    # command that only names a Filesystem or Request should not pay for.
+    from bcvk.to_disk import bootc, native
+
     opts = req.opts
     with work_directory(req.output) as build, build.mounted(req.image_id) as mount:
         work = build.directory

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bcvk import ephemeral, paths
+from bcvk import paths
 from bcvk.errors import BcvkError
 from bcvk.host import podman
 from bcvk.host.proc import Identity, dead_records, load_record
@@ -126,6 +126,9 @@ def reap() -> list[str]:
     """Undo what killed builds of this host left; returns the work directories removed."""
     # A killed --installer bootc also leaves its installer VM, which is an
     # ephemeral VM with its own record: listing them reaps the dead ones.
+    # (Imported here so that naming a disk option does not load that pipeline.)
+    from bcvk import ephemeral
+
     ephemeral.ps()
     removed: list[str] = []
     if not root().is_dir():

@@ -10,7 +10,7 @@ import yaml
 
 from bcvk.libvirt import xml as lx
 from bcvk.values import PortForward
-from tests.conftest import bcvk
+from tests.conftest import Cli, bcvk
 from tests.unit.testdriver import domain_xml, node_file
 
 
@@ -44,11 +44,11 @@ def uri(tmp_path: Path) -> str:
     return node_file(tmp_path, doms)
 
 
-def test_list_table_json_and_filters(uri: str) -> None:
-    table = bcvk("libvirt", "-c", uri, "list", check=True).stdout.splitlines()
+def test_list_table_json_and_filters(uri: str, cli: Cli) -> None:
+    table = cli("libvirt", "-c", uri, "list", check=True).stdout.splitlines()
     assert table[0].split() == ["NAME", "IMAGE", "STATUS", "MEMORY", "CPUS", "SSH", "LABELS"]
     assert [line.split()[0] for line in table[1:]] == ["web"]  # running only, not foreign
-    rows = json.loads(bcvk("libvirt", "-c", uri, "list", "--all", "--format", "json").stdout)
+    rows = json.loads(cli("libvirt", "-c", uri, "list", "--all", "--format", "json").stdout)
     assert [r["name"] for r in rows] == ["db", "web"]
     web = rows[1]
     assert web["ssh_port"] == 2301
@@ -60,14 +60,14 @@ def test_list_table_json_and_filters(uri: str) -> None:
     assert web["disk_path"] == "/pool/web.qcow2"
     assert set(web) >= {"image", "image_digest", "memory_mb", "vcpus", "created", "ssh_user"}
     labelled = json.loads(
-        bcvk("libvirt", "-c", uri, "list", "-a", "--label", "web", "--format", "json").stdout
+        cli("libvirt", "-c", uri, "list", "-a", "--label", "web", "--format", "json").stdout
     )
     assert [r["name"] for r in labelled] == ["web"]
 
 
 @pytest.mark.parametrize("fmt", ["yaml", "json", "xml"])
-def test_inspect_formats(uri: str, fmt: str) -> None:
-    out = bcvk("libvirt", "-c", uri, "inspect", "web", "--format", fmt, check=True).stdout
+def test_inspect_formats(uri: str, fmt: str, cli: Cli) -> None:
+    out = cli("libvirt", "-c", uri, "inspect", "web", "--format", fmt, check=True).stdout
     if fmt == "xml":
         assert lx.Domain.from_xml(out).metadata is not None
         return
@@ -94,9 +94,9 @@ def test_inspect_formats(uri: str, fmt: str) -> None:
     ],
 )
 def test_errors_are_one_line_with_a_hint(
-    uri: str, args: list[str], message: str, hint: str | None
+    uri: str, args: list[str], message: str, hint: str | None, cli: Cli
 ) -> None:
-    result = bcvk("libvirt", "-c", uri, *args)
+    result = cli("libvirt", "-c", uri, *args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("error: "), result.stderr
@@ -114,7 +114,7 @@ def test_unreachable_daemon() -> None:
     assert "libvirtd -d" in result.stderr
 
 
-def test_bad_run_input_fails_before_touching_anything(uri: str) -> None:
+def test_bad_run_input_fails_before_touching_anything(uri: str, cli: Cli) -> None:
     for args, message in (
         (["-p", "x:1"], "invalid port forward"),
         (["--memory", "lots"], "invalid --memory"),
@@ -122,17 +122,17 @@ def test_bad_run_input_fails_before_touching_anything(uri: str) -> None:
         (["--label", "a,b"], "invalid label"),
         (["--itype", "u9.x"], "unknown instance type"),
     ):
-        result = bcvk("libvirt", "-c", uri, "run", *args, "localhost/x:1")
+        result = cli("libvirt", "-c", uri, "run", *args, "localhost/x:1")
         assert result.returncode != 0, args
         assert message in result.stderr, (args, result.stderr)
 
 
-def test_status_and_help(uri: str) -> None:
-    data = json.loads(bcvk("libvirt", "-c", uri, "status", "--format", "json").stdout)
+def test_status_and_help(uri: str, cli: Cli) -> None:
+    data = json.loads(cli("libvirt", "-c", uri, "status", "--format", "json").stdout)
     assert data["domain_count"] == 2
     assert data["running_domain_count"] == 1
     assert "supports_readonly_virtiofs" in data
-    help_text = bcvk("libvirt", "run", "--help").stdout
+    help_text = cli("libvirt", "run", "--help").stdout
     for flag in ("--bind-ro", "--ro-bind", "--ssh-wait", "--disable-tpm", "--transient", "-R"):
         assert flag in help_text
 
@@ -153,10 +153,10 @@ def test_status_and_help(uri: str) -> None:
         ["upload", "localhost/x:1", "--volume-name", "x</name>"],
     ],
 )
-def test_bad_input_is_refused_before_connecting(args: list[str]) -> None:
+def test_bad_input_is_refused_before_connecting(args: list[str], cli: Cli) -> None:
     # No libvirtd answers at this URI: the input's own error must come first.
     dead = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
-    result = bcvk("libvirt", "-c", dead, *args)
+    result = cli("libvirt", "-c", dead, *args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: invalid"), result.stderr
     assert "connect" not in result.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from bcvk import pb
 from bcvk.libvirt import xml as lx
-from tests.conftest import BIN_DIR, bcvk
+from tests.conftest import BIN_DIR, Cli
 from tests.unit.testdriver import domain_xml, node_file
 
 IMAGE = "localhost/bcvk/debian-bootc:12"
@@ -55,69 +55,69 @@ def runtime(tmp_path: Path) -> dict[str, str]:
     return {"XDG_RUNTIME_DIR": str(tmp_path)}
 
 
-def test_list_shows_pb_vms_only(uri: str, runtime: dict[str, str]) -> None:
-    table = bcvk("pb", "-c", uri, "list", env=runtime, check=True).stdout.splitlines()
+def test_list_shows_pb_vms_only(uri: str, runtime: dict[str, str], cli: Cli) -> None:
+    table = cli("pb", "-c", uri, "list", env=runtime, check=True).stdout.splitlines()
     assert table[0].split() == ["ID", "REPO", "SIZE", "CREATED", "RUNNING", "SSH", "PORT", "NAME"]
     rows = [line.split() for line in table[1:]]
     assert [(r[0], r[-1]) for r in rows] == [
         ("8ae7e19ce1c7", "podman-bootc-8ae7e19ce1c7"),
         ("8ae7aaaaaaaa", "web"),
     ]
-    data = json.loads(bcvk("pb", "-c", uri, "list", "--format", "json", env=runtime).stdout)
+    data = json.loads(cli("pb", "-c", uri, "list", "--format", "json", env=runtime).stdout)
     assert {"id", "name", "image", "running", "ssh_port", "created", "disk_size"} <= set(data[0])
     first, second = data
     assert (first["running"], first["ssh_port"], first["disk_size"]) == (True, 2301, 10 << 30)
     assert (second["name"], second["running"], second["in_use"]) == ("web", False, False)
     # `bcvk libvirt list` shows pb VMs too
-    libvirt = json.loads(bcvk("libvirt", "-c", uri, "list", "--all", "--format", "json").stdout)
+    libvirt = json.loads(cli("libvirt", "-c", uri, "list", "--all", "--format", "json").stdout)
     assert {r["name"] for r in libvirt} == {"podman-bootc-8ae7e19ce1c7", "web", "plain"}
 
 
-def test_inspect_by_name_and_unique_prefix(uri: str, runtime: dict[str, str]) -> None:
-    by_name = json.loads(bcvk("pb", "-c", uri, "inspect", "web", env=runtime, check=True).stdout)
+def test_inspect_by_name_and_unique_prefix(uri: str, runtime: dict[str, str], cli: Cli) -> None:
+    by_name = json.loads(cli("pb", "-c", uri, "inspect", "web", env=runtime, check=True).stdout)
     assert by_name["id"] == "8ae7aaaaaaaa"
-    by_prefix = json.loads(bcvk("pb", "-c", uri, "inspect", "8ae7e", env=runtime).stdout)
+    by_prefix = json.loads(cli("pb", "-c", uri, "inspect", "8ae7e", env=runtime).stdout)
     assert by_prefix["name"] == "podman-bootc-8ae7e19ce1c7"
 
 
-def test_ambiguous_and_unknown_ids(uri: str, runtime: dict[str, str]) -> None:
-    amb = bcvk("pb", "-c", uri, "inspect", "8ae7", env=runtime)
+def test_ambiguous_and_unknown_ids(uri: str, runtime: dict[str, str], cli: Cli) -> None:
+    amb = cli("pb", "-c", uri, "inspect", "8ae7", env=runtime)
     assert amb.returncode == 2
     assert "ambiguous" in amb.stderr
     assert "8ae7aaaaaaaa (web)" in amb.stderr
     assert "8ae7e19ce1c7 (podman-bootc-8ae7e19ce1c7)" in amb.stderr
     for args in (["stop", "zzz"], ["rm", "zzz"], ["ssh", "zzz", "--", "true"], ["start", "zzz"]):
-        result = bcvk("pb", "-c", uri, *args, env=runtime)
+        result = cli("pb", "-c", uri, *args, env=runtime)
         assert result.returncode == 1, args
         assert "no podman-bootc VM 'zzz'" in result.stderr
-    plain = bcvk("pb", "-c", uri, "inspect", "plain", env=runtime)
+    plain = cli("pb", "-c", uri, "inspect", "plain", env=runtime)
     assert plain.returncode == 1  # a libvirt VM that is not a pb VM
 
 
 def test_rm_needs_force_for_running_and_ssh_needs_running(
-    uri: str, runtime: dict[str, str]
+    uri: str, runtime: dict[str, str], cli: Cli
 ) -> None:
-    running = bcvk("pb", "-c", uri, "rm", "8ae7e", env=runtime)
+    running = cli("pb", "-c", uri, "rm", "8ae7e", env=runtime)
     assert running.returncode == 1
     assert "is running" in running.stderr
     assert "-f" in running.stderr
-    stopped = bcvk("pb", "-c", uri, "ssh", "web", "--", "true", env=runtime)
+    stopped = cli("pb", "-c", uri, "ssh", "web", "--", "true", env=runtime)
     assert stopped.returncode == 1
     assert "not running" in stopped.stderr
     assert "bcvk pb start 8ae7aaaaaaaa" in stopped.stderr
-    both = bcvk("pb", "-c", uri, "rm", "--all", "web", env=runtime)
+    both = cli("pb", "-c", uri, "rm", "--all", "web", env=runtime)
     assert both.returncode == 2
 
 
-def test_run_flag_errors_need_no_libvirt(tmp_path: Path, runtime: dict[str, str]) -> None:
-    rm_bg = bcvk("pb", "run", "--rm", "-B", IMAGE, env=runtime)
+def test_run_flag_errors_need_no_libvirt(tmp_path: Path, runtime: dict[str, str], cli: Cli) -> None:
+    rm_bg = cli("pb", "run", "--rm", "-B", IMAGE, env=runtime)
     assert rm_bg.returncode == 2
     assert "--rm cannot be combined with -B" in rm_bg.stderr
     (tmp_path / "ci").mkdir()
-    no_user_data = bcvk("pb", "run", "--cloudinit", str(tmp_path / "ci"), IMAGE, env=runtime)
+    no_user_data = cli("pb", "run", "--cloudinit", str(tmp_path / "ci"), IMAGE, env=runtime)
     assert no_user_data.returncode == 2
     assert "has no user-data file" in no_user_data.stderr
-    bad_port = bcvk("pb", "run", "-p", "80:x", IMAGE, env=runtime)
+    bad_port = cli("pb", "run", "-p", "80:x", IMAGE, env=runtime)
     assert bad_port.returncode == 2
     assert "'x' is not a port" in bad_port.stderr
 
