@@ -22,10 +22,14 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "cache": ("bcvk.cli.cache", "cache", False),
     # The seed's earlier spellings, kept as hidden aliases.
     "run-ephemeral": ("bcvk.cli.ephemeral", "run", True),
-    "ssh": ("bcvk.cli.ephemeral", "ssh_cmd", True),
+    "ssh": ("bcvk.cli.project", "ssh", False),
     "to-disk": ("bcvk.cli.to_disk", "to_disk", False),
     "libvirt": ("bcvk.cli.libvirt", "libvirt", False),
     "pb": ("bcvk.cli.pb", "pb", False),
+    "up": ("bcvk.cli.project", "up", False),
+    "down": ("bcvk.cli.project", "down", False),
+    "status": ("bcvk.cli.project", "status", False),
+    "config": ("bcvk.cli.project", "config", False),
 }
 
 HELP = {
@@ -37,6 +41,11 @@ HELP = {
     "to-disk": "Turn a bootc image into a bootable disk image (raw, qcow2, vmdk, vhd, vhdx, ova).",
     "libvirt": "Persistent VMs through libvirt (run, list, ssh, start, stop, rm, upload…).",
     "pb": "podman-bootc drop-in: run, ssh, list, stop, start, rm, inspect, images.",
+    "up": "Create and start the VMs of ./bcvk.toml so that they match it.",
+    "down": "Stop (or --rm: remove) the VMs of ./bcvk.toml.",
+    "status": "Each VM of ./bcvk.toml: state, SSH port, in sync with the file or not.",
+    "config": "Show the effective configuration of ./bcvk.toml.",
+    "ssh": "SSH into a VM of ./bcvk.toml, or an ephemeral VM by name.",
 }
 
 

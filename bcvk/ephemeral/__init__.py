@@ -194,6 +194,7 @@ class VmInfo:
     vcpus: int
     detached: bool
     forwards: list[tuple[int, int]]
+    project: str = ""  # the bcvk.toml it was started from (JSON), or ""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -226,6 +227,7 @@ def ps() -> list[VmInfo]:
             vcpus=record.vcpus,
             detached=record.detached,
             forwards=list(record.forwards),
+            project=record.project,
         )
         for _, record in registry.scan()
     ]

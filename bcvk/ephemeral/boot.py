@@ -79,6 +79,7 @@ def reserve(opts: Options, info: podman.ImageInfo) -> tuple[registry.VmDir, regi
             detached=opts.detach,
             supervisor=supervisor,
             rootless=podman.rootless(),
+            project=opts.project,
         )
 
     return registry.create(name, make_record)

@@ -105,6 +105,9 @@ class Options:
     rootfs: RootfsMode = RootfsMode.auto
     progress: bool | None = None  # None: when stderr is a terminal
     warm: WarmMode = WarmMode.auto
+    # `bcvk up`: the bcvk.toml this VM was started from, as JSON (file, vm,
+    # settings); kept in its record so `down` stops only the file's own VMs.
+    project: str = ""
 
 
 def parse_disk(text: str) -> DiskFile:

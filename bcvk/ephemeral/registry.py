@@ -167,6 +167,7 @@ class VmRecord:
     console_log: str = ""
     phase: str = "starting"  # starting → running → stopping
     start: str = "cold"  # "cold" (booted) or "warm" (restored from a snapshot)
+    project: str = ""  # Options.project
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     schema: int = SCHEMA
 

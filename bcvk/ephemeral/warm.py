@@ -29,7 +29,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,12 +163,24 @@ def host_cpu() -> str:
     return f"{os.uname().release}:{digest}"
 
 
+@contextlib.contextmanager
+def _try_lock(snapshot: cache.Snapshot) -> Iterator[bool]:
+    """The snapshot's lock, if nobody holds it (False: another VM is saving).
+
+    The directory is made first: `--warm refresh` on a cache that never held
+    a snapshot has none yet, and a lock cannot be created in nothing.
+    """
+    snapshot.entry.warm.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
+        yield free
+
+
 def plan(opts: Options, reason: str | None, snapshot: cache.Snapshot | None) -> Plan:
     """Decide the start; REASON (if any) is why this VM cannot start warm."""
     if reason is not None or snapshot is None:
         return Plan("cold", reason or "no snapshot")
     if opts.warm is WarmMode.refresh:
-        with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
+        with _try_lock(snapshot) as free:
             if free:  # else another VM is saving a new one right now
                 snapshot.remove()
         if opts.detach:
@@ -178,7 +190,7 @@ def plan(opts: Options, reason: str | None, snapshot: cache.Snapshot | None) -> 
         return Plan("restore", "", snapshot)
     why = "no snapshot yet"
     if snapshot.state.exists() or snapshot.meta.exists():
-        with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
+        with _try_lock(snapshot) as free:
             if free:  # not being written: a left-over of an interrupted save
                 snapshot.remove()
                 why = "the snapshot was incomplete"
@@ -198,8 +210,7 @@ def save(vm: Vm, snapshot: cache.Snapshot, public_key: str, image: str) -> None:
     A snapshot that cannot be made is a warning: the VM goes on.  Two first
     VMs of one configuration save once; the other goes on without saving.
     """
-    snapshot.entry.warm.mkdir(mode=0o700, exist_ok=True)
-    with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
+    with _try_lock(snapshot) as free:
         if not free or snapshot.usable():
             logger.info("not saving a snapshot: another VM has saved or is saving it")
             return
@@ -362,6 +373,6 @@ def wait_banner(vm: Vm, timeout: float, first: socket.socket | None = None) -> N
 def discard(snapshot: cache.Snapshot, why: str) -> None:
     """Remove a snapshot that failed to restore, so the next VM saves a new one."""
     logger.warning("warm start failed (%s); removing the snapshot and booting cold", why)
-    with paths.locked(snapshot.lock, blocking=False, remove=True) as free:
+    with _try_lock(snapshot) as free:
         if free:
             snapshot.remove()

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
         domain_xml as domain_xml,
     )
     from bcvk.libvirt.domains import (
+        find as find,
+    )
+    from bcvk.libvirt.domains import (
         inspect as inspect,
     )
     from bcvk.libvirt.domains import (
@@ -74,19 +77,23 @@ if TYPE_CHECKING:
     from bcvk.libvirt.domains import (
         upload as upload,
     )
+    from bcvk.libvirt.metadata import Project as Project
     from bcvk.libvirt.provision import RunOptions as RunOptions
+    from bcvk.libvirt.provision import validate as validate
     from bcvk.libvirt.vms import Vm as Vm
     from bcvk.values import Firmware as Firmware
     from bcvk.values import PortForward as PortForward
 
 _HOME = {
+    "Project": "bcvk.libvirt.metadata",
     "RunOptions": "bcvk.libvirt.provision",
+    "validate": "bcvk.libvirt.provision",
     "Vm": "bcvk.libvirt.vms",
     "Firmware": "bcvk.values",
     "PortForward": "bcvk.values",
 }
 _VERBS = (
-    "base_disks", "create", "domain_xml", "inspect", "list_vms", "make_run_options",
+    "base_disks", "create", "domain_xml", "find", "inspect", "list_vms", "make_run_options",
     "prune_base_disks", "rm", "rm_all", "run", "ssh_command", "ssh_interactive", "start",
     "status", "stop", "upload",
 )  # fmt: skip

@@ -138,6 +138,19 @@ def inspect(name: str, uri: str | None = None) -> Vm:
         return get_vm(conn, name)[1]
 
 
+def find(name: str, uri: str | None = None) -> tuple[bool, Vm | None]:
+    """Whether a domain NAME exists, and bcvk's view of it when bcvk made it
+    (None for a domain made by hand, or a copy of a bcvk VM)."""
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
+    with connected(uri) as conn:
+        try:
+            dom = conn.get(name)
+        except DomainNotFound:
+            return False, None
+        vm = read_vm(conn, dom)
+        return True, vm if vm is not None and vm.copied_from is None else None
+
+
 def domain_xml(name: str, uri: str | None = None) -> str:
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connected(uri) as conn:

@@ -26,6 +26,27 @@ def q(tag: str, ns: str = BOOTC_NS) -> str:
 
 
 @dataclass(frozen=True)
+class Project:
+    """The ``bcvk.toml`` a domain was made from (``bcvk up``): the file's
+    absolute path, the VM's name in it, and its settings as applied (JSON),
+    which ``bcvk status`` compares with the file."""
+
+    file: str
+    vm: str
+    settings: str
+
+    def to_element(self) -> ET.Element:
+        el = ET.Element(q("project"), {"file": self.file, "vm": self.vm})
+        el.text = self.settings
+        return el
+
+    @classmethod
+    def from_element(cls, el: ET.Element) -> Project | None:
+        file, vm = el.get("file", ""), el.get("vm", "")
+        return cls(file, vm, (el.text or "").strip()) if file and vm else None
+
+
+@dataclass(frozen=True)
 class Metadata:
     """bcvk's facts about a domain, stored in the domain XML itself."""
 
@@ -59,6 +80,7 @@ class Metadata:
     # <metadata>) carries another domain's name and UUID.
     domain_name: str = ""
     domain_uuid: str = ""
+    project: Project | None = None
 
     # (element name, attribute) for the scalar keys, in output order.
     _SCALARS = (
@@ -113,6 +135,8 @@ class Metadata:
                     "tag": mount.tag,
                 },
             )
+        if self.project is not None:
+            root.append(self.project.to_element())
         return root
 
     @classmethod
@@ -170,6 +194,8 @@ class Metadata:
                 Share(kind, el.get("source", ""), el.get("target", ""), el.get("tag", ""))
             )
         values["mounts"] = tuple(mounts)
+        for el in findall("project"):
+            values["project"] = Project.from_element(el)
         return replace(defaults, **values)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, object]:
@@ -204,6 +230,9 @@ class Metadata:
             "created_by": self.created_by or None,
             "domain_name": self.domain_name or None,
             "domain_uuid": self.domain_uuid or None,
+            "project": (
+                {"file": self.project.file, "vm": self.project.vm} if self.project else None
+            ),
         }
 
 

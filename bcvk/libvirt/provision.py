@@ -78,6 +78,7 @@ class RunOptions:
     timeout: float = SSH_TIMEOUT
     pool: str = "default"
     accel: Accel | None = None
+    project: lx.Project | None = None  # made by `bcvk up` from this file
 
 
 def share_specs(
@@ -401,6 +402,7 @@ def domain_spec(
         created_by=f"bcvk {__version__}",
         domain_name=req.name,
         domain_uuid=made.vm_uuid,
+        project=opts.project,
     )
     return lx.DomainSpec(
         name=req.name,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from bcvk.libvirt.metadata import BOOTC_NS as BOOTC_NS
 from bcvk.libvirt.metadata import Metadata as Metadata
+from bcvk.libvirt.metadata import Project as Project
 from bcvk.libvirt.metadata import metadata_from_xml as metadata_from_xml
 from bcvk.libvirt.metadata import q
 from bcvk.values import Firmware, PortForward

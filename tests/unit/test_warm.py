@@ -180,6 +180,14 @@ def test_refresh_removes_the_snapshot_and_saves_anew(tmp_path: Path) -> None:
     assert not snap.meta.exists()
 
 
+def test_refresh_on_a_cache_that_never_held_a_snapshot(tmp_path: Path) -> None:
+    # A fresh user's first `--warm refresh`: no warm/ directory to lock in yet.
+    snap = cache.Snapshot(cache.Entry(tmp_path / "entry"), "k" * 32)
+    plan = warm.plan(make_options(IMAGE, warm="refresh"), None, snap)
+    assert (plan.mode, plan.reason) == ("save", "--warm refresh")
+    assert not snap.lock.exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "no-meta", "other-key"])
 def test_an_incomplete_snapshot_is_removed_and_replaced(tmp_path: Path, damage: str) -> None:
     snap = snapshot_in(tmp_path)
