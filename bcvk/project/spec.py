@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bcvk import ephemeral, libvirt
 from bcvk.errors import BcvkError, NotFoundError, UsageError
@@ -25,6 +25,7 @@ from bcvk.host import podman
 from bcvk.values import format_size, validate_vm_name
 
 FILE_NAME = "bcvk.toml"
+T = TypeVar("T")
 
 
 class Kind(enum.StrEnum):
@@ -210,46 +211,41 @@ def _vm(where: Where, base: Path, name: str, defaults: dict[str, Any],
             )
     values = {k: _absolute(base, k, _listed(v) if k in LISTS else v) for k, v in values.items()}
 
-    def check(key: str, build: Callable[[dict[str, Any]], object]) -> None:
+    def validated(build: Callable[[dict[str, Any]], T]) -> T:
+        # Each key alone first, so that an error names its key and line; then
+        # all together, for what only their combination can get wrong.
+        for key in values:
+            if key not in ("kind", "image", "connect"):
+                try:
+                    build({key: values[key]})
+                except BcvkError as exc:
+                    message = _reword(exc.message, key)
+                    raise where.error(origin[key], key, message, exc.hint) from exc
         try:
-            build({key: values[key]})
+            return build(values)
         except BcvkError as exc:
-            raise where.error(origin[key], key, _reword(exc.message, key), exc.hint) from exc
+            raise where.error("vm", name, exc.message, exc.hint) from exc
 
     try:
         podman.validate_reference(str(values["image"]))
     except UsageError as exc:
         raise where.error(origin["image"], "image", exc.message, exc.hint) from exc
+    line = where.lines.header(section)
+    image = str(values["image"])
     if kind is Kind.libvirt:
-        uri = values.get("connect")
 
         def build_libvirt(subset: dict[str, Any]) -> libvirt.RunOptions:
-            opts = libvirt.make_run_options(uri, name=name, **_libvirt_args(subset))
+            opts = libvirt.make_run_options(values.get("connect"), name=name,
+                                            **_libvirt_args(subset))  # fmt: skip
             libvirt.validate(opts)
             return opts
 
-        for key in values:
-            if key not in ("kind", "image", "connect"):
-                check(key, build_libvirt)
-        try:
-            lopts = build_libvirt(values)
-        except BcvkError as exc:
-            raise where.error("vm", name, exc.message, exc.hint) from exc
-        return Vm(name, kind, values, where.lines.header(section), lopts, None)
-
-    image = str(values["image"])
+        return Vm(name, kind, values, line, validated(build_libvirt), None)
 
     def build_ephemeral(subset: dict[str, Any]) -> ephemeral.Options:
         return ephemeral.make_options(image, name=name, detach=True, **_ephemeral_args(subset))
 
-    for key in values:
-        if key not in ("kind", "image"):
-            check(key, build_ephemeral)
-    try:
-        eopts = build_ephemeral(values)
-    except BcvkError as exc:
-        raise where.error("vm", name, exc.message, exc.hint) from exc
-    return Vm(name, kind, values, where.lines.header(section), None, eopts)
+    return Vm(name, kind, values, line, None, validated(build_ephemeral))
 
 
 def _listed(value: Any) -> list[str]:
