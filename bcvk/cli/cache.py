@@ -25,23 +25,19 @@ def list_(fmt: str) -> None:
     from bcvk.values import format_size
 
     infos = ephemeral.cache_list()
-    if fmt == "json":
-        output.emit_json([i.to_json() for i in infos])
-        return
-    output.emit_table(
+    output.emit_listing(
+        fmt,
+        infos,
         ["IMAGE ID", "IMAGE", "SIZE", "ROOTFS", "SNAPSHOTS", "LAST USED", "STATUS"],
-        [
-            (
-                i.image_id[:12],
-                i.image or "-",
-                format_size(i.size),
-                "yes" if i.has_rootfs else "no",
-                _snapshots(i.snapshots),
-                output.age(i.last_used),
-                "in use" if i.in_use else ("image gone" if not i.image_present else "-"),
-            )
-            for i in infos
-        ],
+        lambda i: (
+            i.image_id[:12],
+            i.image or "-",
+            format_size(i.size),
+            "yes" if i.has_rootfs else "no",
+            _snapshots(i.snapshots),
+            output.age(i.last_used),
+            "in use" if i.in_use else ("image gone" if not i.image_present else "-"),
+        ),
     )
 
 

@@ -216,23 +216,19 @@ def ps(fmt: str) -> None:
     from bcvk import ephemeral as core
 
     vms = core.ps()
-    if fmt == "json":
-        output.emit_json([vm.to_json() for vm in vms])
-        return
-    output.emit_table(
+    output.emit_listing(
+        fmt,
+        vms,
         ["NAME", "IMAGE", "STATE", "SSH", "PID", "ROOTFS", "CREATED"],
-        [
-            (
-                vm.name,
-                vm.image,
-                vm.state,
-                f"127.0.0.1:{vm.ssh_port}",
-                vm.pid or "-",
-                vm.rootfs,
-                output.age(vm.created),
-            )
-            for vm in vms
-        ],
+        lambda vm: (
+            vm.name,
+            vm.image,
+            vm.state,
+            f"127.0.0.1:{vm.ssh_port}",
+            vm.pid or "-",
+            vm.rootfs,
+            output.age(vm.created),
+        ),
     )
 
 

@@ -6,11 +6,27 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from bcvk.log import use_colour
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Listed(Protocol):
+    def to_json(self) -> Any: ...
+
+
+L = TypeVar("L", bound=Listed)
+
+
+def emit_listing(fmt: str, items: Sequence[L], headers: Sequence[str],
+                 row: Callable[[L], Sequence[object]]) -> None:  # fmt: skip
+    """ITEMS as JSON (each one's ``to_json``) when FMT says so, else as a table."""
+    if fmt == "json":
+        emit_json([item.to_json() for item in items])
+    else:
+        emit_table(headers, [row(item) for item in items])
 
 
 def emit_data(fmt: str, data: Any) -> None:

@@ -186,23 +186,19 @@ def list_(ctx: click.Context, fmt: str) -> None:
     from bcvk.values import format_size
 
     vms = core.list_vms(_uri(ctx))
-    if fmt == "json":
-        output.emit_json([vm.to_json() for vm in vms])
-        return
-    output.emit_table(
+    output.emit_listing(
+        fmt,
+        vms,
         ["ID", "REPO", "SIZE", "CREATED", "RUNNING", "SSH PORT", "NAME"],
-        [
-            (
-                vm.id,
-                vm.image,
-                format_size(vm.info.disk_size),
-                output.age(vm.created) if vm.created else "-",
-                "true" if vm.running else "false",
-                vm.ssh_port or "-",
-                vm.name,
-            )
-            for vm in vms
-        ],
+        lambda vm: (
+            vm.id,
+            vm.image,
+            format_size(vm.info.disk_size),
+            output.age(vm.created) if vm.created else "-",
+            "true" if vm.running else "false",
+            vm.ssh_port or "-",
+            vm.name,
+        ),
     )
 
 

@@ -97,17 +97,12 @@ def status(file: str | None, fmt: str, names: tuple[str, ...]) -> None:
     """Each VM of the file: its state, SSH port and whether it matches the file."""
     from bcvk import project
 
-    states = project.status(_load(file), names)
-    if fmt == "json":
-        output.emit_json([s.to_json() for s in states])
-        return
-    output.emit_table(
+    output.emit_listing(
+        fmt,
+        project.status(_load(file), names),
         ["NAME", "KIND", "STATE", "SSH", "FILE"],
-        [
-            (s.name, s.vm.kind.value, s.state, s.ssh_port or "-",
-             s.sync + (f": {', '.join(s.differences)}" if s.differences else ""))
-            for s in states
-        ],
+        lambda s: (s.name, s.vm.kind.value, s.state, s.ssh_port or "-",
+                   s.sync + (f": {', '.join(s.differences)}" if s.differences else "")),
     )  # fmt: skip
 
 

@@ -158,6 +158,17 @@ def domain_xml(name: str, uri: str | None = None) -> str:
         return dom.xml()
 
 
+def _answering(name: str, uri: str | None, timeout: float) -> ssh.Target:
+    """Running VM NAME's SSH target, once its sshd answers (up to TIMEOUT)."""
+    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
+    with connected(uri) as conn:
+        dom, vm = lifecycle.running_vm(conn, name)
+        target = vm.ssh_target()
+        if not ssh.probe(target):
+            lifecycle.wait_for_ssh(dom, vm, timeout)
+    return target
+
+
 def ssh_command(
     name: str,
     command: Sequence[str] = (),
@@ -168,25 +179,13 @@ def ssh_command(
 ) -> subprocess.CompletedProcess[str]:
     """Run COMMAND in VM NAME over SSH (waiting up to TIMEOUT for sshd); never raises on
     the command's exit status."""
-    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connected(uri) as conn:
-        dom, vm = lifecycle.running_vm(conn, name)
-        target = vm.ssh_target()
-        if not ssh.probe(target):
-            lifecycle.wait_for_ssh(dom, vm, timeout)
-    return ssh.execute(target, list(command), capture=capture)
+    return ssh.execute(_answering(name, uri, timeout), list(command), capture=capture)
 
 
 def ssh_interactive(
     name: str, command: Sequence[str] = (), *, uri: str | None = None, timeout: float = 60.0
 ) -> int:
-    validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
-    with connected(uri) as conn:
-        dom, vm = lifecycle.running_vm(conn, name)
-        target = vm.ssh_target()
-        if not ssh.probe(target):
-            lifecycle.wait_for_ssh(dom, vm, timeout)
-    return ssh.interactive(target, list(command))
+    return ssh.interactive(_answering(name, uri, timeout), list(command))
 
 
 def start(

@@ -67,6 +67,17 @@ def made_by_up(conn: Connection, proj: project.Project, name: str, *, running: b
     define(conn, name, md.to_element(), running)
 
 
+def populate(conn: Connection, path: Path, made: dict[str, bool], *, hand: str,
+             hand_running: bool = False) -> project.Project:  # fmt: skip
+    """PATH's project with the VMs MADE (name → running) as `up` makes them,
+    and a domain HAND of the same name as one of the file's, made by hand."""
+    proj = project.load(path)
+    for name, running in made.items():
+        made_by_up(conn, proj, name, running=running)
+    define(conn, hand, None, running=hand_running)
+    return proj
+
+
 def define(conn: Connection, name: str, metadata: object, running: bool) -> None:
     import xml.etree.ElementTree as ET
 
@@ -276,9 +287,7 @@ def test_up_refuses_before_touching_anything(
     write: Callable[[str], Path], conn: Connection, cli: Cli
 ) -> None:
     path = write(FILE + '\n[vm.new]\nimage = "localhost/x:1"\n')
-    proj = project.load(path)
-    made_by_up(conn, proj, "web", running=False)
-    define(conn, "db", None, running=False)  # a hand-made `db`
+    proj = populate(conn, path, {"web": False}, hand="db")
     result = cli("up", "-f", str(path))
     assert result.returncode == 1
     assert result.stderr.startswith(
@@ -312,10 +321,7 @@ def test_down_touches_only_the_files_vms(
     write: Callable[[str], Path], conn: Connection, cli: Cli
 ) -> None:
     path = write(FILE + '\n[vm.hand]\nimage = "x:1"\n\n[vm.gone]\nimage = "x:1"\n')
-    proj = project.load(path)
-    made_by_up(conn, proj, "web", running=True)
-    made_by_up(conn, proj, "db", running=False)
-    define(conn, "hand", None, running=True)
+    populate(conn, path, {"web": True, "db": False}, hand="hand", hand_running=True)
     result = cli("down", "-f", str(path), check=True)
     assert result.stdout.splitlines() == [
         "web: stopped", "db: already stopped", "hand: left alone", "gone: missing",
