@@ -187,6 +187,13 @@ class Firmware(enum.StrEnum):
         return self is not Firmware.bios
 
 
+class Network(enum.StrEnum):
+    """A VM's network: QEMU user-mode networking (NAT, forwards on 127.0.0.1) or none."""
+
+    user = "user"
+    none = "none"
+
+
 class Accel(enum.StrEnum):
     kvm = "kvm"
     tcg = "tcg"

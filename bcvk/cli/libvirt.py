@@ -64,6 +64,14 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--karg", "kargs", multiple=True, metavar="ARG", help="Kernel argument."),
         shared.port_option,
         click.option(
+            "--network",
+            default="user",
+            show_default=True,
+            metavar="user|none",
+            help="user: NAT, SSH and -p forwards on 127.0.0.1; none: no NIC at all "
+            "(upstream's bridge is refused).",
+        ),
+        click.option(
             "--bind",
             "binds",
             multiple=True,
@@ -133,13 +141,14 @@ def _run_options(
 def _print_vm_created(vm: Vm, started: bool) -> None:
 
     md = vm.metadata
+    ssh = f"bcvk libvirt ssh {vm.name}" + ("" if started else " (after start)")
     output.emit_pairs(
         [
             ("Name", vm.name),
             ("State", vm.state),
             ("Image", md.source_image),
-            ("SSH", f"bcvk libvirt ssh {vm.name}" + ("" if started else " (after start)")),
-            ("SSH port", f"127.0.0.1:{md.ssh_port}"),
+            ("SSH", ssh if md.ssh_port else "- (--network none)"),
+            ("SSH port", f"127.0.0.1:{md.ssh_port}" if md.ssh_port else "-"),
             ("Disk", vm.disks[0] if vm.disks else "-"),
         ]
     )
@@ -191,17 +200,28 @@ def create(ctx: click.Context, /, image: str, start_: bool, **kwargs: Any) -> No
 
 
 @libvirt.command("list", context_settings=CONTEXT)
+@click.argument("domain", required=False)
 @click.option("-a", "--all", "all_", is_flag=True, help="Include VMs that are not running.")
 @click.option("--label", help="Only VMs with this label.")
 @shared.format_option("table", "json")
+@click.option(
+    "--include-private-key",
+    is_flag=True,
+    help="JSON: inline each VM's private key as `ssh_private_key`, as upstream bcvk does "
+    "(anyone who reads the output can log in to the VM).",
+)
 @click.pass_context
-def list_(ctx: click.Context, all_: bool, label: str | None, fmt: str) -> None:
-    """List bcvk's VMs (running ones unless --all)."""
+def list_(ctx: click.Context, domain: str | None, all_: bool, label: str | None, fmt: str,
+          include_private_key: bool) -> None:  # fmt: skip
+    """List bcvk's VMs (running ones unless --all), or only DOMAIN (in any state)."""
     from bcvk import libvirt as core
 
-    vms = core.list_vms(_uri(ctx), all_states=all_, label=label)
+    if domain is not None:
+        vms = [core.inspect(domain, _uri(ctx))]
+    else:
+        vms = core.list_vms(_uri(ctx), all_states=all_, label=label)
     if fmt == "json":
-        output.emit_json([vm.to_json() for vm in vms])
+        output.emit_json([core.listing_json(vm, private_key=include_private_key) for vm in vms])
         return
     rows = []
     for vm in vms:
@@ -274,26 +294,34 @@ def _confirm(question: str, force: bool) -> None:
         raise click.exceptions.Exit(1)
 
 
+def stop_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--stop", "stop_", is_flag=True, help="Stop running VMs first (-f implies it)."
+    )(fn)
+
+
 @libvirt.command(context_settings=CONTEXT)
 @click.argument("name")
 @click.option("-f", "--force", is_flag=True, help="No confirmation; stop it if running.")
+@stop_option
 @click.pass_context
-def rm(ctx: click.Context, name: str, force: bool) -> None:
+def rm(ctx: click.Context, name: str, force: bool, stop_: bool) -> None:
     """Remove VM NAME with its disk and generated SSH key (bcvk's VMs only)."""
     from bcvk import libvirt as core
 
     # Unknown, foreign or copied domains fail before asking; a running one
-    # fails in rm, with the hint to pass -f.
-    if not force and not core.inspect(name, _uri(ctx)).running:
+    # without -f or --stop fails in rm, with the hint to pass one.
+    if not force and (stop_ or not core.inspect(name, _uri(ctx)).running):
         _confirm(f"Remove VM {name} and its disk?", force)
-    core.rm(name, uri=_uri(ctx), force=force)
+    core.rm(name, uri=_uri(ctx), force=force or stop_)
 
 
 @libvirt.command("rm-all", context_settings=CONTEXT)
 @click.option("-f", "--force", is_flag=True, help="No confirmation; stop running VMs too.")
+@stop_option
 @click.option("--label", help="Only VMs with this label.")
 @click.pass_context
-def rm_all(ctx: click.Context, force: bool, label: str | None) -> None:
+def rm_all(ctx: click.Context, force: bool, stop_: bool, label: str | None) -> None:
     """Remove every bcvk VM (with --label: those with that label)."""
     from bcvk import libvirt as core
     from bcvk.log import logger
@@ -303,11 +331,11 @@ def rm_all(ctx: click.Context, force: bool, label: str | None) -> None:
         logger.info("No bcvk VMs to remove")
         return
     _confirm(f"Remove {len(vms)} VM(s): {', '.join(v.name for v in vms)}?", force)
-    removed, skipped = core.rm_all(uri=_uri(ctx), force=force, label=label)
+    removed, skipped = core.rm_all(uri=_uri(ctx), force=force or stop_, label=label)
     for name in removed:
         logger.info("Removed %s", name)
     for name in skipped:
-        logger.warning("Skipped running VM %s (pass -f to stop and remove it)", name)
+        logger.warning("Skipped running VM %s (pass --stop or -f to stop and remove it)", name)
 
 
 @libvirt.command(context_settings=CONTEXT)
@@ -421,3 +449,34 @@ def base_disks_prune(ctx: click.Context, pool: str, dry_run: bool) -> None:
 
     for base in core.prune_base_disks(_uri(ctx), pool, dry_run=dry_run):
         sys.stdout.write(("would delete " if dry_run else "deleted ") + base.name + "\n")
+
+
+def _connect_after_verb(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    """`bcvk libvirt VERB -c URI` as upstream: the same URI as before the verb."""
+    from bcvk.errors import UsageError
+
+    if value is None:
+        return
+    obj = ctx.ensure_object(dict)  # the libvirt group's, unless only parsing
+    if obj.get("uri") not in (None, value):
+        raise UsageError(f"two libvirt URIs: {obj['uri']!r} and {value!r}", hint="give -c once")
+    obj["uri"] = value
+
+
+def _add_connect(command: click.Command) -> None:
+    command.params.append(
+        click.Option(
+            ["-c", "--connect"],
+            metavar="URI",
+            expose_value=False,
+            callback=_connect_after_verb,
+            help="libvirt URI (as `bcvk libvirt -c URI`).",
+        )
+    )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _add_connect(sub)
+
+
+for _command in libvirt.commands.values():
+    _add_connect(_command)

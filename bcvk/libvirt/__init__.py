@@ -44,6 +44,9 @@ if TYPE_CHECKING:
         list_vms as list_vms,
     )
     from bcvk.libvirt.domains import (
+        listing_json as listing_json,
+    )
+    from bcvk.libvirt.domains import (
         make_run_options as make_run_options,
     )
     from bcvk.libvirt.domains import (
@@ -93,7 +96,8 @@ _HOME = {
     "PortForward": "bcvk.values",
 }
 _VERBS = (
-    "base_disks", "create", "domain_xml", "find", "inspect", "list_vms", "make_run_options",
+    "base_disks", "create", "domain_xml", "find", "inspect", "list_vms", "listing_json",
+    "make_run_options",
     "prune_base_disks", "rm", "rm_all", "run", "ssh_command", "ssh_interactive", "start",
     "status", "stop", "upload",
 )  # fmt: skip

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bcvk import to_disk
@@ -49,6 +50,7 @@ from bcvk.log import logger, step
 from bcvk.values import (
     Accel,
     Firmware,
+    Network,
     PortForward,
     parse_choice,
     parse_karg,
@@ -69,6 +71,7 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
     filesystem = values.pop("filesystem", None)
     firmware = values.pop("firmware", Firmware.uefi)
     accel = values.pop("accel", None)
+    network = values.pop("network", Network.user)
     specs = share_specs(
         values.pop("binds", ()), values.pop("binds_ro", ()), values.pop("volumes", ())
     )
@@ -89,6 +92,7 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
             Firmware, "uefi" if firmware == "uefi-insecure" else firmware, "--firmware"
         ),  # fmt: skip
         accel=parse_choice(Accel, accel, "--accel") if accel else None,
+        network=_network(network),
         ports=tuple(
             p if isinstance(p, PortForward) else PortForward.parse(p)
             for p in values.pop("ports", ())
@@ -99,6 +103,15 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
         timeout=parse_timeout(values.pop("timeout", SSH_TIMEOUT), "--timeout"),
         **values,
     )
+
+
+def _network(value: str | Network) -> Network:
+    if value == "bridge" or str(value).startswith("bridge="):
+        raise UsageError(
+            "--network bridge is not supported: bcvk cannot test a bridge on its own hosts",
+            hint="use --network user (the default) with -p HOST:GUEST forwards on 127.0.0.1",
+        )
+    return parse_choice(Network, value, "--network")
 
 
 def run(image: str, options: RunOptions | None = None, *, uri: str | None = None,
@@ -130,6 +143,22 @@ def list_vms(
 ) -> list[Vm]:
     with connected(uri) as conn:
         return filter_vms(all_vms(conn), all_states=all_states, label=label)
+
+
+def listing_json(vm: Vm, *, private_key: bool = False) -> dict[str, object]:
+    """VM as `list --format json` shows it; with PRIVATE_KEY, the key itself
+    too (upstream's `ssh_private_key`, for consumers that read it there)."""
+    data = vm.to_json()
+    if private_key:
+        path = vm.metadata.ssh_private_key_path
+        try:
+            data["ssh_private_key"] = Path(path).read_text() if path else None
+        except OSError as exc:
+            raise BcvkError(
+                f"cannot read VM {vm.name}'s private key {path}: {exc.strerror}",
+                hint="run as the user who created the VM",
+            ) from exc
+    return data
 
 
 def inspect(name: str, uri: str | None = None) -> Vm:

@@ -42,7 +42,15 @@ from bcvk.libvirt.vms import (
     used_ports,
 )
 from bcvk.log import logger, step
-from bcvk.values import GIB, Accel, Firmware, PortForward, validate_label, validate_vm_name
+from bcvk.values import (
+    GIB,
+    Accel,
+    Firmware,
+    Network,
+    PortForward,
+    validate_label,
+    validate_vm_name,
+)  # fmt: skip
 
 DEFAULT_DISK_SIZE = 20 * GIB
 # A serial console is only useful if the kernel writes to it; the user's
@@ -68,6 +76,7 @@ class RunOptions:
     ports: tuple[PortForward, ...] = ()
     shares: tuple[Share, ...] = ()
     firmware: Firmware = Firmware.uefi
+    network: Network = Network.user
     ssh_key: Path | None = None
     tpm: bool = True
     labels: tuple[str, ...] = ()
@@ -98,6 +107,12 @@ def validate(opts: RunOptions) -> None:
     for label in opts.labels:
         validate_label(label)
     resources(opts.memory, opts.vcpus, opts.itype)
+    if opts.network is Network.none and (opts.ports or opts.ssh_wait):
+        what = "-p/--port" if opts.ports else "--ssh/--ssh-wait"
+        raise UsageError(
+            f"--network none leaves the VM without a NIC, so {what} cannot work",
+            hint="use --network user (the default) for SSH and port forwards",
+        )
     # The base disk is to-disk's (installer auto): it decides what it can boot.
     to_disk.check_firmware(opts.firmware, to_disk.Installer.auto)
     to_disk.check_disk_size(opts.disk_size, opts.filesystem)
@@ -189,7 +204,11 @@ def resolve(conn: Connection, image: str, opts: RunOptions) -> Resolved:
     local = not conn.info.remote
     taken = used_ports(existing)
     _check_ports(opts, taken, check_local=local)
-    ssh_port = pick_ssh_port(taken | {p.host for p in opts.ports}, check_local=local)
+    ssh_port = (
+        pick_ssh_port(taken | {p.host for p in opts.ports}, check_local=local)
+        if opts.network is Network.user
+        else 0
+    )
     return Resolved(
         name, image, info, memory_mib, vcpus, itype, ssh_port, domain_type(conn, opts.accel)
     )
@@ -378,7 +397,7 @@ def domain_spec(
     metadata = lx.Metadata(
         source_image=req.image,
         image_digest=req.info.digest or req.info.id,
-        ssh_port=req.ssh_port,
+        ssh_port=req.ssh_port or None,
         ssh_private_key_path=os.fspath(made.private_key),
         ssh_generated=made.generated_key,
         memory_mb=req.memory_mib,
@@ -412,7 +431,7 @@ def domain_spec(
         disk_path=made.disk_path,
         domain_type=req.domain_type,
         firmware=opts.firmware,
-        ssh_port=req.ssh_port,
+        ssh_port=req.ssh_port,  # 0: no NIC (--network none)
         ports=opts.ports,
         filesystems=shared.filesystems,
         credentials=tuple(creds),

@@ -196,6 +196,7 @@ class Vm:
             "ssh_port": md.ssh_port,
             "ssh_user": md.ssh_user,
             "ssh_private_key_path": md.ssh_private_key_path,
+            "has_ssh_key": bool(md.ssh_private_key_path),
             "ssh_proxy_jump": self.ssh_proxy_jump,
             "ssh_proxy_command": self.ssh_proxy_command,
             "ports": [str(p) for p in md.ports],

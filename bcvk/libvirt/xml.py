@@ -442,6 +442,7 @@ def build(spec: DomainSpec) -> Domain:
         tpm=Tpm() if spec.tpm else None,
         rng=True,
         oem_strings=spec.credentials,
-        qemu_args=tuple(netdev_args(spec.ssh_port, spec.ports, machine)),
+        # ssh_port 0: --network none, no NIC at all
+        qemu_args=tuple(netdev_args(spec.ssh_port, spec.ports, machine) if spec.ssh_port else ()),
         metadata=spec.metadata,
     )

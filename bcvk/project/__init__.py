@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,17 +203,30 @@ def up(project: Project, names: Sequence[str] = (), *, recreate: bool = False,
 
 
 def wait_for_ssh(vms: Sequence[Vm], timeout: float) -> None:
-    """Every VM answers a real SSH command.  They all boot at once; waiting
-    for each in turn costs no more than the slowest boot."""
-    for vm in vms:
-        if vm.kind is Kind.ephemeral:
-            continue  # a detached ephemeral VM is started only once SSH answers
+    """Every libvirt VM answers a real SSH command, waited for side by side so
+    each failure is reported, not only the first.  (A detached ephemeral VM
+    is started only once its SSH answers.)"""
+    waiting = [vm for vm in vms if vm.kind is Kind.libvirt]
+    if not waiting:
+        return
+    with ThreadPoolExecutor(max_workers=len(waiting)) as pool:
+        failures = [f for f in pool.map(lambda vm: _ssh_failure(vm, timeout), waiting) if f]
+    if failures:
+        raise BcvkError(
+            "; ".join(failures),
+            hint="see a VM's console: bcvk libvirt inspect NAME, or rerun bcvk up --ssh-wait",
+        )
+
+
+def _ssh_failure(vm: Vm, timeout: float) -> str | None:
+    """Why VM does not answer SSH within TIMEOUT, or None once it does."""
+    try:
         result = libvirt.ssh_command(vm.name, ["true"], uri=vm.uri, timeout=timeout)
-        if result.returncode != 0:
-            raise BcvkError(
-                f"VM {vm.name} did not answer SSH: {result.stderr.strip() or result.returncode}",
-                hint=f"see its console: bcvk libvirt inspect {vm.name}",
-            )
+    except BcvkError as exc:
+        return f"VM {vm.name}: {exc.message}"
+    if result.returncode == 0:
+        return None
+    return f"VM {vm.name} did not answer SSH: {result.stderr.strip() or result.returncode}"
 
 
 def down(project: Project, names: Sequence[str] = (), *,

@@ -147,7 +147,11 @@ def test_status_and_help(uri: str, cli: Cli) -> None:
         ["stop", ".."],
         ["run", "--name", "ok\n", "localhost/x:1"],
         ["run", "--label", "a\x01", "localhost/x:1"],
+        # upstream's invalid ports (libvirt_port_forward.rs `invalid`)
         ["run", "-p", "8080", "localhost/x:1"],
+        ["run", "--port", "abc:80", "localhost/x:1"],
+        ["run", "--port", "8080:xyz", "localhost/x:1"],
+        ["run", "--port", "70000:80", "localhost/x:1"],
         ["run", "--memory", "9" * 400, "localhost/x:1"],
         ["run", "--cpus", "0", "localhost/x:1"],
         ["upload", "localhost/x:1", "--volume-name", "x</name>"],
@@ -160,3 +164,51 @@ def test_bad_input_is_refused_before_connecting(args: list[str], cli: Cli) -> No
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: invalid"), result.stderr
     assert "connect" not in result.stderr
+
+
+def test_connect_is_also_taken_after_the_verb(uri: str, cli: Cli) -> None:
+    before = cli("libvirt", "-c", uri, "list", "--all", check=True).stdout
+    assert cli("libvirt", "list", "--all", "-c", uri, check=True).stdout == before
+    assert cli("libvirt", "-c", uri, "list", "--connect", uri, "-a", check=True).stdout == before
+    assert "db" in cli("libvirt", "inspect", "db", "-c", uri, check=True).stdout
+    both = cli("libvirt", "-c", uri, "list", "-c", "qemu:///system")
+    assert both.returncode == 2
+    assert both.stderr.startswith("error: two libvirt URIs:")
+
+
+def test_list_one_domain_and_the_key_fields(uri: str, cli: Cli, tmp_path: Path) -> None:
+    table = cli("libvirt", "-c", uri, "list", "db", check=True).stdout.splitlines()
+    assert [line.split()[:3] for line in table[1:]] == [["db", "localhost/db:1", "shut"]]
+    rows = json.loads(cli("libvirt", "-c", uri, "list", "-a", "--format", "json").stdout)
+    assert {r["name"]: r["has_ssh_key"] for r in rows} == {"db": False, "web": True}
+    assert all("ssh_private_key" not in r for r in rows)  # never by default
+    missing = cli("libvirt", "-c", uri, "list", "nope")
+    assert missing.returncode == 1
+    assert "no domain named 'nope'" in missing.stderr
+    # On request, upstream's `ssh_private_key` (the PEM text) for consumers like tmt.
+    key = tmp_path / "keys" / "id_ed25519"
+    key.parent.mkdir()
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n")
+    md = lx.Metadata(source_image="localhost/k:1", ssh_port=2303, ssh_private_key_path=str(key))
+    keyed = node_file(tmp_path, [domain("keyed", md, running=True)])
+    (row,) = json.loads(
+        cli("libvirt", "-c", keyed, "list", "--format", "json", "--include-private-key").stdout
+    )
+    assert row["ssh_private_key"] == key.read_text()
+    assert row["has_ssh_key"] is True
+
+
+def test_rm_stop_is_upstreams_spelling(uri: str, cli: Cli) -> None:
+    # --stop gets past the running check; off a terminal -f is still what confirms.
+    result = cli("libvirt", "-c", uri, "rm", "--stop", "web")
+    assert result.returncode == 2
+    assert "refusing without confirmation: Remove VM web" in result.stderr
+    assert "--stop" in cli("libvirt", "rm-all", "--help").stdout
+
+
+@pytest.mark.parametrize("network", ["user", "none", "bridge"])
+def test_upstreams_network_values_parse(network: str, cli: Cli) -> None:
+    # upstream's run_networking: `--network user|bridge|none --help` is accepted
+    result = cli("libvirt", "run", "--network", network, "--help")
+    assert result.returncode == 0
+    assert "--network" in result.stdout

@@ -581,3 +581,34 @@ def test_rm_never_follows_metadata_to_files_outside_bcvks_own(
     lifecycle.remove(conn, "evil", force=True)
     assert (victim / "id_ed25519").read_text() == "not yours"
     assert log.read_text() == "secret"
+
+
+def test_network_none_has_no_nic_and_no_ssh_port(
+    conn: Connection, fake_image: podman.ImageInfo
+) -> None:
+    vm = provision.create_vm(conn, IMAGE, options(name="offline", network="none"))
+    assert vm.metadata.ssh_port is None
+    assert "<interface" not in conn.get("offline").xml()  # nor libvirt's own NIC
+    # (The test driver drops <qemu:commandline>: the builder shows the QEMU side.)
+    spec = lx.DomainSpec(name="offline", memory_mib=1024, vcpus=1, disk_path="/d.qcow2")
+    assert lx.build(dataclasses.replace(spec, ssh_port=0)).qemu_args == ()
+    assert "-netdev" in lx.build(spec).qemu_args
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"network": "none", "ports": ["8080:80"]}, "so -p/--port cannot work"),
+        ({"network": "none", "ssh_wait": True}, "so --ssh/--ssh-wait cannot work"),
+        ({"network": "bridge"}, "--network bridge is not supported"),
+        ({"network": "bridge=br0"}, "--network bridge is not supported"),
+        ({"network": "wifi"}, "invalid --network 'wifi'"),
+    ],
+)
+def test_network_choices_are_checked_before_anything_is_made(
+    changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(UsageError) as caught:
+        provision.validate(options(**changes))
+    assert message in caught.value.message
+    assert caught.value.hint

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bcvk import project
-from bcvk.errors import UsageError
+from bcvk.errors import BcvkError, UsageError
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection
 from bcvk.project import spec
@@ -349,3 +349,27 @@ def test_ssh_needs_a_vm_that_is_up(
     result = cli("ssh", "nobody")
     assert result.returncode == 1
     assert "no ephemeral VM named 'nobody'" in result.stderr
+
+
+def test_ssh_wait_waits_side_by_side_and_names_every_vm_that_fails(
+    write: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import threading
+    import time
+
+    from bcvk import libvirt
+
+    proj = project.load(write(FILE))
+    inside = threading.Barrier(2, timeout=5)  # both waits must be in flight at once
+
+    def ssh_command(name: str, argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        inside.wait()
+        time.sleep(0.05)
+        return subprocess.CompletedProcess(argv, 255, "", f"{name}: connection refused")
+
+    monkeypatch.setattr(libvirt, "ssh_command", ssh_command)
+    with pytest.raises(BcvkError) as caught:
+        project.wait_for_ssh(proj.vms, timeout=1)
+    assert "VM web did not answer SSH: web: connection refused" in caught.value.message
+    assert "VM db did not answer SSH: db: connection refused" in caught.value.message
