@@ -238,17 +238,35 @@ def list_(ctx: click.Context, domain: str | None, all_: bool, label: str | None,
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @shared.timeout_option("--timeout", 60.0, "Seconds to wait for SSH.")
+@click.option("--user", help="Log in as USER.  [default: the VM's, root]")
+@click.option(
+    "--extra-options", "extra", multiple=True, metavar="KEY=VALUE", help="An ssh -o option."
+)
+@click.option("--strict-host-keys", is_flag=True, help="Check the host key against known_hosts.")
+@click.option("--log-level", metavar="LEVEL", help="ssh's LogLevel.  [default: ERROR]")
 @click.pass_context
-def ssh(ctx: click.Context, name: str, command: tuple[str, ...], timeout: float) -> None:
+def ssh(ctx: click.Context, name: str, command: tuple[str, ...], timeout: float,
+        user: str | None, extra: tuple[str, ...], strict_host_keys: bool,
+        log_level: str | None) -> None:  # fmt: skip
     """Open a shell in VM NAME, or run COMMAND there (`-- CMD…`); exits with its status."""
     from bcvk import libvirt as core
+    from bcvk.host import ssh as host_ssh
+    from bcvk.values import validate_user
 
+    options = host_ssh.user_options(extra, strict_host_keys=strict_host_keys, log_level=log_level)
+    if user is not None:
+        validate_user(user)
+    uri = _uri(ctx)
     args = list(command)
     if args and args[0] == "--":
         args = args[1:]
     if not args or sys.stdin.isatty():
-        ctx.exit(core.ssh_interactive(name, args, uri=_uri(ctx), timeout=timeout))
-    result = core.ssh_command(name, args, uri=_uri(ctx), capture=False, timeout=timeout)
+        ctx.exit(
+            core.ssh_interactive(name, args, uri=uri, timeout=timeout, user=user, options=options)
+        )
+    result = core.ssh_command(
+        name, args, uri=uri, capture=False, timeout=timeout, user=user, options=options
+    )
     ctx.exit(result.returncode)
 
 
@@ -364,14 +382,33 @@ def status(ctx: click.Context, fmt: str) -> None:
     output.emit_data(fmt, data)
 
 
+def install_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The to-disk choices that shape a base disk (`upload`, `to-base-disk`)."""
+    for option in reversed(
+        [
+            click.option("--disk-size", metavar="SIZE", default="20G", show_default=True),
+            shared.filesystem_option(),
+            click.option("--root-size", metavar="SIZE", help="Root partition size (M if no unit)."),
+            click.option("--karg", "kargs", multiple=True, metavar="ARG", help="Kernel argument."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _sizes(disk_size: str, root_size: str | None) -> tuple[int, int | None]:
+    """--disk-size and --root-size in bytes."""
+    from bcvk.values import parse_size
+
+    disk = parse_size(disk_size, what="--disk-size")
+    return disk, parse_size(root_size, default_unit="m", what="--root-size") if root_size else None
+
+
 @libvirt.command(context_settings=CONTEXT)
 @click.argument("image")
 @click.option("--pool", default="default", show_default=True, help="Storage pool.")
 @click.option("--volume-name", help="[default: bootc-<image>-<digest12>.qcow2]")
-@click.option("--disk-size", metavar="SIZE", default="20G", show_default=True)
-@shared.filesystem_option()
-@click.option("--root-size", metavar="SIZE")
-@click.option("--karg", "kargs", multiple=True, metavar="ARG")
+@install_options
 @click.option("--replace", is_flag=True, help="Overwrite an existing volume of that name.")
 @click.pass_context
 def upload(
@@ -387,22 +424,98 @@ def upload(
 ) -> None:
     """Build IMAGE's disk and stream it into a storage pool (works for remote URIs)."""
     from bcvk import libvirt as core
-    from bcvk.values import parse_size
 
+    disk, root = _sizes(disk_size, root_size)
     path = core.upload(
         image,
         uri=_uri(ctx),
         pool=pool,
         volume_name=volume_name,
-        disk_size=parse_size(disk_size, what="--disk-size"),
+        disk_size=disk,
         filesystem=filesystem,
-        root_size=parse_size(root_size, default_unit="m", what="--root-size")
-        if root_size
-        else None,
+        root_size=root,
         kargs=kargs,
         replace=replace,
     )
     sys.stdout.write(path + "\n")
+
+
+@libvirt.command("to-base-disk", context_settings=CONTEXT)
+@click.argument("image")
+@click.option("--pool", default="default", show_default=True, help="Storage pool.")
+@install_options
+@click.pass_context
+def to_base_disk(ctx: click.Context, image: str, pool: str, disk_size: str,
+                 filesystem: str | None, root_size: str | None,
+                 kargs: tuple[str, ...]) -> None:  # fmt: skip
+    """Build IMAGE's base disk in the pool now (or find it cached), as `run` would.
+
+    Later `run`s with the same install options clone it at once.
+    """
+    from bcvk import libvirt as core
+
+    disk, root = _sizes(disk_size, root_size)
+    base = core.to_base_disk(image, uri=_uri(ctx), pool=pool, disk_size=disk,
+                             filesystem=filesystem, root_size=root, kargs=kargs)  # fmt: skip
+    what = "Using cached base disk" if base.reused else "Created base disk"
+    sys.stdout.write(f"{what}: {base.path}\n")
+
+
+@libvirt.command("list-volumes", context_settings=CONTEXT)
+@click.option("--pool", default="default", show_default=True, help="Storage pool.")
+@click.option("--json", "as_json", is_flag=True, help="JSON (as --format json).")
+@shared.format_option("table", "json")
+@click.option("--detailed", is_flag=True, help="Table: format, backing file and path too.")
+@click.option("--source-image", metavar="IMAGE", help="Only volumes of VMs of IMAGE.")
+@click.option("--all", "all_", is_flag=True, help="Every volume in the pool, not only bcvk's.")
+@click.pass_context
+def list_volumes(ctx: click.Context, pool: str, as_json: bool, fmt: str, detailed: bool,
+                 source_image: str | None, all_: bool) -> None:  # fmt: skip
+    """Base disks and VM disks in a storage pool, with the VMs that use them."""
+    from bcvk import libvirt as core
+    from bcvk.values import format_size
+
+    rows = core.list_volumes(_uri(ctx), pool, all_volumes=all_, source_image=source_image)
+    if as_json or fmt == "json":
+        output.emit_json([r.to_json() for r in rows])
+        return
+    headers = ["NAME", "KIND", "SIZE", "VIRTUAL", "VMS", "IMAGE"]
+    if detailed:
+        headers += ["FORMAT", "BACKING", "PATH"]
+    table = []
+    for r in rows:
+        row: list[object] = [
+            r.name, r.kind, format_size(r.allocation if False else r.size),
+            format_size(r.virtual_size), ",".join(r.vms) or "-", ",".join(r.images) or "-",
+        ]  # fmt: skip
+        if detailed:
+            row += [r.format, r.backing or "-", r.path]
+        table.append(tuple(row))
+    output.emit_table(headers, table)
+
+
+@libvirt.command("print-firmware", context_settings=CONTEXT)
+@shared.format_option("yaml", "json")
+def print_firmware(fmt: str) -> None:
+    """The UEFI firmware bcvk boots VMs with, and the host's QEMU firmware descriptors."""
+    import platform
+
+    from bcvk.host import firmware
+
+    ovmf = firmware.find_ovmf()
+    arch = platform.machine()
+    output.emit_data(
+        fmt,
+        {
+            "architecture": arch,
+            "uefi": {"code": str(ovmf.code), "vars": str(ovmf.vars)} if ovmf else None,
+            "descriptors": [
+                d.to_json()
+                for d in firmware.descriptors()
+                if not d.architectures or arch in d.architectures
+            ],
+        },
+    )
 
 
 @libvirt.group("base-disks", context_settings=CONTEXT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -70,6 +71,9 @@ class Target:
     # instead of proxy_jump when set: -J would hand our `-F none` to the jump.
     proxy_command: str | None = None
     connect_timeout: int = 5
+    # The user's own `-o KEY=VALUE`s (`ssh --extra-options`): ssh takes the
+    # first value it reads for an option, so these go before bcvk's defaults.
+    options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # The user may come from a domain's metadata: it must never reach ssh
@@ -94,7 +98,10 @@ def argv(
     quoted to survive that unless a single string was given (already a shell
     command line, as users type it).
     """
-    args = [os.fspath(run.find_binary("ssh") or "ssh"), *BASE_OPTIONS]
+    args = [os.fspath(run.find_binary("ssh") or "ssh")]
+    for option in target.options:
+        args += ["-o", option]
+    args += BASE_OPTIONS
     args += ["-o", f"ConnectTimeout={target.connect_timeout}"]
     args += ["-i", os.fspath(target.key), "-p", str(target.port)]
     if target.proxy_command:
@@ -111,6 +118,35 @@ def argv(
     if command:
         args.append(command[0] if len(command) == 1 else shlex.join(command))
     return args
+
+
+LOG_LEVELS = ("QUIET", "FATAL", "ERROR", "INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")
+_OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*=[^\x00-\x1f\x7f]+")
+
+
+def user_options(
+    extra: Sequence[str] = (), *, strict_host_keys: bool = False, log_level: str | None = None
+) -> tuple[str, ...]:
+    """`-o` values for `ssh --extra-options K=V --strict-host-keys --log-level L` (checked)."""
+    options: list[str] = []
+    for text in extra:
+        if not _OPTION_RE.fullmatch(text):
+            raise UsageError(
+                f"invalid SSH option {text!r}: expected KEY=VALUE",
+                hint="e.g. --extra-options ServerAliveInterval=30 (see ssh_config(5))",
+            )
+        options.append(text)
+    if log_level is not None:
+        level = log_level.upper()
+        if level not in LOG_LEVELS:
+            raise UsageError(
+                f"invalid SSH log level {log_level!r}", hint=f"one of: {', '.join(LOG_LEVELS)}"
+            )
+        options.append(f"LogLevel={level}")
+    if strict_host_keys:
+        # The user's known_hosts decides (a new VM's key is not in it yet).
+        options += ["StrictHostKeyChecking=yes", "UserKnownHostsFile=~/.ssh/known_hosts"]
+    return tuple(options)
 
 
 def probe(target: Target) -> bool:

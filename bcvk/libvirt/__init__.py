@@ -44,6 +44,9 @@ if TYPE_CHECKING:
         list_vms as list_vms,
     )
     from bcvk.libvirt.domains import (
+        list_volumes as list_volumes,
+    )
+    from bcvk.libvirt.domains import (
         listing_json as listing_json,
     )
     from bcvk.libvirt.domains import (
@@ -78,6 +81,9 @@ if TYPE_CHECKING:
         stop as stop,
     )
     from bcvk.libvirt.domains import (
+        to_base_disk as to_base_disk,
+    )
+    from bcvk.libvirt.domains import (
         upload as upload,
     )
     from bcvk.libvirt.metadata import Project as Project
@@ -96,8 +102,8 @@ _HOME = {
     "PortForward": "bcvk.values",
 }
 _VERBS = (
-    "base_disks", "create", "domain_xml", "find", "inspect", "list_vms", "listing_json",
-    "make_run_options",
+    "base_disks", "create", "domain_xml", "find", "inspect", "list_vms", "list_volumes",
+    "listing_json", "make_run_options", "to_base_disk",
     "prune_base_disks", "rm", "rm_all", "run", "ssh_command", "ssh_interactive", "start",
     "status", "stop", "upload",
 )  # fmt: skip

@@ -23,11 +23,12 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bcvk import to_disk
-from bcvk.errors import BcvkError, UsageError
+from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import mounts
 from bcvk.host import ssh, virtiofsd
 from bcvk.libvirt import basedisks, lifecycle
@@ -198,6 +199,13 @@ def _answering(name: str, uri: str | None, timeout: float) -> ssh.Target:
     return target
 
 
+def _as(target: ssh.Target, user: str | None, options: Sequence[str]) -> ssh.Target:
+    changes: dict[str, Any] = {"options": tuple(options)}
+    if user is not None:
+        changes["user"] = user  # validated by Target
+    return dataclasses.replace(target, **changes)
+
+
 def ssh_command(
     name: str,
     command: Sequence[str] = (),
@@ -205,16 +213,21 @@ def ssh_command(
     uri: str | None = None,
     capture: bool = True,
     timeout: float = 60.0,
+    user: str | None = None,
+    options: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run COMMAND in VM NAME over SSH (waiting up to TIMEOUT for sshd); never raises on
-    the command's exit status."""
-    return ssh.execute(_answering(name, uri, timeout), list(command), capture=capture)
+    """Run COMMAND in VM NAME over SSH (waiting up to TIMEOUT for sshd) as USER
+    (default: the VM's) with ssh OPTIONS (``ssh.user_options``); never raises
+    on the command's exit status."""
+    target = _as(_answering(name, uri, timeout), user, options)
+    return ssh.execute(target, list(command), capture=capture)
 
 
 def ssh_interactive(
-    name: str, command: Sequence[str] = (), *, uri: str | None = None, timeout: float = 60.0
-) -> int:
-    return ssh.interactive(_answering(name, uri, timeout), list(command))
+    name: str, command: Sequence[str] = (), *, uri: str | None = None, timeout: float = 60.0,
+    user: str | None = None, options: Sequence[str] = (),
+) -> int:  # fmt: skip
+    return ssh.interactive(_as(_answering(name, uri, timeout), user, options), list(command))
 
 
 def start(
@@ -398,3 +411,96 @@ def prune_base_disks(
         if target is None:
             return []
         return basedisks.prune(conn, target, dry_run=dry_run)
+
+
+def to_base_disk(
+    image: str,
+    *,
+    uri: str | None = None,
+    pool: str = "default",
+    disk_size: int = DEFAULT_DISK_SIZE,
+    filesystem: to_disk.Filesystem | str | None = None,
+    root_size: int | None = None,
+    kargs: Sequence[str] = (),
+) -> basedisks.BaseDisk:
+    """IMAGE's base disk in POOL, built unless one with these options exists
+    (``reused`` says which); the disk ``libvirt run`` would clone."""
+    fs = parse_choice(to_disk.Filesystem, filesystem, "--filesystem") if filesystem else None
+    install = basedisks.InstallOptions(
+        disk_size, fs, root_size, tuple(parse_karg(k) for k in kargs)
+    )
+    to_disk.check_disk_size(disk_size, fs)
+    image_info(image)  # a missing or non-bootc image fails before the pool is touched
+    with connected(uri) as conn:
+        return basedisks.ensure(conn, conn.ensure_pool(pool), image, install)
+
+
+# ------------------------------------------------------------------ volumes
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    """A pool volume as `list-volumes` shows it."""
+
+    name: str
+    kind: str  # "base" (a base disk), "vm" (a bcvk VM's disk) or "other"
+    path: str
+    format: str
+    size: int  # allocated bytes
+    virtual_size: int
+    backing: str | None
+    vms: tuple[str, ...]  # bcvk VMs using it
+    images: tuple[str, ...]  # their source images
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "path": self.path,
+            "format": self.format,
+            "size": self.size,
+            "virtual_size": self.virtual_size,
+            "backing_file": self.backing,
+            "vms": list(self.vms),
+            "source_images": list(self.images),
+        }
+
+
+def list_volumes(
+    uri: str | None = None,
+    pool: str = "default",
+    *,
+    all_volumes: bool = False,
+    source_image: str | None = None,
+) -> list[VolumeRow]:
+    """POOL's base disks and bcvk VM disks (ALL_VOLUMES: every volume), with
+    the VMs that use each; SOURCE_IMAGE keeps those of that image."""
+    with connected(uri) as conn:
+        target = conn.pool(pool)
+        if target is None:
+            raise NotFoundError(
+                f"storage pool {pool!r} does not exist",
+                hint="bcvk makes `default` with its first VM; see `virsh pool-list --all`",
+            )
+        target.refresh()
+        infos = sorted((v.info() for v in target.volumes()), key=lambda i: i.name)
+        vms = all_vms(conn)
+    rows = []
+    for info in infos:
+        users = sorted(
+            (vm for vm in vms if info.path in vm.disks or vm.metadata.base_disk == info.name),
+            key=lambda vm: vm.name,
+        )
+        kind = "base" if basedisks.is_base_name(info.name) else "vm" if users else "other"
+        images = tuple(sorted({vm.metadata.source_image for vm in users}))
+        if kind == "other" and not all_volumes:
+            continue
+        if source_image is not None and source_image not in images:
+            continue
+        rows.append(
+            VolumeRow(
+                info.name, kind, info.path, info.format, info.allocation, info.capacity,
+                info.backing_path, tuple(vm.name for vm in users), images,
+            )
+        )  # fmt: skip
+    return rows

@@ -217,13 +217,16 @@ def resolve(conn: Connection, image: str, opts: RunOptions) -> Resolved:
 def base_disk(conn: Connection, image: str, opts: RunOptions) -> basedisks.BaseDisk:
     """Stage 2: the shared base disk of IMAGE with these install options."""
     pool = conn.ensure_pool(opts.pool)
-    install = basedisks.InstallOptions(
-        disk_size=opts.disk_size,
-        filesystem=opts.filesystem,
-        root_size=opts.root_size,
-        kargs=(*DEFAULT_KARGS, *opts.kargs),
-    )
+    install = install_options(opts.disk_size, opts.filesystem, opts.root_size, opts.kargs)
     return basedisks.ensure(conn, pool, image, install)
+
+
+def install_options(
+    disk_size: int, filesystem: to_disk.Filesystem | None, root_size: int | None,
+    kargs: Sequence[str],
+) -> basedisks.InstallOptions:  # fmt: skip
+    """A base disk's to-disk choices (bcvk's serial console, then the user's kargs)."""
+    return basedisks.InstallOptions(disk_size, filesystem, root_size, (*DEFAULT_KARGS, *kargs))
 
 
 @dataclass(frozen=True)

@@ -124,14 +124,28 @@ def test_list_json_has_what_test_frameworks_need(vm: Vm) -> None:
     assert Path(row["ssh_private_key_path"]).is_file()
     assert row["image"] == DEMO_IMAGE
     assert row["labels"] == [env.LABEL]
+    assert row["has_ssh_key"] is True
+    assert "ssh_private_key" not in row
     table = lv_ok("list").stdout
     assert vm.name in table
+    # upstream's spellings: -c after the verb, one DOMAIN, the key inlined on request
+    (one,) = json.loads(
+        bcvk("libvirt", "list", vm.name, "-c", env.URI, "--format", "json",
+             "--include-private-key").stdout
+    )  # fmt: skip
+    assert one["ssh_private_key"] == Path(row["ssh_private_key_path"]).read_text()
 
 
 def test_ssh_propagates_exit_status(vm: Vm) -> None:
     assert guest(vm.name, "exit 42").returncode == 42
     result = lv("ssh", vm.name, "--", "echo", "two words")
     assert result.stdout == "two words\n"
+    # upstream's ssh flags reach ssh: the user, a -o option, the log level
+    whoami = lv("ssh", "--user", "root", "--log-level", "quiet",
+                "--extra-options", "ServerAliveInterval=7", vm.name, "--", "id -un")  # fmt: skip
+    assert whoami.stdout == "root\n", whoami.stderr
+    nobody = lv("ssh", "--user", "nobody", "--timeout", "5", vm.name, "--", "true")
+    assert nobody.returncode == 255  # the key is root's: ssh itself refuses
 
 
 def test_bind_mounts_are_visible_writable_and_read_only(vm: Vm) -> None:
@@ -201,6 +215,24 @@ def test_second_vm_of_the_image_is_a_backing_file_clone(vm: Vm) -> None:
     lv_ok("rm", "-f", name)
     assert name not in env.domain_names()
     assert not clone.exists()
+
+
+def test_to_base_disk_and_list_volumes_see_the_vms_base_disk(vm: Vm) -> None:
+    md = vm.info["metadata"]
+    assert isinstance(md, dict)
+    base = env.POOL_DIR / str(md["base_disk"])
+    cached = lv_ok("to-base-disk", DEMO_IMAGE)
+    assert cached.stdout == f"Using cached base disk: {base}\n"  # upstream's words
+    rows = {r["name"]: r for r in json.loads(lv_ok("list-volumes", "--json").stdout)}
+    assert rows[base.name]["kind"] == "base"
+    assert vm.name in rows[base.name]["vms"]
+    disk = Path(str(vm.info["disk_path"]))
+    assert rows[disk.name]["vms"] == [vm.name]
+    assert rows[disk.name]["backing_file"] == str(base)
+    table = lv_ok("list-volumes", "--detailed", "--source-image", DEMO_IMAGE).stdout
+    assert table.split("\n")[0].split() == [
+        "NAME", "KIND", "SIZE", "VIRTUAL", "VMS", "IMAGE", "FORMAT", "BACKING", "PATH",
+    ]  # fmt: skip
 
 
 def test_stop_then_start_keeps_disk_and_mounts(vm: Vm) -> None:

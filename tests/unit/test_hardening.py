@@ -134,6 +134,28 @@ def test_user_and_host_come_after_what_ssh_reads_as_options() -> None:
     assert argv[-3:] == ["--", "127.0.0.1", "id"]
 
 
+def test_users_ssh_options_come_first_so_they_win() -> None:
+    options = ssh.user_options(["ServerAliveInterval=30"], strict_host_keys=True, log_level="debug")
+    assert options == (
+        "ServerAliveInterval=30", "LogLevel=DEBUG",
+        "StrictHostKeyChecking=yes", "UserKnownHostsFile=~/.ssh/known_hosts",
+    )  # fmt: skip
+    argv = ssh.argv(ssh.Target(port=2222, key=Path("/k"), options=options), ["id"])
+    given = [argv[i + 1] for i, word in enumerate(argv) if word == "-o"]
+    # ssh takes the first value of each option it reads: the user's beat bcvk's defaults.
+    assert given.index("StrictHostKeyChecking=yes") < given.index("StrictHostKeyChecking=no")
+    assert given.index("LogLevel=DEBUG") < given.index("LogLevel=ERROR")
+
+
+@pytest.mark.parametrize(
+    ("extra", "level"),
+    [(["Bad Key=1"], None), (["NoValue"], None), (["A=b\nProxyCommand=x"], None), ([], "LOUD")],
+)
+def test_bad_ssh_options_are_refused(extra: list[str], level: str | None) -> None:
+    with pytest.raises(UsageError, match="invalid SSH"):
+        ssh.user_options(extra, log_level=level)
+
+
 def metadata_with_user(key: Path, user: str) -> str:
     md = lx.Metadata(
         source_image="localhost/x:1", ssh_port=2299, ssh_private_key_path=str(key), ssh_user=user

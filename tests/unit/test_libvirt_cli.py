@@ -143,6 +143,9 @@ def test_status_and_help(uri: str, cli: Cli) -> None:
         ["rm", "-f", "--", "-rf"],
         ["inspect", "a/b"],
         ["ssh", "x y", "--", "true"],
+        ["ssh", "web", "--extra-options", "Bad Key=1", "--", "true"],
+        ["ssh", "web", "--log-level", "LOUD", "--", "true"],
+        ["ssh", "web", "--user", "-oProxyCommand=x", "--", "true"],
         ["start", "ok\n"],
         ["stop", ".."],
         ["run", "--name", "ok\n", "localhost/x:1"],
@@ -212,3 +215,37 @@ def test_upstreams_network_values_parse(network: str, cli: Cli) -> None:
     result = cli("libvirt", "run", "--network", network, "--help")
     assert result.returncode == 0
     assert "--network" in result.stdout
+
+
+def test_print_firmware_reads_qemus_descriptors(tmp_path: Path, cli: Cli) -> None:
+    from bcvk.host import firmware
+
+    usr, etc = tmp_path / "usr", tmp_path / "etc"
+    usr.mkdir()
+    etc.mkdir()
+    descriptor = {
+        "description": "UEFI, secure boot, MS keys",
+        "interface-types": ["uefi"],
+        "mapping": {
+            "device": "flash",
+            "executable": {"filename": "/fw/CODE.ms.fd", "format": "raw"},
+            "nvram-template": {"filename": "/fw/VARS.ms.fd", "format": "raw"},
+        },
+        "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}],
+        "features": ["enrolled-keys", "requires-smm", "secure-boot"],
+    }
+    (usr / "40-sb.json").write_text(json.dumps(descriptor))
+    (usr / "60-plain.json").write_text(json.dumps({**descriptor, "features": []}))
+    (etc / "60-plain.json").write_text("[]")  # the admin's override: not a descriptor
+    (usr / "10-broken.json").write_text("{")
+    found = firmware.descriptors((usr, etc))
+    assert [d.file for d in found] == [str(usr / "40-sb.json")]
+    data = found[0].to_json()
+    assert data["executable"] == "/fw/CODE.ms.fd"
+    assert data["nvram_template"] == "/fw/VARS.ms.fd"
+    assert (data["secure_boot"], data["enrolled_keys"]) == (True, True)
+    # upstream's print_firmware: YAML has `architecture:`, JSON has "architecture"
+    assert "architecture:" in cli("libvirt", "print-firmware", check=True).stdout
+    shown = json.loads(cli("libvirt", "print-firmware", "--format", "json", check=True).stdout)
+    assert shown["architecture"]
+    assert isinstance(shown["descriptors"], list)

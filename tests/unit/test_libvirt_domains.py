@@ -612,3 +612,37 @@ def test_network_choices_are_checked_before_anything_is_made(
         provision.validate(options(**changes))
     assert message in caught.value.message
     assert caught.value.hint
+
+
+def test_list_volumes_names_base_disks_vm_disks_and_their_users(
+    conn: Connection, fake_image: podman.ImageInfo
+) -> None:
+    provision.create_vm(conn, IMAGE, options(name="v1"))
+    provision.create_vm(conn, IMAGE, options(name="v2", start=False))
+    pool = conn.pool(POOL)
+    assert pool is not None
+    pool.create_volume(
+        "<volume><name>hand.raw</name><capacity>1024</capacity></volume>", "hand.raw"
+    )
+    rows = {r.name: r for r in domains.list_volumes(URI, POOL)}
+    assert set(rows) == {"bootc-base-0123456789abcdef.qcow2", "v1.qcow2", "v2.qcow2"}
+    base = rows["bootc-base-0123456789abcdef.qcow2"]
+    assert (base.kind, base.vms, base.images) == ("base", ("v1", "v2"), (IMAGE,))
+    assert (rows["v1.qcow2"].kind, rows["v1.qcow2"].vms) == ("vm", ("v1",))
+    assert rows["v1.qcow2"].backing == "/default-pool/bootc-base-0123456789abcdef.qcow2"
+    every = {r.name: r.kind for r in domains.list_volumes(URI, POOL, all_volumes=True)}
+    assert every["hand.raw"] == "other"
+    assert domains.list_volumes(URI, POOL, source_image="localhost/other:1") == []
+    assert len(domains.list_volumes(URI, POOL, source_image=IMAGE)) == 3
+    with pytest.raises(NotFoundError, match="storage pool 'nope' does not exist"):
+        domains.list_volumes(URI, "nope")
+
+
+def test_to_base_disk_is_the_disk_run_clones(
+    conn: Connection, fake_image: podman.ImageInfo
+) -> None:
+    base = domains.to_base_disk(IMAGE, uri=URI, pool=POOL)
+    vm = provision.create_vm(conn, IMAGE, options(name="after"))
+    assert vm.metadata.base_disk == base.volume
+    with pytest.raises(UsageError, match="invalid kernel argument"):
+        domains.to_base_disk(IMAGE, uri=URI, pool=POOL, kargs=["a\nb"])
