@@ -25,10 +25,11 @@ def show_bootc_images(fmt: str) -> None:
     from bcvk.image import inspect as core
     from bcvk.values import format_size
 
-    rows = core.list_bootc()
     if fmt == "json":
-        output.emit_json([r.to_json() for r in rows])
+        # podman's own entries, as `podman images --format json` and upstream print them
+        output.emit_json(core.list_bootc_entries())
         return
+    rows = core.list_bootc()
     output.emit_table(
         ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
         [

@@ -209,6 +209,17 @@ class VmInfo:
             "vcpus": self.vcpus,
             "detached": self.detached,
             "ports": [f"{h}:{g}" for h, g in self.forwards],
+            # Upstream prints `podman ps --format json` of its VM containers;
+            # these are its keys that mean the same thing for a VM.
+            "Names": [self.name],
+            "Image": self.image,
+            "State": self.state,
+            "Created": int(self.created),
+            "Pid": self.pid or 0,
+            "Ports": [
+                {"host_ip": "127.0.0.1", "host_port": h, "container_port": g, "protocol": "tcp"}
+                for h, g in [(self.ssh_port, 22), *self.forwards]
+            ],
         }
 
 

@@ -29,17 +29,6 @@ class ImageSummary:
     created: str
     size: int
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "repository": self.repository,
-            "tag": self.tag,
-            "id": self.id,
-            "digest": self.digest,
-            "created": self.created,
-            "size": self.size,
-        }
-
 
 def summaries_from_podman(entries: list[dict[str, Any]]) -> list[ImageSummary]:
     """One row per name (an image with two tags is listed twice, as podman does)."""
@@ -65,6 +54,11 @@ def summaries_from_podman(entries: list[dict[str, Any]]) -> list[ImageSummary]:
 
 def list_bootc() -> list[ImageSummary]:
     return summaries_from_podman(podman.list_images())
+
+
+def list_bootc_entries() -> list[dict[str, Any]]:
+    """The bootc images as podman describes them (``Names``, ``Id``, ``Size``, …), by name."""
+    return sorted(podman.list_images(), key=lambda e: (e.get("Names") or [""])[0])
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,14 @@ def test_listed_by_ps_and_reachable_by_name(shared: Shared) -> None:
     assert entry["ssh_port"] == shared.vm.ssh_port
     assert entry["image"] == DEMO_IMAGE
     assert isinstance(entry["pid"], int)
+    # upstream's (podman ps) keys for the same facts
+    assert (entry["Names"], entry["State"], entry["Pid"]) == (
+        [entry["name"]],
+        "running",
+        entry["pid"],
+    )
+    assert {"host_ip": "127.0.0.1", "host_port": entry["ssh_port"], "container_port": 22,
+            "protocol": "tcp"} in entry["Ports"]  # fmt: skip
     result = shared.session.bcvk("ephemeral", "ssh", shared.vm.name, "--", "echo", "by name")
     assert (result.returncode, result.stdout) == (0, "by name\n")
     # The seed's alias does the same.
