@@ -66,6 +66,32 @@ from bcvk.values import Firmware
     envvar="BOOTC_INSTALL_LOG",
     help="RUST_LOG filter for `bootc install` (bootc installer; env BOOTC_INSTALL_LOG).",
 )
+@click.option(
+    "--target-transport",
+    metavar="TRANSPORT",
+    help="bootc installer: the transport the installed system updates from (bootc's default: "
+    "registry).",
+)
+@click.option("--composefs-backend", is_flag=True, help="bootc installer: the composefs backend.")
+@click.option(
+    "--bootloader",
+    type=click.Choice(["grub", "systemd", "none"]),
+    help="bootc installer: the bootloader bootc installs.",
+)
+@click.option(
+    "--allow-missing-fsverity",
+    is_flag=True,
+    help="bootc installer: install on a filesystem without fs-verity.",
+)
+@click.option(
+    "--storage-path",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="bootc installer: the host's container storage.  [default: podman's graph root]",
+)
+@click.option("--memory", metavar="SIZE", help="bootc installer VM's memory.  [default: 4G]")
+@click.option("--vcpus", metavar="N", help="bootc installer VM's vCPUs.  [default: 2]")
+@click.option("--itype", metavar="TYPE", help="bootc installer VM's instance type (u1.small…).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def to_disk(
     image: str,
@@ -83,6 +109,14 @@ def to_disk(
     dry_run: bool,
     force: bool,
     install_log: str | None,
+    target_transport: str | None,
+    composefs_backend: bool,
+    bootloader: str | None,
+    allow_missing_fsverity: bool,
+    storage_path: str | None,
+    memory: str | None,
+    vcpus: str | None,
+    itype: str | None,
     as_json: bool,
 ) -> None:
     """Turn bootc IMAGE into a bootable disk image at OUTPUT.
@@ -112,6 +146,14 @@ def to_disk(
         dry_run=dry_run,
         force=force,
         install_log=install_log,
+        target_transport=target_transport,
+        composefs_backend=composefs_backend,
+        bootloader=bootloader,
+        allow_missing_fsverity=allow_missing_fsverity,
+        storage_path=storage_path,
+        installer_memory=memory,
+        installer_vcpus=vcpus,
+        installer_itype=itype,
     )
     if as_json:
         out.emit_json(result.to_json())

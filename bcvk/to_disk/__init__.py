@@ -40,6 +40,7 @@ from bcvk.to_disk.options import (
     cache_key,
     check_disk_size,
     check_firmware,
+    check_native_options,
     format_from_path,
     make_options,
     validate,
@@ -191,6 +192,7 @@ def _install(req: Request) -> Result:
             opts.installer is Installer.auto and tree.facts.has_bootc
         )
         if not use_bootc:
+            check_native_options(opts)
             disk, size = native.build(req, mount, work, tree)
             seconds = time.monotonic() - req.start
             logger.info(

@@ -46,6 +46,7 @@ from bcvk.values import MIB
 DEVICE = "/dev/disk/by-id/virtio-output"
 STORE_NAME = "hoststorage"
 INSTALLER_MEMORY_MIB = 4096
+INSTALLER_VCPUS = 2
 INSTALLER_SSH_TIMEOUT = 900.0
 
 
@@ -60,6 +61,7 @@ def install_argv(image: str, opts: Options, keys_path: str | None) -> list[str]:
     if opts.root_size is not None:
         argv += ["--root-size", f"{-(-opts.root_size // MIB)}M"]
     argv += [f"--karg={karg}" for karg in opts.kargs]
+    argv += opts.bootc.argv()
     if keys_path:
         argv += ["--root-ssh-authorized-keys", keys_path]
     argv.append(DEVICE)
@@ -117,9 +119,11 @@ def run_in_guest(target: ssh.Target, script: str) -> tuple[int, list[str]]:
 
 def installer_options(req: Request, target: Path, store: Path) -> ephemeral.Options:
     """The installer VM: the image itself, the target disk, the host's storage."""
+    size = req.opts.installer_vm
     return ephemeral.Options(
         image=req.image,
-        memory_mib=INSTALLER_MEMORY_MIB,
+        memory_mib=size.memory_mib or INSTALLER_MEMORY_MIB,
+        vcpus=size.vcpus or INSTALLER_VCPUS,
         disks=(ephemeral.DiskFile(target, "output", "raw"),),
         binds=(store_share(store),),
         # an installer VM under TCG on a busy host can take minutes
@@ -139,7 +143,8 @@ def build(req: Request) -> Result:
         with open(target, "wb") as f:
             f.truncate(req.disk_size)
         with step(f"Booting an installer VM of {req.image}"):
-            vm = ephemeral.start(installer_options(req, target, graph_root()))
+            store = opts.storage_path or graph_root()
+            vm = ephemeral.start(installer_options(req, target, store))
         with vm:
             logger.info("Running bootc install to-disk in the VM…")
             status, tail = run_in_guest(vm.target(), guest_script(req.image, opts, keys))

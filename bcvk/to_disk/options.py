@@ -20,7 +20,16 @@ from pathlib import Path
 from bcvk.errors import NotFoundError, UsageError
 from bcvk.host import ssh
 from bcvk.to_disk.layout import LAYOUT_VERSION, Filesystem, PartitionTable, min_disk_size
-from bcvk.values import Firmware, format_size, parse_choice, parse_karg, parse_size
+from bcvk.values import (
+    Firmware,
+    format_size,
+    parse_choice,
+    parse_itype,
+    parse_karg,
+    parse_memory,
+    parse_size,
+    parse_vcpus,
+)  # fmt: skip
 
 
 class DiskFormat(enum.StrEnum):
@@ -65,6 +74,48 @@ def format_from_path(path: Path) -> DiskFormat:
     return _EXTENSIONS.get(path.suffix.lower(), DiskFormat.raw)
 
 
+class Bootloader(enum.StrEnum):
+    """``bootc install --bootloader``."""
+
+    grub = "grub"
+    systemd = "systemd"
+    none = "none"
+
+
+TRANSPORT_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+@dataclass(frozen=True)
+class BootcInstall:
+    """Choices passed through to the image's own ``bootc install to-disk``
+    (the bootc installer only), under upstream's flag names."""
+
+    target_transport: str | None = None  # --target-transport (bootc's default: registry)
+    composefs_backend: bool = False
+    bootloader: Bootloader | None = None
+    allow_missing_fsverity: bool = False
+
+    def argv(self) -> list[str]:
+        args = []
+        if self.target_transport is not None:
+            args += ["--target-transport", self.target_transport]
+        if self.composefs_backend:
+            args.append("--composefs-backend")
+        if self.bootloader is not None:
+            args += ["--bootloader", self.bootloader.value]
+        if self.allow_missing_fsverity:
+            args.append("--allow-missing-fsverity")
+        return args
+
+
+@dataclass(frozen=True)
+class InstallerVm:
+    """The bootc installer VM's size (how to run, not what to make)."""
+
+    memory_mib: int | None = None  # None: 4 GiB
+    vcpus: int | None = None  # None: 2
+
+
 @dataclass(frozen=True)
 class Options:
     """Every choice that shapes the disk; built by the CLI or ``make_options``."""
@@ -79,14 +130,17 @@ class Options:
     firmware: Firmware = Firmware.uefi
     partition_table: PartitionTable = PartitionTable.gpt
     compress: bool = False
+    bootc: BootcInstall = BootcInstall()
     # How to run, not what to make: none of these is in the cache key.
     dry_run: bool = False
     force: bool = False
     install_log: str | None = None  # RUST_LOG for `bootc install` (bootc installer only)
+    installer_vm: InstallerVm = InstallerVm()
+    storage_path: Path | None = None  # the host's container storage (bootc installer)
 
 
 # Options fields that do not change the disk's bytes (so not in the cache key).
-RUN_ONLY = frozenset({"dry_run", "force", "install_log"})
+RUN_ONLY = frozenset({"dry_run", "force", "install_log", "installer_vm", "storage_path"})
 # Options fields keyed by their resolved value (the format from OUTPUT's
 # extension, the size from the image's), which ``cache_key`` takes apart.
 RESOLVED = frozenset({"format", "disk_size"})
@@ -107,6 +161,14 @@ def make_options(
     dry_run: bool = False,
     force: bool = False,
     install_log: str | None = None,
+    target_transport: str | None = None,
+    composefs_backend: bool = False,
+    bootloader: Bootloader | str | None = None,
+    allow_missing_fsverity: bool = False,
+    installer_memory: int | str | None = None,
+    installer_vcpus: int | str | None = None,
+    installer_itype: str | None = None,
+    storage_path: str | os.PathLike[str] | None = None,
 ) -> Options:
     """CLI-shaped values (``"xfs"``, ``"20G"``) → validated ``Options``; raises UsageError."""
     fw = parse_choice(Firmware, firmware, "--firmware")
@@ -131,6 +193,34 @@ def make_options(
         dry_run=dry_run,
         force=force,
         install_log=install_log or None,
+        bootc=BootcInstall(
+            target_transport=_transport(target_transport),
+            composefs_backend=composefs_backend,
+            bootloader=parse_choice(Bootloader, bootloader, "--bootloader") if bootloader else None,
+            allow_missing_fsverity=allow_missing_fsverity,
+        ),
+        installer_vm=_installer_vm(installer_memory, installer_vcpus, installer_itype),
+        storage_path=Path(storage_path) if storage_path is not None else None,
+    )
+
+
+def _transport(value: str | None) -> str | None:
+    if value is not None and not TRANSPORT_RE.fullmatch(value):
+        raise UsageError(
+            f"invalid --target-transport {value!r}",
+            hint="a containers transport name such as registry, containers-storage or oci",
+        )
+    return value
+
+
+def _installer_vm(memory: int | str | None, vcpus: int | str | None,
+                  itype: str | None) -> InstallerVm:  # fmt: skip
+    if itype is not None:
+        cpus, mib = parse_itype(itype)
+        return InstallerVm(mib, cpus)
+    return InstallerVm(
+        parse_memory(memory) if memory is not None else None,
+        parse_vcpus(vcpus) if vcpus is not None else None,
     )
 
 
@@ -177,6 +267,26 @@ def check_disk_size(size: int | None, filesystem: Filesystem | None) -> None:
         )
 
 
+def check_native_options(opts: Options) -> None:
+    """What only the bootc installer takes (the native installer refuses it)."""
+    given = [
+        flag for flag, value in (
+            ("--target-transport", opts.bootc.target_transport),
+            ("--composefs-backend", opts.bootc.composefs_backend),
+            ("--bootloader", opts.bootc.bootloader),
+            ("--allow-missing-fsverity", opts.bootc.allow_missing_fsverity),
+            ("--memory", opts.installer_vm.memory_mib),
+            ("--vcpus", opts.installer_vm.vcpus),
+            ("--storage-path", opts.storage_path),
+        ) if value
+    ]  # fmt: skip
+    if given:
+        raise UsageError(
+            f"{', '.join(given)}: for the bootc installer only, and this disk is built natively",
+            hint="pass --installer bootc (the image must contain /usr/bin/bootc)",
+        )
+
+
 def check_bootc_options(opts: Options) -> None:
     """What the bootc installer cannot do (checked up front when it is asked for)."""
     if opts.partition_table is not PartitionTable.gpt:
@@ -198,6 +308,13 @@ def validate(opts: Options, fmt: DiskFormat) -> None:
     check_disk_size(opts.disk_size, opts.filesystem)
     if opts.installer is Installer.bootc:
         check_bootc_options(opts)
+    elif opts.installer is Installer.native:
+        check_native_options(opts)
+    if opts.storage_path is not None and not opts.storage_path.is_dir():
+        raise NotFoundError(
+            f"--storage-path {opts.storage_path} is not a directory",
+            hint="give podman's graph root (podman info --format '{{.Store.GraphRoot}}')",
+        )
     keys = opts.root_ssh_authorized_keys
     if keys is not None:
         if not keys.is_file():
@@ -236,6 +353,8 @@ def cache_key(
         "installer": opts.installer.value,
         "kargs": list(opts.kargs),
         "root_ssh_authorized_keys": keys,
+        # Only when given, so that the keys of disks built before these existed hold.
+        **({"bootc_install": opts.bootc.argv()} if opts.bootc != BootcInstall() else {}),
     }
 
 

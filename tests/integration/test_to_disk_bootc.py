@@ -48,7 +48,11 @@ def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_pa
     # A ':' in OUTPUT once broke the installer, which passed paths on as flag text.
     out = tmp_path / "disk:v1.raw"
     argv = ["to-disk", installer_image, str(out), "--filesystem", "xfs", "--karg", "console=ttyS0",
-            "--root-size", "2G", "--root-ssh-authorized-keys", str(keys)]  # fmt: skip
+            "--root-size", "2G", "--root-ssh-authorized-keys", str(keys),
+            # upstream's pass-through flags, and the installer VM's size
+            "--target-transport", "containers-storage", "--composefs-backend",
+            "--bootloader", "systemd", "--allow-missing-fsverity",
+            "--memory", "3G", "--vcpus", "2"]  # fmt: skip
     # podman-bootc's variable reaches `bootc install` as RUST_LOG
     result = bcvk(*argv, env={"BOOTC_INSTALL_LOG": "bootc_lib=debug"}, timeout=VM_TIMEOUT)
     assert result.returncode == 0, result.stderr
@@ -68,6 +72,8 @@ def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_pa
         "install to-disk --generic-image --skip-fetch-check "
         f"--source-imgref containers-storage:{installer_image} --filesystem xfs "
         "--root-size 2048M --karg=console=ttyS0 "
+        "--target-transport containers-storage --composefs-backend --bootloader systemd "
+        "--allow-missing-fsverity "
         "--root-ssh-authorized-keys /run/bcvk-authorized-keys /dev/disk/by-id/virtio-output"
     )
     assert "Debian GNU/Linux 12" in debugfs_cat(out, "/os-release")
@@ -76,6 +82,14 @@ def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk:v1.raw", "keys.pub"]
     dry = bcvk(*argv, "--dry-run")
     assert dry.stdout == "would-reuse\n"
+    # upstream's caching test: the same digest under another tag is another disk
+    other = installer_image.replace(":latest", ":other-tag")
+    subprocess.run(["podman", "tag", installer_image, other], check=True)
+    try:
+        retagged = bcvk("to-disk", other, *argv[2:], "--dry-run")
+        assert retagged.stdout == "would-regenerate\n", retagged.stderr
+    finally:
+        subprocess.run(["podman", "untag", installer_image, other], check=True)
 
 
 def test_installer_failure_reports_its_message(installer_image: str, tmp_path: Path) -> None:

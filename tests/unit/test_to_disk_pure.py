@@ -66,6 +66,7 @@ def changed_values(tmp_path: Path) -> dict[str, Any]:
         "compress": True,
         "partition_table": PartitionTable.mbr,
         "firmware": Firmware.both,
+        "bootc": options.BootcInstall(composefs_backend=True),
     }
 
 
@@ -336,6 +337,12 @@ def test_bootc_install_argv_golden(golden: Callable[[str, str], None]) -> None:
         kargs=("console=ttyS0", "a b"),
         installer=to_disk.Installer.bootc,
         install_log="bootc_lib=debug,info",
+        bootc=options.BootcInstall(
+            target_transport="containers-storage",
+            composefs_backend=True,
+            bootloader=options.Bootloader.systemd,
+            allow_missing_fsverity=True,
+        ),
     )
     script = to_disk_bootc.guest_script(REF, opts, "ssh-ed25519 AAAA it's me\n")
     golden("to-disk/bootc-install.sh", script + "\n")
@@ -344,6 +351,55 @@ def test_bootc_install_argv_golden(golden: Callable[[str, str], None]) -> None:
         "bootc", "install", "to-disk", "--generic-image", "--skip-fetch-check",
         "--source-imgref", f"containers-storage:{REF}", "/dev/disk/by-id/virtio-output",
     ]  # fmt: skip
+
+
+def test_each_bootc_install_flag_is_in_the_key_and_old_keys_hold() -> None:
+    each = (
+        options.BootcInstall(target_transport="oci"),
+        options.BootcInstall(composefs_backend=True),
+        options.BootcInstall(bootloader=options.Bootloader.none),
+        options.BootcInstall(allow_missing_fsverity=True),
+    )
+    keys = {key(Options(bootc=b)) for b in each}
+    assert len(keys) == 4
+    assert key(Options()) not in keys
+    # Unset, the key has no bootc_install entry: disks built before these flags are reused.
+    assert "bootc_install" not in options.cache_key(REF, DIGEST, DiskFormat.raw, GIB, Options())
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"target_transport": "Registry!"}, "invalid --target-transport"),
+        ({"bootloader": "lilo"}, "invalid --bootloader"),
+        ({"installer_memory": "lots"}, "invalid --memory"),
+        ({"installer_vcpus": "0"}, "invalid --vcpus"),
+        ({"installer_itype": "u9.huge"}, "unknown instance type"),
+        ({"installer": "native", "composefs_backend": True}, "--composefs-backend: for the bootc"),
+        ({"installer": "native", "installer_memory": "2G"}, "--memory: for the bootc"),
+    ],
+)
+def test_bootc_installer_flags_are_checked_up_front(values: dict[str, Any], message: str) -> None:
+    def check() -> None:
+        options.validate(to_disk.make_options(**values), DiskFormat.raw)
+
+    with pytest.raises(UsageError) as caught:
+        check()
+    assert message in caught.value.message
+    assert caught.value.hint
+
+
+def test_installer_vm_size_from_the_flags(tmp_path: Path) -> None:
+    from bcvk.to_disk import bootc
+
+    req = options.Request(REF, "a" * 64, DIGEST, 1, tmp_path / "o.raw",
+                          to_disk.make_options(installer_itype="u1.small"),
+                          DiskFormat.raw, GIB, "h")  # fmt: skip
+    vm = bootc.installer_options(req, tmp_path / "t.raw", tmp_path)
+    assert (vm.memory_mib, vm.vcpus) == (2048, 1)
+    req = dataclasses.replace(req, opts=to_disk.make_options(installer_memory="6G"))
+    vm = bootc.installer_options(req, tmp_path / "t.raw", tmp_path)
+    assert (vm.memory_mib, vm.vcpus) == (6144, 2)
 
 
 def test_bootc_installer_takes_paths_with_colons_as_they_are(tmp_path: Path) -> None:
