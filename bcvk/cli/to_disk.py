@@ -90,7 +90,7 @@ from bcvk.values import Firmware
     help="bootc installer: the host's container storage.  [default: podman's graph root]",
 )
 @click.option("--memory", metavar="SIZE", help="bootc installer VM's memory.  [default: 4G]")
-@click.option("--vcpus", metavar="N", help="bootc installer VM's vCPUs.  [default: 2]")
+@click.option("--vcpus", metavar="N", help="bootc installer VM's vCPUs.  [default: host's, ≤ 4]")
 @click.option("--itype", metavar="TYPE", help="bootc installer VM's instance type (u1.small…).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def to_disk(

@@ -41,12 +41,11 @@ from bcvk.to_disk.options import (
     check_bootc_options,
 )
 from bcvk.to_disk.output import finish, work_directory
-from bcvk.values import MIB
+from bcvk.values import MIB, default_vcpus
 
 DEVICE = "/dev/disk/by-id/virtio-output"
 STORE_NAME = "hoststorage"
 INSTALLER_MEMORY_MIB = 4096
-INSTALLER_VCPUS = 2
 INSTALLER_SSH_TIMEOUT = 900.0
 
 
@@ -123,7 +122,7 @@ def installer_options(req: Request, target: Path, store: Path) -> ephemeral.Opti
     return ephemeral.Options(
         image=req.image,
         memory_mib=size.memory_mib or INSTALLER_MEMORY_MIB,
-        vcpus=size.vcpus or INSTALLER_VCPUS,
+        vcpus=size.vcpus or default_vcpus(),
         disks=(ephemeral.DiskFile(target, "output", "raw"),),
         binds=(store_share(store),),
         # an installer VM under TCG on a busy host can take minutes

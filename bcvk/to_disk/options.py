@@ -113,7 +113,7 @@ class InstallerVm:
     """The bootc installer VM's size (how to run, not what to make)."""
 
     memory_mib: int | None = None  # None: 4 GiB
-    vcpus: int | None = None  # None: 2
+    vcpus: int | None = None  # None: the host's, up to 4
 
 
 @dataclass(frozen=True)
