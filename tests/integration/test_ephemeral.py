@@ -20,6 +20,7 @@ import pytest
 from bcvk import ephemeral
 from bcvk.ephemeral.options import free_port
 from bcvk.host import ssh
+from tests import schemas
 from tests.conftest import DEMO_IMAGE, image_exists
 from tests.integration.ephemeral_support import (
     SSH_TIMEOUT,
@@ -158,6 +159,7 @@ def test_log_dir_gets_console_and_journal(shared: Shared) -> None:
 
 def test_listed_by_ps_and_reachable_by_name(shared: Shared) -> None:
     listed = json.loads(shared.session.bcvk("ephemeral", "ps", "--format", "json").stdout)
+    schemas.check("ephemeral-ps", listed)
     (entry,) = [e for e in listed if e["name"] == shared.vm.name]
     assert entry["state"] == "running"
     assert entry["rootfs"] == "virtiofs"

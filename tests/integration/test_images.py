@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import schemas
 from tests.conftest import DEMO_IMAGE, FIXTURES, bcvk, podman_mounts
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -26,7 +27,7 @@ def inspect_json(image: str, user: str | None = None) -> tuple[int, dict[str, An
 
 def test_list_json_includes_demo_image(demo_image: str) -> None:
     result = bcvk("images", "list", "--format", "json", check=True)
-    rows = json.loads(result.stdout)
+    rows = schemas.check("images-list", json.loads(result.stdout))
     demo = [r for r in rows if DEMO_IMAGE in r["Names"]]
     assert len(demo) == 1
     # podman's own keys, as upstream prints them

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from bcvk.libvirt.metadata import BOOTC_NS
+from tests import schemas
 from tests.conftest import DEMO_IMAGE, FIXTURES, bcvk, bcvk_popen, image_exists
 from tests.integration import libvirt_env as env
 
@@ -116,6 +117,7 @@ def test_metadata_in_libvirt_and_no_private_key(vm: Vm) -> None:
 
 def test_list_json_has_what_test_frameworks_need(vm: Vm) -> None:
     rows = json.loads(lv_ok("list", "--format", "json", "--label", env.LABEL).stdout)
+    schemas.check("libvirt-list", rows)
     row = next(r for r in rows if r["name"] == vm.name)
     assert row["state"] == "running"
     assert row["ssh_host"] == "127.0.0.1"
@@ -223,7 +225,10 @@ def test_to_base_disk_and_list_volumes_see_the_vms_base_disk(vm: Vm) -> None:
     base = env.POOL_DIR / str(md["base_disk"])
     cached = lv_ok("to-base-disk", DEMO_IMAGE)
     assert cached.stdout == f"Using cached base disk: {base}\n"  # upstream's words
-    rows = {r["name"]: r for r in json.loads(lv_ok("list-volumes", "--json").stdout)}
+    listed = schemas.check(
+        "libvirt-list-volumes", json.loads(lv_ok("list-volumes", "--json").stdout)
+    )
+    rows = {r["name"]: r for r in listed}
     assert rows[base.name]["kind"] == "base"
     assert vm.name in rows[base.name]["vms"]
     disk = Path(str(vm.info["disk_path"]))

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import schemas
 from tests.conftest import DEMO_IMAGE, FIXTURES, bcvk, bcvk_bin, image_exists
 from tests.integration import libvirt_env as env
 
@@ -56,7 +57,8 @@ def pb_ok(
 
 
 def listing() -> dict[str, dict[str, object]]:
-    return {str(r["name"]): r for r in json.loads(pb_ok("list", "--format", "json").stdout)}
+    rows = schemas.check("pb-list", json.loads(pb_ok("list", "--format", "json").stdout))
+    return {str(r["name"]): r for r in rows}
 
 
 def demo_id() -> str:

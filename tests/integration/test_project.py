@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import schemas
 from tests.conftest import DEMO_IMAGE, bcvk, image_exists
 from tests.integration import libvirt_env as env
 
@@ -51,7 +52,9 @@ class Files:
         return result
 
     def status(self) -> dict[str, dict[str, object]]:
-        rows = json.loads(self.ok("status", "--format", "json").stdout)
+        rows = schemas.check(
+            "project-status", json.loads(self.ok("status", "--format", "json").stdout)
+        )
         return {str(r["name"]): r for r in rows}
 
 

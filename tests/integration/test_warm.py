@@ -23,6 +23,7 @@ import pytest
 
 from bcvk.ephemeral.options import free_port
 from bcvk.host import ssh
+from tests import schemas
 from tests.conftest import DEMO_IMAGE, image_exists
 from tests.integration.ephemeral_support import SSH_TIMEOUT, Session, mount_counts, unique
 
@@ -59,7 +60,7 @@ def run_ssh(session: Session, *args: str, command: str) -> tuple[int, str, str]:
 def snapshots(session: Session) -> list[dict[str, object]]:
     listed = session.bcvk("cache", "list", "--format", "json", check=True)
     found: list[dict[str, object]] = []
-    for entry in json.loads(listed.stdout):
+    for entry in schemas.check("cache-list", json.loads(listed.stdout)):
         found += entry["snapshots"]
     return found
 

@@ -13,6 +13,7 @@ from bcvk.image import facts as image_facts
 from bcvk.image.facts import TreeFacts
 from bcvk.image.inspect import judge, summaries_from_podman
 from bcvk.image.tree import Kernel
+from tests import schemas
 from tests.conftest import FakeBin
 
 from .treebuilder import bootc_tree
@@ -159,7 +160,7 @@ def test_cli_list_json_filters_on_bootc_label(
 ) -> None:
     one_image(monkeypatch, size=1)
     assert main(["images", "list", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = schemas.check("images-list", json.loads(capsys.readouterr().out))
     assert out == [{"Id": "f" * 64, "Names": ["localhost/a:1"], "Size": 1, "Created": 0}]
     assert fake_podman.calls("podman") == [
         ["images", "--format", "json", "--filter", "label=containers.bootc=1"]

@@ -34,6 +34,7 @@ from bcvk.libvirt.connection import (
 )
 from bcvk.libvirt.uri import default_uri, parse_uri
 from bcvk.values import PortForward, validate_vm_name
+from tests.conftest import Cli
 from tests.unit.testdriver import POOL, URI, fake_base_disks, shared_connection
 
 IMAGE = "localhost/bcvk/debian-bootc:12"
@@ -646,3 +647,41 @@ def test_to_base_disk_is_the_disk_run_clones(
     assert vm.metadata.base_disk == base.volume
     with pytest.raises(UsageError, match="invalid kernel argument"):
         domains.to_base_disk(IMAGE, uri=URI, pool=POOL, kargs=["a\nb"])
+
+
+def test_libvirt_json_outputs_match_their_schemas(
+    conn: Connection, fake_image: podman.ImageInfo, cli: Cli
+) -> None:
+    from tests import schemas
+
+    provision.create_vm(conn, IMAGE, options(name="j1", labels=("ci",)))
+    provision.create_vm(conn, IMAGE, options(name="j2", network="none", start=False))
+
+    def shown(*args: str) -> Any:
+        return json.loads(cli("libvirt", "-c", URI, *args, check=True).stdout)
+
+    rows = schemas.check("libvirt-list", shown("list", "-a", "--format", "json"))
+    assert {r["name"] for r in rows} == {"j1", "j2"}
+    schemas.check("libvirt-list", shown("list", "j1", "--format", "json", "--include-private-key"))
+    volumes = schemas.check("libvirt-list-volumes", shown("list-volumes", "--pool", POOL, "--json"))
+    assert {v["kind"] for v in volumes} == {"base", "vm"}
+    schemas.check(
+        "libvirt-base-disks", shown("base-disks", "list", "--pool", POOL, "--format", "json")
+    )
+    schemas.check("libvirt-print-firmware", shown("print-firmware", "--format", "json"))
+    # A schema catches drift: a key bcvk does not document is an error.
+    with pytest.raises(AssertionError, match="Additional properties"):
+        schemas.check("libvirt-list", [{**rows[0], "surprise": 1}])
+
+
+def test_every_output_schema_is_a_schema_and_is_used() -> None:
+    from tests import schemas
+    from tests.conftest import ROOT
+
+    names = sorted(p.name.removesuffix(".schema.json") for p in schemas.SCHEMAS.glob("*.json"))
+    used = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    for name in names:
+        if name != "bcvk.toml":  # checked against the parser in test_project
+            schemas.validator(name)
+            pattern = rf'schemas\.check\(\s*"{re.escape(name)}"'
+            assert re.search(pattern, used), f"no test validates output against {name}"

@@ -10,6 +10,7 @@ import pytest
 
 from bcvk import pb
 from bcvk.libvirt import xml as lx
+from tests import schemas
 from tests.conftest import BIN_DIR, Cli
 from tests.unit.testdriver import domain_xml, node_file
 
@@ -64,6 +65,7 @@ def test_list_shows_pb_vms_only(uri: str, runtime: dict[str, str], cli: Cli) -> 
         ("8ae7aaaaaaaa", "web"),
     ]
     data = json.loads(cli("pb", "-c", uri, "list", "--format", "json", env=runtime).stdout)
+    schemas.check("pb-list", data)
     assert {"id", "name", "image", "running", "ssh_port", "created", "disk_size"} <= set(data[0])
     first, second = data
     assert (first["running"], first["ssh_port"], first["disk_size"]) == (True, 2301, 10 << 30)

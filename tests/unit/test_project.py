@@ -16,6 +16,7 @@ from bcvk.libvirt.connection import Connection
 from bcvk.project import spec
 from bcvk.to_disk import Filesystem
 from bcvk.values import Firmware, validate_vm_name
+from tests import schemas
 from tests.conftest import ROOT, Cli
 from tests.unit.testdriver import URI, domain_xml, shared_connection
 
@@ -264,6 +265,7 @@ def test_status_in_sync_differs_missing_and_foreign(
     made_by_up(conn, proj, "db", running=False, settings=old)
     define(conn, "hand", None, running=True)  # made by hand, same name
     rows = json.loads(cli("status", "-f", str(path), "--format", "json", check=True).stdout)
+    schemas.check("project-status", rows)
     by_name = {r["name"]: r for r in rows}
     assert [r["name"] for r in rows] == ["web", "db", "cache", "hand"]
     assert (by_name["web"]["sync"], by_name["web"]["state"]) == ("in sync", "running")

@@ -11,6 +11,7 @@ import pytest
 
 from bcvk.__main__ import main
 from bcvk.to_disk import DiskFormat, Options, options, output
+from tests import schemas
 from tests.conftest import FakeBin
 
 REF = "localhost/test/bootc:1"
@@ -135,7 +136,7 @@ def test_reuse_prints_the_upstream_message(
     assert code == 0
     assert f"Reusing existing cached disk image at: {target}" in err
     code, out, _ = bcvk(capsys, REF, str(target), "--json")
-    assert json.loads(out)["action"] == "reused"
+    assert schemas.check("to-disk", json.loads(out))["action"] == "reused"
     # reusing needs nothing but an inspect: no mount, no unshare
     assert all(call[:2] == ["image", "inspect"] for call in fake_podman.calls("podman"))
 
