@@ -7,6 +7,7 @@ real bugs.  SIGTERM and SIGHUP take the same clean-up path as Ctrl-C.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -51,6 +52,9 @@ def main(
     log.setup()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
+    if argv is None and command is None and sys.argv[1:] == [] and "LISTEN_FDS" in os.environ:
+        # `varlinkctl call exec:bcvk …` and socket units start bcvk with no arguments.
+        argv = ["varlink", "serve"]
     try:
         # Without standalone mode click returns ctx.exit()'s code instead of exiting.
         cli = command if command is not None else root

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "down": ("bcvk.cli.project", "down", False),
     "status": ("bcvk.cli.project", "status", False),
     "config": ("bcvk.cli.project", "config", False),
+    "varlink": ("bcvk.cli.varlink", "varlink", False),
 }
 
 HELP = {
@@ -46,6 +47,7 @@ HELP = {
     "status": "Each VM of ./bcvk.toml: state, SSH port, in sync with the file or not.",
     "config": "Show the effective configuration of ./bcvk.toml.",
     "ssh": "SSH into a VM of ./bcvk.toml, or an ephemeral VM by name.",
+    "varlink": "Serve upstream's varlink API (images, ephemeral, todisk) on a socket.",
 }
 
 

@@ -195,6 +195,7 @@ class VmInfo:
     detached: bool
     forwards: list[tuple[int, int]]
     project: str = ""  # the bcvk.toml it was started from (JSON), or ""
+    ssh_private_key_path: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -202,6 +203,7 @@ class VmInfo:
             "image": self.image,
             "state": self.state,
             "ssh_port": self.ssh_port,
+            "ssh_private_key_path": self.ssh_private_key_path,
             "pid": self.pid,
             "rootfs": self.rootfs,
             "created": int(self.created),
@@ -239,8 +241,9 @@ def ps() -> list[VmInfo]:
             detached=record.detached,
             forwards=list(record.forwards),
             project=record.project,
+            ssh_private_key_path=str(d.key),
         )
-        for _, record in registry.scan()
+        for d, record in registry.scan()
     ]
 
 
