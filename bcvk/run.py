@@ -33,6 +33,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "qemu-img": ("qemu-utils", "qemu-img"),
     "virtiofsd": ("virtiofsd (Debian 13+; `make virtiofsd` on 12)", "virtiofsd"),
     "ssh": ("openssh-client", "openssh-clients"),
+    "sbsign": ("sbsigntool", "sbsigntools"),
     "ssh-keygen": ("openssh-client", "openssh-clients"),
     "mkfs.ext4": ("e2fsprogs", "e2fsprogs"),
     "mkfs.xfs": ("xfsprogs", "xfsprogs"),

@@ -92,6 +92,13 @@ from bcvk.values import Firmware
 @click.option("--memory", metavar="SIZE", help="bootc installer VM's memory.  [default: 4G]")
 @click.option("--vcpus", metavar="N", help="bootc installer VM's vCPUs.  [default: host's, ≤ 4]")
 @click.option("--itype", metavar="TYPE", help="bootc installer VM's instance type (u1.small…).")
+@click.option(
+    "--secure-boot-keys",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Sign systemd-boot and the kernel with DIR/db.key (DIR holds PK.crt, KEK.crt, "
+    "db.crt and db.key) for Secure Boot with your own keys.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def to_disk(
     image: str,
@@ -117,6 +124,7 @@ def to_disk(
     memory: str | None,
     vcpus: str | None,
     itype: str | None,
+    secure_boot_keys: str | None,
     as_json: bool,
 ) -> None:
     """Turn bootc IMAGE into a bootable disk image at OUTPUT.
@@ -154,6 +162,7 @@ def to_disk(
         installer_memory=memory,
         installer_vcpus=vcpus,
         installer_itype=itype,
+        secure_boot_keys=secure_boot_keys,
     )
     if as_json:
         out.emit_json(result.to_json())

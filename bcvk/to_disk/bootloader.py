@@ -138,6 +138,16 @@ def stage_esp(
     (stage / "loader" / "loader.conf").write_text(render_loader_conf(entry.entry_id))
 
 
+def efi_binaries(stage: Path, entry: BootEntry | None, arch: str, uki_name: str = "") -> list[Path]:
+    """The files of a staged ESP that firmware or systemd-boot verifies under
+    Secure Boot: systemd-boot (both copies) and the kernel or UKI."""
+    boot_name, removable = EFI_ARCH[arch]
+    found = [stage / "EFI" / "BOOT" / removable, stage / "EFI" / "systemd" / boot_name]
+    if entry is None:
+        return [*found, stage / "EFI" / "Linux" / uki_name]
+    return [*found, stage / entry.linux.lstrip("/")]
+
+
 def mkfs_vfat_argv(image: Path, volume_id: str, label: str = "EFI-SYSTEM") -> list[str]:
     mkfs = run.require("mkfs.vfat", *run.sbin("mkfs.vfat"), why="to format the ESP")
     return [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bcvk import run
 from bcvk.errors import BcvkError
-from bcvk.host import podman
+from bcvk.host import podman, secureboot
 from bcvk.image import inns
 from bcvk.image.facts import TreeFacts, probe
 from bcvk.image.scan import TreeScan, scan_json
@@ -247,8 +247,9 @@ def populate(work: Path, disk: Plan, opts: Options, tree: Tree) -> Path:
     return root_img
 
 
-def make_esp(work: Path, disk: Plan, tree: Tree) -> Path:
-    """Stage 4: the EFI system partition image: systemd-boot, kernel, entry."""
+def make_esp(work: Path, disk: Plan, tree: Tree, keys: secureboot.Keys | None = None) -> Path:
+    """Stage 4: the EFI system partition image: systemd-boot, kernel, entry
+    (signed with KEYS' db key when given)."""
     arch = platform.machine()
     located = tree.located
     boot_files = work / "boot-files"
@@ -294,7 +295,12 @@ def make_esp(work: Path, disk: Plan, tree: Tree) -> Path:
     )
     stage = work / "esp"
     stage.mkdir()
-    bootloader.stage_esp(stage, esp_files, entry, arch, uki_name=f"{kernel.version}.efi")
+    uki_name = f"{kernel.version}.efi"
+    bootloader.stage_esp(stage, esp_files, entry, arch, uki_name=uki_name)
+    if keys is not None:
+        with step("Signing systemd-boot and the kernel with the db key"):
+            for binary in bootloader.efi_binaries(stage, entry, arch, uki_name):
+                secureboot.sign(keys, binary)
     esp_img = work / "esp.img"
     bootloader.build_esp(esp_img, disk.layout.esp.size, stage, disk.ids.esp_fs)
     shutil.rmtree(stage)
@@ -327,7 +333,7 @@ def build(req: Request, mount: podman.ImageMount, work: Path, tree: Tree) -> tup
     """Every stage after ``read``; returns the plan and OUTPUT's size."""
     disk = plan(req, tree)
     root = populate(work, disk, req.opts, tree)
-    esp = make_esp(work, disk, tree)
+    esp = make_esp(work, disk, tree, req.opts.secure_boot_keys)
     # Nothing reads the image from here on: unmount while the disk converts.
     mount.release()
     pretty = tree.facts.os_release.get("PRETTY_NAME") or "Linux"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcvk.errors import NotFoundError, UsageError
-from bcvk.host import ssh
+from bcvk.host import secureboot, ssh
 from bcvk.to_disk.layout import LAYOUT_VERSION, Filesystem, PartitionTable, min_disk_size
 from bcvk.values import (
     Firmware,
@@ -131,6 +131,7 @@ class Options:
     partition_table: PartitionTable = PartitionTable.gpt
     compress: bool = False
     bootc: BootcInstall = BootcInstall()
+    secure_boot_keys: secureboot.Keys | None = None  # sign the ESP's EFI binaries
     # How to run, not what to make: none of these is in the cache key.
     dry_run: bool = False
     force: bool = False
@@ -169,6 +170,7 @@ def make_options(
     installer_vcpus: int | str | None = None,
     installer_itype: str | None = None,
     storage_path: str | os.PathLike[str] | None = None,
+    secure_boot_keys: str | os.PathLike[str] | None = None,
 ) -> Options:
     """CLI-shaped values (``"xfs"``, ``"20G"``) → validated ``Options``; raises UsageError."""
     fw = parse_choice(Firmware, firmware, "--firmware")
@@ -201,6 +203,9 @@ def make_options(
         ),
         installer_vm=_installer_vm(installer_memory, installer_vcpus, installer_itype),
         storage_path=Path(storage_path) if storage_path is not None else None,
+        secure_boot_keys=secureboot.load_keys(secure_boot_keys)
+        if secure_boot_keys is not None
+        else None,
     )
 
 
@@ -294,6 +299,12 @@ def check_bootc_options(opts: Options) -> None:
             "--partition-table mbr is not supported by the bootc installer",
             hint="bootc always writes GPT; use --installer native for MBR",
         )
+    if opts.secure_boot_keys is not None:
+        raise UsageError(
+            "--secure-boot-keys: the bootc installer writes its own boot chain, which bcvk "
+            "cannot sign",
+            hint="use --installer native, or an image whose bootloader your db key signed",
+        )
 
 
 def validate(opts: Options, fmt: DiskFormat) -> None:
@@ -355,6 +366,11 @@ def cache_key(
         "root_ssh_authorized_keys": keys,
         # Only when given, so that the keys of disks built before these existed hold.
         **({"bootc_install": opts.bootc.argv()} if opts.bootc != BootcInstall() else {}),
+        **(
+            {"secure_boot_db": opts.secure_boot_keys.fingerprint()}
+            if opts.secure_boot_keys is not None
+            else {}
+        ),
     }
 
 

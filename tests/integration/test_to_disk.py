@@ -228,6 +228,41 @@ def test_raw_ext4_content(demo_image: str, tmp_path: Path, keyfile: Path) -> Non
         run("podman", "image", "unmount", DEMO_IMAGE)
 
 
+def make_sb_keys(directory: Path) -> Path:
+    """PK, KEK and db: self-signed certificates with their keys, as a user makes them."""
+    directory.mkdir()
+    for name in ("PK", "KEK", "db"):
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-x509", "-sha256", "-days", "30",
+            "-subj", f"/CN=bcvk test {name}/", "-keyout", directory / f"{name}.key",
+            "-out", directory / f"{name}.crt")  # fmt: skip
+    return directory
+
+
+def test_secure_boot_keys_sign_systemd_boot_and_the_kernel(demo_image: str, tmp_path: Path) -> None:
+    keys = make_sb_keys(tmp_path / "keys")
+    other = make_sb_keys(tmp_path / "other")
+    out = tmp_path / "signed.raw"
+    bcvk("to-disk", demo_image, str(out), "--secure-boot-keys", str(keys), check=True)
+    esp = extract(out, ESP_START, tmp_path / "esp.img", 512 * MIB)
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    (entry_name,) = subprocess.run(["mdir", "-b", "-i", esp, "::/loader/entries"],
+                                   capture_output=True, text=True, env=env,
+                                   check=True).stdout.split()  # fmt: skip
+    entry = subprocess.run(["mtype", "-i", esp, entry_name], capture_output=True, text=True,
+                           env=env, check=True).stdout  # fmt: skip
+    kernel = next(line.split()[1] for line in entry.splitlines() if line.startswith("linux "))
+    for path in ("/EFI/BOOT/BOOTX64.EFI", "/EFI/systemd/systemd-bootx64.efi", kernel):
+        local = tmp_path / Path(path).name
+        subprocess.run(["mcopy", "-n", "-i", esp, f"::{path}", local], env=env, check=True)
+        assert run("sbverify", "--cert", keys / "db.crt", local, check=False).returncode == 0, path
+        assert run("sbverify", "--cert", other / "db.crt", local, check=False).returncode != 0
+    # Another db key is another disk: the cache does not hand back the first.
+    again = bcvk("to-disk", demo_image, str(out), "--secure-boot-keys", str(other), "--dry-run")
+    assert again.stdout == "would-regenerate\n"
+    assert bcvk("to-disk", demo_image, str(out), "--secure-boot-keys", str(keys),
+                "--dry-run").stdout == "would-reuse\n"  # fmt: skip
+
+
 def test_xfs_checks_clean_and_reports_its_losses(demo_image: str, tmp_path: Path) -> None:
     out = tmp_path / "disk.raw"
     result = bcvk("to-disk", demo_image, str(out), "--filesystem", "xfs", check=True)

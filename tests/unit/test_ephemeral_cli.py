@@ -277,7 +277,9 @@ def test_ssh_to_an_unknown_vm(fake_bin: FakeBin, capsys: pytest.CaptureFixture[s
     assert main(["ephemeral", "rm", "-f", "nobody"]) == 0
 
 
-def test_ps_json_with_no_vms(fake_bin: FakeBin, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ps_json_with_no_vms(
+    fake_bin: FakeBin, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["ephemeral", "ps", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 

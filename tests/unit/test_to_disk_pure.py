@@ -15,6 +15,7 @@ import pytest
 
 from bcvk import ephemeral, to_disk
 from bcvk.errors import NotFoundError, UsageError
+from bcvk.host import secureboot
 from bcvk.host.proc import Identity, boot_id, start_time
 from bcvk.image.facts import TreeFacts
 from bcvk.image.scan import Loss
@@ -67,7 +68,17 @@ def changed_values(tmp_path: Path) -> dict[str, Any]:
         "partition_table": PartitionTable.mbr,
         "firmware": Firmware.both,
         "bootc": options.BootcInstall(composefs_backend=True),
+        "secure_boot_keys": secureboot.Keys(sb_keys(tmp_path), secureboot.DEFAULT_OWNER),
     }
+
+
+def sb_keys(tmp_path: Path, name: str = "sb") -> Path:
+    """A key directory whose files look like PEM (enough for parsing and the key)."""
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    for name in ("PK.crt", "KEK.crt", "db.crt", "db.key"):
+        (directory / name).write_text(f"-----BEGIN X-----\n{name}\n-----END X-----\n")
+    return directory
 
 
 def test_every_option_changes_the_key(tmp_path: Path) -> None:
@@ -591,3 +602,47 @@ def test_install_log_is_validated_and_kept_out_of_the_cache_key() -> None:
         options.validate(Options(install_log="debug; rm -rf /"), DiskFormat.raw)
     options.validate(Options(install_log="bootc_lib=trace,info"), DiskFormat.raw)
     assert key(Options(install_log="debug")) == key(Options())
+
+
+def test_secure_boot_keys_are_checked_up_front(tmp_path: Path) -> None:
+    directory = sb_keys(tmp_path)
+    keys = secureboot.load_keys(directory)
+    assert (keys.db_key, keys.owner) == (directory / "db.key", secureboot.DEFAULT_OWNER)
+    first = key(Options(secure_boot_keys=keys))
+    (directory / "db.crt").write_text("-----BEGIN X-----\nanother\n-----END X-----\n")
+    assert key(Options(secure_boot_keys=keys)) != first  # another db: another disk
+    assert "secure_boot_db" not in options.cache_key(REF, DIGEST, DiskFormat.raw, GIB, Options())
+    (directory / "GUID.txt").write_text("3f2504e0-4f89-11d3-9a0c-0305e82c3301\n")
+    assert secureboot.load_keys(directory).owner == "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+    for name, content, message in (
+        ("GUID.txt", b"nope", "GUID.txt is not a GUID"),
+        ("KEK.crt", b"\x30\x82", "KEK.crt is not a PEM file"),
+        ("db.key", None, "db.key: No such file or directory"),
+    ):
+        case = sb_keys(tmp_path, name)
+        if content is None:
+            (case / name).unlink()
+        else:
+            (case / name).write_bytes(content)
+        with pytest.raises((UsageError, NotFoundError), match=message):
+            secureboot.load_keys(case)
+    with pytest.raises(NotFoundError, match="no such directory"):
+        secureboot.load_keys(tmp_path / "missing")
+
+
+def test_the_bootc_installer_refuses_secure_boot_keys(tmp_path: Path) -> None:
+    opts = to_disk.make_options(installer="bootc", secure_boot_keys=sb_keys(tmp_path))
+    with pytest.raises(UsageError, match="the bootc installer writes its own boot chain"):
+        options.validate(opts, DiskFormat.raw)
+
+
+def test_the_efi_binaries_a_signed_esp_has(tmp_path: Path) -> None:
+    from bcvk.to_disk import bootloader
+
+    entry = bootloader.make_entry({"ID": "debian"}, "6.1.0-1-amd64", ("root=UUID=x",))
+    paths = bootloader.efi_binaries(tmp_path, entry, "x86_64")
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "EFI/BOOT/BOOTX64.EFI", "EFI/systemd/systemd-bootx64.efi", entry.linux.lstrip("/"),
+    ]  # fmt: skip
+    uki = bootloader.efi_binaries(tmp_path, None, "x86_64", "6.1.efi")
+    assert uki[-1] == tmp_path / "EFI" / "Linux" / "6.1.efi"

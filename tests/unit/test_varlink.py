@@ -26,10 +26,11 @@ Served = tuple[Path, subprocess.Popen[str]]
 
 
 @pytest.fixture
-def served(fake_bin: FakeBin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+def served(
+    fake_bin: FakeBin, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Served]:
     fake_bin.add("podman", FAKE_PODMAN, python=True)
     monkeypatch.setenv("FAKE_IMAGES", json.dumps(IMAGES))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
     path = tmp_path / "bcvk.sock"
     server = bcvk_popen("varlink", "serve", "--address", f"unix:{path}")
     yield path, server
