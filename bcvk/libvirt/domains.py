@@ -42,6 +42,7 @@ from bcvk.libvirt.provision import (
     create_vm,
     domain_type,
     image_info,
+    install_options,
     share_specs,
     validate,
 )
@@ -426,9 +427,7 @@ def to_base_disk(
     """IMAGE's base disk in POOL, built unless one with these options exists
     (``reused`` says which); the disk ``libvirt run`` would clone."""
     fs = parse_choice(to_disk.Filesystem, filesystem, "--filesystem") if filesystem else None
-    install = basedisks.InstallOptions(
-        disk_size, fs, root_size, tuple(parse_karg(k) for k in kargs)
-    )
+    install = install_options(disk_size, fs, root_size, [parse_karg(k) for k in kargs])
     to_disk.check_disk_size(disk_size, fs)
     image_info(image)  # a missing or non-bootc image fails before the pool is touched
     with connected(uri) as conn:

@@ -505,14 +505,14 @@ def test_concurrent_creates_on_a_cold_cache_share_one_unchanged_base_disk(
         before = (base.stat().st_ino, base.stat().st_mtime_ns)
         for n in names:
             assert env.backing_file(env.POOL_DIR / f"{n}.qcow2") == str(base)
-        # Both boot from it, one after the other, and the base disk never changes.
-        for n in names:
-            lv_ok("start", n, "--ssh-wait", "--timeout", BOOT_TIMEOUT)
-            os_release = guest(n, f"grep -q {karg} /proc/cmdline && cat /etc/os-release")
-            assert os_release.returncode == 0, os_release.stderr
-            assert "ID=debian" in os_release.stdout
-            lv_ok("stop", n, "--force")
-            assert (base.stat().st_ino, base.stat().st_mtime_ns) == before
+        # One boots from it (both are clones of it, checked above), and booting
+        # a clone never changes the base disk.
+        lv_ok("start", names[0], "--ssh-wait", "--timeout", BOOT_TIMEOUT)
+        os_release = guest(names[0], f"grep -q {karg} /proc/cmdline && cat /etc/os-release")
+        assert os_release.returncode == 0, os_release.stderr
+        assert "ID=debian" in os_release.stdout
+        lv_ok("stop", names[0], "--force")
+        assert (base.stat().st_ino, base.stat().st_mtime_ns) == before
     finally:
         for n in names:
             lv("rm", "-f", n)

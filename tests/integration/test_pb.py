@@ -1,7 +1,7 @@
 """`bcvk pb` end to end: podman-bootc's e2e scenarios on real libvirtd, QEMU (TCG) and SSH.
 
 The steps build on each other, as podman-bootc's own e2e suite does, and
-boot six guests in all:
+boot five guests in all:
 
 1. fresh `run` (boot 1): disk + VM, a session, the VM survives the session;
    `ssh` opens new sessions; `stop` keeps domain and disk; `rm` removes them.
@@ -9,10 +9,10 @@ boot six guests in all:
    and `stop` are refused while it is open.
 3. two more VMs (boots 3 and 4, in parallel): one idle with --cloudinit,
    --volume and --port; one killed behind bcvk's back (list shows it
-   stopped), started again (boot 5, its disk survived) and stopped.  `list`
+   stopped).  `list`
    shows the three states; `rm -f --all` removes all but the one in use;
    after the session closes `rm -f` removes it.
-4. `run --rm IMAGE CMD` (boot 6) exits with CMD's status and leaves no VM.
+4. `run --rm IMAGE CMD` (boot 5) exits with CMD's status and leaves no VM.
 
 Failure paths that need no boot run first.
 """
@@ -326,13 +326,11 @@ def test_three_vms_in_three_states(state: dict[str, object], tmp_path: Path) -> 
     )  # fmt: skip
     assert seed.stdout == user_data
 
-    # killed behind bcvk's back: list shows it stopped, start works, the disk survived
-    pb_ok("ssh", killed, "--", "sh", "-c", "echo persisted > /var/pb-marker && sync")
+    # killed behind bcvk's back: list shows it stopped (that a stopped VM's
+    # disk survives a start is test_libvirt's stop/start, the same code)
     env.virsh("destroy", killed)
     assert listing()[killed]["running"] is False
-    pb_ok("start", "--timeout", TIMEOUT, killed)
-    assert pb_ok("ssh", killed, "--", "cat", "/var/pb-marker").stdout == "persisted\n"
-    pb_ok("stop", killed)
+    assert pb("ssh", killed, "--", "true").returncode != 0
 
     rows = listing()
     own = str(state["domain"])

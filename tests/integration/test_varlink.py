@@ -30,11 +30,16 @@ def activated(session: Session, socket_path: Path, *, accept: bool) -> subproces
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
         pytest.skip("systemd-socket-activate is not installed")
-    argv = [activate, "-l", str(socket_path), *(["--accept"] if accept else []), bcvk_bin()]
+    # It hands its children only the variables named with -E: the session's
+    # runtime dir and marker, and what the CLI and coverage need.
+    env = {**os.environ, **session.env}
+    names = [n for n in env if n in ("PATH", "HOME", "LANG", *session.env) or n.startswith("COV")]
+    passed = [a for n in names for a in ("-E", f"{n}={env[n]}")]
+    argv = [activate, "-l", str(socket_path), *(["--accept"] if accept else []), *passed,
+            bcvk_bin()]  # fmt: skip
     return subprocess.Popen(
-        argv, env={**os.environ, **session.env}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 @pytest.fixture

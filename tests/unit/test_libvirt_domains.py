@@ -31,6 +31,7 @@ from bcvk.libvirt.connection import (
     DomainNotFound,
     DomainRef,
     LibvirtError,
+    Pool,
 )
 from bcvk.libvirt.uri import default_uri, parse_uri
 from bcvk.values import PortForward, validate_vm_name
@@ -640,11 +641,24 @@ def test_list_volumes_names_base_disks_vm_disks_and_their_users(
 
 
 def test_to_base_disk_is_the_disk_run_clones(
-    conn: Connection, fake_image: podman.ImageInfo
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    asked: list[basedisks.InstallOptions] = []
+    fake = basedisks.ensure
+
+    def ensure(
+        c: Connection, pool: Pool, image: str, opts: basedisks.InstallOptions
+    ) -> basedisks.BaseDisk:
+        asked.append(opts)
+        return fake(c, pool, image, opts)
+
+    monkeypatch.setattr(basedisks, "ensure", ensure)
     base = domains.to_base_disk(IMAGE, uri=URI, pool=POOL)
     vm = provision.create_vm(conn, IMAGE, options(name="after"))
     assert vm.metadata.base_disk == base.volume
+    # the same to-disk choices, bcvk's console karg included: the same cache key
+    assert asked[0] == asked[1]
+    assert asked[0].kargs == ("console=ttyS0",)
     with pytest.raises(UsageError, match="invalid kernel argument"):
         domains.to_base_disk(IMAGE, uri=URI, pool=POOL, kargs=["a\nb"])
 
