@@ -94,6 +94,12 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             metavar="HOST:TAG",
             help="Raw virtiofs share; mount it yourself: mount -t virtiofs TAG DIR.",
         ),
+        click.option(
+            "--virtiofsd",
+            metavar="PATH",
+            help="virtiofsd for the shares.  [default: $BCVK_VIRTIOFSD, $VIRTIOFSD_BIN, PATH, "
+            "/usr/libexec]",
+        ),
         shared.firmware_option(
             Firmware.uefi,
             Firmware.uefi_secure,

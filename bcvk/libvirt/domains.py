@@ -74,6 +74,7 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
     firmware = values.pop("firmware", Firmware.uefi)
     accel = values.pop("accel", None)
     network = values.pop("network", Network.user)
+    virtiofsd_path = values.pop("virtiofsd", None)
     specs = share_specs(
         values.pop("binds", ()), values.pop("binds_ro", ()), values.pop("volumes", ())
     )
@@ -95,6 +96,7 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
         ),  # fmt: skip
         accel=parse_choice(Accel, accel, "--accel") if accel else None,
         network=_network(network),
+        virtiofsd=Path(virtiofsd_path) if virtiofsd_path else None,
         ports=tuple(
             p if isinstance(p, PortForward) else PortForward.parse(p)
             for p in values.pop("ports", ())

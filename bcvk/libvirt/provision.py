@@ -10,6 +10,7 @@ domain XML, define/start and the wait for SSH.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid as uuidlib
@@ -77,6 +78,7 @@ class RunOptions:
     shares: tuple[Share, ...] = ()
     firmware: Firmware = Firmware.uefi
     network: Network = Network.user
+    virtiofsd: Path | None = None  # for the shares  [default: the search order]
     ssh_key: Path | None = None
     tpm: bool = True
     labels: tuple[str, ...] = ()
@@ -116,6 +118,13 @@ def validate(opts: RunOptions) -> None:
     # The base disk is to-disk's (installer auto): it decides what it can boot.
     to_disk.check_firmware(opts.firmware, to_disk.Installer.auto)
     to_disk.check_disk_size(opts.disk_size, opts.filesystem)
+    if opts.virtiofsd is not None and not (
+        opts.virtiofsd.is_file() and os.access(opts.virtiofsd, os.X_OK)
+    ):
+        raise NotFoundError(
+            f"--virtiofsd {opts.virtiofsd} is not an executable file",
+            hint="give the path of virtiofsd (Debian 13+/Fedora: /usr/libexec/virtiofsd)",
+        )
     if opts.ssh_key is not None:
         public = opts.ssh_key.with_name(opts.ssh_key.name + ".pub")
         if not opts.ssh_key.is_file() or not public.is_file():
@@ -248,15 +257,21 @@ def _guest_systemd(image: str) -> int | None:
         return None
 
 
-def shares(conn: Connection, image: str, found: Sequence[Share]) -> Shared:
+def shares(
+    conn: Connection, image: str, found: Sequence[Share], explicit: Path | None = None
+) -> Shared:
+    """The virtiofs devices for FOUND, served by EXPLICIT (--virtiofsd) or the one
+    bcvk finds."""
     if not found:
         return Shared()
     local = not conn.info.remote
-    real = virtiofsd.find() if local else None
+    real = virtiofsd.find(os.fspath(explicit) if explicit else None) if local else None
     mode = readonly_mode(conn.lib_version(), local, real is not None)
     wrapper: Path | None = None
     if real is not None and any(s.readonly for s in found) and mode is lx.Enforcement.host:
-        wrapper = paths.ensure_private_dir(paths.data_dir()) / "virtiofsd-readonly"
+        # One wrapper per virtiofsd: rewriting a shared one would change other VMs'.
+        suffix = "" if explicit is None else "-" + hashlib.sha256(bytes(real)).hexdigest()[:12]
+        wrapper = paths.ensure_private_dir(paths.data_dir()) / f"virtiofsd-readonly{suffix}"
         text = readonly_wrapper_text(real)
         if not wrapper.exists() or wrapper.read_text() != text:
             paths.write_atomic(wrapper, text, 0o700)
@@ -469,7 +484,7 @@ def create_vm(conn: Connection, image: str, opts: RunOptions, within: Undo | Non
     validate(opts)
     req = resolve(conn, image, opts)
     base = base_disk(conn, image, opts)
-    shared = shares(conn, image, opts.shares)
+    shared = shares(conn, image, opts.shares, opts.virtiofsd)
     with contextlib.nullcontext(within) if within is not None else transaction(conn) as undo:
         vm_uuid = str(uuidlib.uuid4())
         private, generated = ssh_key(opts, req.name, vm_uuid, undo)

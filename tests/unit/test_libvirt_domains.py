@@ -699,3 +699,22 @@ def test_every_output_schema_is_a_schema_and_is_used() -> None:
             schemas.validator(name)
             pattern = rf'schemas\.check\(\s*"{re.escape(name)}"'
             assert re.search(pattern, used), f"no test validates output against {name}"
+
+
+def test_virtiofsd_flag_serves_the_shares(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(provision, "_guest_systemd", lambda image: 257)
+    share = tmp_path / "share"
+    share.mkdir()
+    mine = tmp_path / "my-virtiofsd"
+    mine.write_text("#!/bin/sh\nexit 0\n")
+    mine.chmod(0o755)
+    binds = {"binds": (f"{share}:/mnt/rw",), "binds_ro": (f"{share}:/mnt/ro",)}
+    provision.create_vm(conn, IMAGE, options(name="own", virtiofsd=str(mine), **binds))
+    rw, ro = lx.Domain.from_xml(conn.get("own").xml()).filesystems
+    assert rw.binary == str(mine)
+    # read-only: virtiofsd itself, or a wrapper of its own that runs it with --readonly
+    assert ro.binary == str(mine) or str(mine) in Path(ro.binary or "").read_text()
+    with pytest.raises(NotFoundError, match="--virtiofsd /nowhere is not an executable file"):
+        provision.validate(options(virtiofsd="/nowhere"))
