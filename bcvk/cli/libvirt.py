@@ -105,7 +105,15 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             Firmware.uefi_secure,
             Firmware.bios,
             extra=("uefi-insecure",),
-            help_text="uefi: OVMF with secure boot off (alias uefi-insecure).",
+            help_text="uefi: OVMF with secure boot off (alias uefi-insecure); uefi-secure "
+            "needs --secure-boot-keys.",
+        ),
+        click.option(
+            "--secure-boot-keys",
+            metavar="DIR",
+            help="Secure Boot with your keys: DIR holds PK.crt, KEK.crt, db.crt and db.key; the "
+            "disk is signed with db.key and the VM's OVMF trusts only these (implies "
+            "--firmware uefi-secure).",
         ),
         click.option(
             "--ssh-key",

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bcvk import run
+from bcvk import paths, run
 from bcvk.errors import NotFoundError, UsageError
+from bcvk.host import firmware
 
 CERTIFICATES = ("PK.crt", "KEK.crt", "db.crt")
 SIGNING_KEY = "db.key"
@@ -119,3 +121,46 @@ def enroll(keys: Keys, template: Path, output: Path) -> None:
         ],
         hint="check the certificates in the --secure-boot-keys directory",
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SecureFirmware:
+    """OVMF with Secure Boot support and an empty variable store to enroll into."""
+
+    code: Path
+    vars_template: Path
+
+
+def secure_firmware() -> SecureFirmware:
+    """From QEMU's firmware descriptors: Secure Boot, no keys enrolled (bcvk
+    enrolls the user's), this architecture, code and variables in flash files."""
+    arch = platform.machine()
+    for d in firmware.descriptors():
+        if (
+            "uefi" in d.interfaces and d.secure_boot and "enrolled-keys" not in d.features
+            and arch in d.architectures and d.executable and d.nvram_template
+        ):  # fmt: skip
+            return SecureFirmware(Path(d.executable), Path(d.nvram_template))
+    raise NotFoundError(
+        "no Secure Boot OVMF without enrolled keys among QEMU's firmware descriptors",
+        hint="install it: apt-get install ovmf (Debian/Ubuntu) or dnf install edk2-ovmf (Fedora); "
+        "`bcvk libvirt print-firmware` lists what QEMU offers",
+    )
+
+
+def enrolled_template(keys: Keys, fw: SecureFirmware) -> Path:
+    """OVMF variables with KEYS enrolled, made once per key set (a cache:
+    libvirt copies it into each VM's own NVRAM file at the VM's first start)."""
+    digest = hashlib.sha256(keys.owner.encode())
+    for cert in (keys.pk, keys.kek, keys.db_cert, fw.vars_template):
+        digest.update(os.fsencode(cert) + b"\0" + cert.read_bytes())
+    directory = paths.ensure_private_dir(paths.cache_dir() / "secureboot")
+    template = directory / f"VARS-{digest.hexdigest()[:16]}.fd"
+    if not template.exists():
+        partial = directory / f".{template.name}.{os.getpid()}"
+        try:
+            enroll(keys, fw.vars_template, partial)
+            os.replace(partial, template)
+        finally:
+            partial.unlink(missing_ok=True)
+    return template

@@ -23,6 +23,7 @@ from xml.etree import ElementTree as ET
 
 from bcvk import paths, to_disk
 from bcvk.errors import BcvkError
+from bcvk.host import secureboot
 from bcvk.libvirt.connection import Connection, Pool, Volume, VolumeInfo
 from bcvk.log import logger, step
 
@@ -38,6 +39,7 @@ class InstallOptions:
     filesystem: to_disk.Filesystem | None = None
     root_size: int | None = None
     kargs: tuple[str, ...] = ()
+    secure_boot_keys: secureboot.Keys | None = None  # sign its boot chain
 
     def to_disk_options(self) -> to_disk.Options:
         return to_disk.Options(
@@ -46,6 +48,7 @@ class InstallOptions:
             disk_size=self.disk_size,
             root_size=self.root_size,
             kargs=self.kargs,
+            secure_boot_keys=self.secure_boot_keys,
         )
 
 

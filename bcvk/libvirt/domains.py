@@ -30,7 +30,7 @@ from typing import Any
 from bcvk import to_disk
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import mounts
-from bcvk.host import ssh, virtiofsd
+from bcvk.host import secureboot, ssh, virtiofsd
 from bcvk.libvirt import basedisks, lifecycle
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import DomainNotFound
@@ -75,6 +75,9 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
     accel = values.pop("accel", None)
     network = values.pop("network", Network.user)
     virtiofsd_path = values.pop("virtiofsd", None)
+    keys = values.pop("secure_boot_keys", None)
+    if keys is not None and firmware in (Firmware.uefi, "uefi"):
+        firmware = Firmware.uefi_secure  # the keys say it: Secure Boot
     specs = share_specs(
         values.pop("binds", ()), values.pop("binds_ro", ()), values.pop("volumes", ())
     )
@@ -97,6 +100,7 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
         accel=parse_choice(Accel, accel, "--accel") if accel else None,
         network=_network(network),
         virtiofsd=Path(virtiofsd_path) if virtiofsd_path else None,
+        secure_boot_keys=secureboot.load_keys(keys) if keys is not None else None,
         ports=tuple(
             p if isinstance(p, PortForward) else PortForward.parse(p)
             for p in values.pop("ports", ())

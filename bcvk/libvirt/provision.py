@@ -23,7 +23,7 @@ from bcvk import __version__, paths, to_disk
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import credentials, mounts
 from bcvk.guest.mounts import Share, ShareKind
-from bcvk.host import podman, ssh, virtiofsd
+from bcvk.host import podman, secureboot, ssh, virtiofsd
 from bcvk.libvirt import basedisks, lifecycle, pending
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainRef
@@ -79,6 +79,7 @@ class RunOptions:
     firmware: Firmware = Firmware.uefi
     network: Network = Network.user
     virtiofsd: Path | None = None  # for the shares  [default: the search order]
+    secure_boot_keys: secureboot.Keys | None = None  # with Firmware.uefi_secure
     ssh_key: Path | None = None
     tpm: bool = True
     labels: tuple[str, ...] = ()
@@ -115,8 +116,16 @@ def validate(opts: RunOptions) -> None:
             f"--network none leaves the VM without a NIC, so {what} cannot work",
             hint="use --network user (the default) for SSH and port forwards",
         )
-    # The base disk is to-disk's (installer auto): it decides what it can boot.
-    to_disk.check_firmware(opts.firmware, to_disk.Installer.auto)
+    # The base disk is to-disk's (installer auto): it decides what it can boot,
+    # and with the user's keys its boot chain is signed for a Secure Boot VM.
+    if opts.secure_boot_keys is not None:
+        if opts.firmware is not Firmware.uefi_secure:
+            raise UsageError(
+                f"--secure-boot-keys needs --firmware uefi-secure, not {opts.firmware.value}",
+                hint="drop --firmware: with --secure-boot-keys it is uefi-secure",
+            )
+    else:
+        to_disk.check_firmware(opts.firmware, to_disk.Installer.auto)
     to_disk.check_disk_size(opts.disk_size, opts.filesystem)
     if opts.virtiofsd is not None and not (
         opts.virtiofsd.is_file() and os.access(opts.virtiofsd, os.X_OK)
@@ -226,16 +235,37 @@ def resolve(conn: Connection, image: str, opts: RunOptions) -> Resolved:
 def base_disk(conn: Connection, image: str, opts: RunOptions) -> basedisks.BaseDisk:
     """Stage 2: the shared base disk of IMAGE with these install options."""
     pool = conn.ensure_pool(opts.pool)
-    install = install_options(opts.disk_size, opts.filesystem, opts.root_size, opts.kargs)
+    install = install_options(
+        opts.disk_size, opts.filesystem, opts.root_size, opts.kargs, opts.secure_boot_keys
+    )
     return basedisks.ensure(conn, pool, image, install)
 
 
 def install_options(
     disk_size: int, filesystem: to_disk.Filesystem | None, root_size: int | None,
-    kargs: Sequence[str],
+    kargs: Sequence[str], keys: secureboot.Keys | None = None,
 ) -> basedisks.InstallOptions:  # fmt: skip
-    """A base disk's to-disk choices (bcvk's serial console, then the user's kargs)."""
-    return basedisks.InstallOptions(disk_size, filesystem, root_size, (*DEFAULT_KARGS, *kargs))
+    """A base disk's to-disk choices (bcvk's serial console, then the user's
+    kargs; signed with KEYS when given)."""
+    return basedisks.InstallOptions(
+        disk_size, filesystem, root_size, (*DEFAULT_KARGS, *kargs), keys
+    )
+
+
+def secure_boot(conn: Connection, opts: RunOptions) -> tuple[str | None, str | None]:
+    """The OVMF code and the enrolled variable store of a Secure Boot VM
+    (None, None for any other)."""
+    if opts.secure_boot_keys is None:
+        return None, None
+    if conn.info.remote:
+        raise UsageError(
+            "--secure-boot-keys works with a local libvirt only: the enrolled OVMF "
+            "variables are made on this host",
+            hint="build the signed disk with `bcvk to-disk --secure-boot-keys` and upload it",
+        )
+    fw = secureboot.secure_firmware()
+    template = secureboot.enrolled_template(opts.secure_boot_keys, fw)
+    return os.fspath(fw.code), os.fspath(template)
 
 
 @dataclass(frozen=True)
@@ -441,9 +471,12 @@ def domain_spec(
         domain_uuid=made.vm_uuid,
         project=opts.project,
     )
+    loader, template = secure_boot(conn, opts)
     return lx.DomainSpec(
         name=req.name,
         uuid=made.vm_uuid,
+        loader=loader,
+        nvram_template=template,
         memory_mib=req.memory_mib,
         vcpus=req.vcpus,
         disk_path=made.disk_path,

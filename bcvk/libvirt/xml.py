@@ -170,13 +170,26 @@ class OsConfig:
     arch: str = "x86_64"
     machine: str = "q35"
     smbios_sysinfo: bool = False  # take SMBIOS (type 11 strings) from <sysinfo>
+    # Secure Boot with the user's keys: this OVMF code, and the variable store
+    # with their keys that libvirt copies into the VM's own NVRAM file.
+    loader: str | None = None
+    nvram_template: str | None = None
 
     def to_element(self) -> ET.Element:
-        attrs = {"firmware": "efi"} if self.firmware.is_uefi else {}
+        manual = self.loader is not None
+        attrs = {"firmware": "efi"} if self.firmware.is_uefi and not manual else {}
         os_el = ET.Element("os", attrs)
         type_el = ET.SubElement(os_el, "type", {"arch": self.arch, "machine": self.machine})
         type_el.text = "hvm"
-        if self.firmware.is_uefi:
+        if manual:
+            secure = "yes" if self.firmware is Firmware.uefi_secure else "no"
+            loader = ET.SubElement(
+                os_el, "loader", {"readonly": "yes", "secure": secure, "type": "pflash"}
+            )
+            loader.text = self.loader
+            if self.nvram_template:
+                ET.SubElement(os_el, "nvram", {"template": self.nvram_template})
+        elif self.firmware.is_uefi:
             # Without this libvirt 9 auto-selects the secure-boot OVMF with
             # Microsoft keys enrolled, which refuses unsigned systemd-boot.
             fw = ET.SubElement(os_el, "firmware")
@@ -208,11 +221,15 @@ class OsConfig:
         if "q35" in machine:
             machine = "q35"
         smbios = el.find("smbios")
+        nvram = el.find("nvram")
+        manual = loader is not None and el.get("firmware") != "efi" and bool(loader.text)
         return cls(
             firmware=firmware,
             arch=type_el.get("arch", "x86_64") if type_el is not None else "x86_64",
             machine=machine,
             smbios_sysinfo=smbios is not None and smbios.get("mode") == "sysinfo",
+            loader=(loader.text or "").strip() if manual and loader is not None else None,
+            nvram_template=nvram.get("template") if manual and nvram is not None else None,
         )
 
 
@@ -388,6 +405,8 @@ class DomainSpec:
     disk_path: str
     disk_format: str = "qcow2"
     domain_type: str = "kvm"
+    loader: str | None = None  # as OsConfig: Secure Boot with the user's keys
+    nvram_template: str | None = None
     arch: str = "x86_64"
     firmware: Firmware = Firmware.uefi
     ssh_port: int = 2222
@@ -429,6 +448,8 @@ def build(spec: DomainSpec) -> Domain:
             arch=spec.arch,
             machine=machine,
             smbios_sysinfo=bool(spec.credentials),
+            loader=spec.loader,
+            nvram_template=spec.nvram_template,
         ),
         # Under TCG libvirt's default (qemu64) it is: -cpu max reached SSH in 144-270 s
         # against 93 s here, as TCG emulates every extension the guest then uses.

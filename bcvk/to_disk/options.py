@@ -249,8 +249,9 @@ def check_firmware(firmware: Firmware, installer: Installer) -> None:
     if firmware is Firmware.uefi_secure:
         raise UsageError(
             "--firmware uefi-secure needs a signed boot chain, and the disks bcvk builds "
-            "boot an unsigned systemd-boot and kernel",
-            hint="use --firmware uefi (OVMF with secure boot off, the default)",
+            "boot an unsigned systemd-boot and kernel unless you give it your keys",
+            hint="pass --secure-boot-keys DIR (PK.crt, KEK.crt, db.crt, db.key), or use "
+            "--firmware uefi (OVMF with secure boot off, the default)",
         )
     if firmware is not Firmware.uefi and installer is not Installer.bootc:
         raise UsageError(

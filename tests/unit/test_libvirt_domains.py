@@ -34,7 +34,7 @@ from bcvk.libvirt.connection import (
     Pool,
 )
 from bcvk.libvirt.uri import default_uri, parse_uri
-from bcvk.values import PortForward, validate_vm_name
+from bcvk.values import GIB, Firmware, PortForward, validate_vm_name
 from tests.conftest import Cli
 from tests.unit.testdriver import POOL, URI, fake_base_disks, shared_connection
 
@@ -718,3 +718,26 @@ def test_virtiofsd_flag_serves_the_shares(
     assert ro.binary == str(mine) or str(mine) in Path(ro.binary or "").read_text()
     with pytest.raises(NotFoundError, match="--virtiofsd /nowhere is not an executable file"):
         provision.validate(options(virtiofsd="/nowhere"))
+
+
+def test_secure_boot_keys_mean_uefi_secure_and_are_checked_first(tmp_path: Path) -> None:
+    from tests.unit.test_to_disk_pure import sb_keys
+
+    keys = sb_keys(tmp_path)
+    opts = options(secure_boot_keys=str(keys))
+    assert opts.firmware is Firmware.uefi_secure
+    assert opts.secure_boot_keys is not None
+    assert opts.secure_boot_keys.db_key == keys / "db.key"
+    provision.validate(opts)
+    with pytest.raises(UsageError, match="needs --firmware uefi-secure, not bios"):
+        provision.validate(options(secure_boot_keys=str(keys), firmware="bios"))
+    with pytest.raises(UsageError) as caught:
+        provision.validate(options(firmware="uefi-secure"))
+    assert "--secure-boot-keys DIR" in (caught.value.hint or "")
+    with pytest.raises(NotFoundError, match="no such directory"):
+        options(secure_boot_keys=str(tmp_path / "none"))
+    # The keys shape the base disk: a signed one is another cache entry.
+    plain = provision.install_options(GIB, None, None, ())
+    signed = provision.install_options(GIB, None, None, (), opts.secure_boot_keys)
+    assert signed.to_disk_options().secure_boot_keys == opts.secure_boot_keys
+    assert plain.to_disk_options().secure_boot_keys is None

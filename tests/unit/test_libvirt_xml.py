@@ -278,3 +278,32 @@ def test_filesystem_readonly_element_only_when_requested() -> None:
     plain = lx.Filesystem("/h", "t").to_element()
     assert plain.find("readonly") is None
     assert ET.tostring(plain).count(b"virtiofs") == 1
+
+
+def test_secure_boot_with_the_users_keys_names_its_loader_and_variables(
+    golden: Callable[[str, str], None],
+) -> None:
+    spec = full_spec(
+        firmware=Firmware.uefi_secure,
+        loader="/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+        nvram_template="/root/.cache/bcvk/secureboot/VARS-0123456789abcdef.fd",
+    )
+    domain = lx.build(spec)
+    root = domain.to_element()
+    os_el = root.find("os")
+    assert os_el is not None
+    assert os_el.get("firmware") is None  # the loader is named, not auto-selected
+    loader = os_el.find("loader")
+    assert loader is not None
+    assert (loader.text, loader.get("secure"), loader.get("type")) == (
+        "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "yes", "pflash",
+    )  # fmt: skip
+    nvram = os_el.find("nvram")
+    assert nvram is not None
+    assert nvram.get("template") == spec.nvram_template
+    assert root.find("features/smm") is not None  # the secboot OVMF needs SMM
+    again = lx.Domain.from_xml(domain.to_xml())
+    assert (again.os.firmware, again.os.loader, again.os.nvram_template) == (
+        Firmware.uefi_secure, spec.loader, spec.nvram_template,
+    )  # fmt: skip
+    golden("libvirt-domain-secure-boot-os.xml", ET.tostring(os_el, encoding="unicode") + "\n")
