@@ -100,6 +100,8 @@ def serve_unix(service: Any, path: Path) -> None:
             hint="choose a path that does not exist yet, in a directory you can write",
         ) from exc
     try:
+        # The calls start VMs and write disks as this user: nobody else may connect.
+        os.chmod(path, 0o600)
         listener.listen(16)
         logger.info("varlink: serving %s on unix:%s", ", ".join(service.interfaces), path)
         accept_loop(service, listener)

@@ -91,6 +91,7 @@ def test_stopping_the_server_removes_its_socket_and_exits_0(
 ) -> None:
     path, server = served
     Client(path).close()  # it is listening
+    assert path.stat().st_mode & 0o777 == 0o600  # only its user may call it
     server.send_signal(signal.SIGTERM)
     assert server.wait(timeout=10) == 0
     assert not path.exists()
