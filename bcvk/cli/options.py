@@ -116,3 +116,10 @@ def format_option(*members: str, json_flag: bool = False) -> Callable[[F], F]:
         return cast(F, option(target))
 
     return decorate
+
+
+def libvirt_uri(ctx: click.Context) -> str | None:
+    """The -c/--connect URI of `bcvk libvirt` (before or after the verb)."""
+    obj = ctx.find_object(dict)
+    value = obj.get("uri") if obj else None
+    return value if isinstance(value, str) else None
