@@ -14,6 +14,7 @@ checks, errors); ``bcvk.varlink.server`` the sockets.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,11 @@ def run_argv(image: str, opts: dict[str, Any] | None) -> list[str]:
                 raise CallFailed(f"opts.{key}: {_REFUSED[key]}")
             continue
         flag, many = _RUN_FLAGS[key]
-        argv += [a for v in value for a in (flag, str(v))] if many else [flag, str(value)]
+        values = value if many else [value]
+        if not isinstance(values, list) or not all(isinstance(v, str | int) for v in values):
+            raise CallFailed(f"opts.{key}: expected {'a list of strings' if many else 'a value'}")
+        # FLAG=VALUE: a value that starts with '-' stays the flag's value.
+        argv += [f"{flag}={v}" for v in values]
     return [*argv, "--", image]
 
 
@@ -150,13 +155,17 @@ class ToDisk:
                 "io.bootc.vk.todisk", "Failed",
                 f"unsupported disk format: {fmt!r}, expected one of {', '.join(FORMATS)}",
             )  # fmt: skip
-        argv = ["to-disk", "--json", "--format", fmt]
+        if not os.path.isabs(target_disk):
+            # Relative to what? The server's directory is not the caller's.
+            raise _error("io.bootc.vk.todisk", "Failed",
+                         f"target_disk must be an absolute path, not {target_disk!r}")  # fmt: skip
+        argv = ["to-disk", "--json", f"--format={fmt}"]
         for flag, value in (
             ("--disk-size", disk_size), ("--filesystem", filesystem), ("--root-size", root_size),
         ):  # fmt: skip
             if value is not None:
-                argv += [flag, value]
-        argv += [a for k in kargs or () for a in ("--karg", k)]
+                argv.append(f"{flag}={value}")
+        argv += [f"--karg={k}" for k in kargs or ()]
         try:
             result = json.loads(bcvk(*argv, "--", source_image, target_disk))
         except CallFailed as exc:

@@ -70,6 +70,11 @@ def test_calls_and_their_errors(served: Served) -> None:
         )  # fmt: skip
         assert bad_format["error"] == "io.bootc.vk.todisk.Failed"
         assert bad_format["parameters"]["message"].startswith("unsupported disk format: 'iso'")
+        relative = client.call("io.bootc.vk.todisk.ToDisk", source_image="localhost/a:1",
+                               target_disk="disk.raw")  # fmt: skip
+        assert relative["parameters"]["message"] == (
+            "target_disk must be an absolute path, not 'disk.raw'"
+        )
         missing = client.call("io.bootc.vk.ephemeral.Run", image="localhost/none:1")
         assert missing["error"] == "io.bootc.vk.ephemeral.PodmanError"
         assert "localhost/none:1" in missing["parameters"]["message"]
@@ -120,8 +125,12 @@ def test_run_options_become_bcvk_ephemeral_run_flags() -> None:
          "ssh_keygen": True, "rm": True, "env": None, "console": False},
     )  # fmt: skip
     assert argv == [
-        "ephemeral", "run", "-d", "--name", "v1", "--memory", "2G", "--vcpus", "2",
-        "--karg", "a=1", "--karg", "b", "--bind", "/src:src", "--", "localhost/a:1",
+        "ephemeral", "run", "-d", "--name=v1", "--memory=2G", "--vcpus=2",
+        "--karg=a=1", "--karg=b", "--bind=/src:src", "--", "localhost/a:1",
     ]  # fmt: skip
     with pytest.raises(varlink.CallFailed, match="opts.network"):
         varlink.run_argv("localhost/a:1", {"network": "host"})
+    # A caller's value is never read as another option, and a string is not a list.
+    assert varlink.run_argv("i", {"name": "--help"})[3] == "--name=--help"
+    with pytest.raises(varlink.CallFailed, match="opts.kargs: expected a list of strings"):
+        varlink.run_argv("i", {"kargs": "quiet"})
