@@ -2,7 +2,8 @@
 
 The image's own kernel and initramfs boot directly (no bootloader); the root
 filesystem comes read-only from the image (virtiofs, or a cached ext4 image on
-virtio-blk) under ``systemd.volatile=overlay``, so the guest can write to ``/``
+virtio-blk); an archive bcvk appends to the initramfs (``bcvk.guest.initrd``)
+gives the guest bootc's layout: ``/etc`` an overlay, ``/var`` a tmpfs copy,
 and every write vanishes with the VM.  An SSH key made for the VM arrives as a
 systemd credential; readiness is a real ``ssh … true``.
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bcvk import run
-from bcvk.ephemeral import boot, cache, registry
+from bcvk.ephemeral import boot, cache, execute, registry
 from bcvk.ephemeral.cache import CacheInfo
 from bcvk.ephemeral.cache import SnapshotInfo as CacheSnapshot
 from bcvk.ephemeral.options import (
@@ -106,13 +107,15 @@ def run_vm(opts: Options) -> int:
         return 0
     with vm:
         if opts.execute:
-            status = 0
-            for command in opts.execute:
-                status = vm.ssh(command, capture=False).returncode
-                if status != 0:
-                    logger.error("--execute %r exited with status %d", command, status)
-                    break
-            vm.stop(graceful=True, timeout=30)
+            try:
+                status = execute.follow(vm, sys.stdout.buffer, sys.stderr.buffer)
+            except KeyboardInterrupt:
+                logger.info("stopping VM %s…", vm.name)
+                vm.stop(graceful=True, timeout=20)
+                raise
+            if status != 0:
+                logger.error("--execute exited with status %d", status)
+            vm.stop(graceful=False)
             return status
         logger.info(
             "VM %s is ready: `bcvk ephemeral ssh %s`; it stops when powered off or on Ctrl-C",

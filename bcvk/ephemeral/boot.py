@@ -18,11 +18,9 @@ import contextlib
 import dataclasses
 import os
 import socket
-import subprocess
 import sys
 import time
 
-from bcvk import run
 from bcvk.ephemeral import cache, launch, registry, warm
 from bcvk.ephemeral.launch import Launch, Machine
 from bcvk.ephemeral.options import (
@@ -42,7 +40,7 @@ from bcvk.ephemeral.vm import (
     wait_for_ssh,
 )
 from bcvk.errors import BcvkError, NotFoundError, UsageError
-from bcvk.guest import cloudinit, credentials, mounts
+from bcvk.guest import cloudinit, credentials, initrd, mounts
 from bcvk.host import podman, qemu, ssh
 from bcvk.log import logger
 from bcvk.values import PullPolicy
@@ -114,7 +112,7 @@ def seed_drive(state: Launch, injection: credentials.KeyInjection) -> qemu.Drive
 
 
 def after_ready(vm: Vm, machine: Machine, state: Launch) -> None:
-    """What the guest gets over SSH once it answers: share mounts, swap, the journal."""
+    """What the guest gets over SSH once it answers: share mounts and swap."""
     opts = machine.opts
     script = [mounts.mount_command(b, ninep=machine.ninep) for b in opts.binds]
     if opts.add_swap:
@@ -127,24 +125,17 @@ def after_ready(vm: Vm, machine: Machine, state: Launch) -> None:
                 + ((result.stderr or "").strip().splitlines() or ["?"])[-1],
                 hint="the guest kernel needs virtiofs (or 9p) modules for --bind",
             )
-    if opts.log_dir and opts.log_dir.journal:
-        argv = ssh.argv(
-            vm.target(), ["journalctl", "-b", "-f", "-o", "json", "--no-pager"], tty=False
+
+
+def check_execute(opts: Options, machine: Machine) -> None:
+    """--execute's script arrives as a system credential, which systemd reads from 252 on."""
+    version = machine.facts.systemd_version
+    if opts.execute and (version is None or version < 252):
+        found = f"systemd {version}" if version else "no systemd"
+        raise BcvkError(
+            f"--execute needs systemd 252 or newer in the image ({opts.image} has {found})",
+            hint=f"run the command over SSH instead: bcvk ephemeral run-ssh {opts.image} -- CMD",
         )
-        out = (opts.log_dir.directory / "journal.json").open("ab")
-        state.logs.append(out)
-        token = vm.record.token
-        proc = run.spawn(
-            argv,
-            stdout=out,
-            stderr=subprocess.DEVNULL,
-            new_session=True,
-            die_with_parent=not opts.detach,
-            env={registry.TOKEN_VAR: token},
-        )
-        vm.children.append(proc)
-        vm.record.helpers.append(registry.Proc.of("journal", proc.pid, token=token))
-        vm.dir.write(vm.record)
 
 
 def _console_log(opts: Options, vmdir: registry.VmDir) -> str:
@@ -201,6 +192,7 @@ def _start(opts: Options, info: podman.ImageInfo) -> Vm:
         cannot_warm = warm.option_reason(opts)
         machine = launch.prepare(state, prefer_block=cannot_warm is None)
         vm.facts = machine.facts
+        check_execute(opts, machine)
         drives = launch.drives(machine, state)
         plan = _plan(opts, cannot_warm, machine, state, drives)
         # Asked for explicitly (or by to-disk's installer): nothing to explain.
@@ -219,6 +211,9 @@ def _start(opts: Options, info: podman.ImageInfo) -> Vm:
             if (seed := seed_drive(state, injection)) is not None:
                 drives = (*drives, seed)
             smbios, kargs = injection.smbios, injection.kernel_args
+            if opts.execute:
+                script = initrd.execute_script(opts.execute)
+                smbios = (*smbios, credentials.smbios_value(initrd.EXECUTE_CREDENTIAL, script))
         vmdir.write(record)
         asyncio.run(
             launch.launch(
@@ -233,6 +228,8 @@ def _start(opts: Options, info: podman.ImageInfo) -> Vm:
             _restore(vm, opts)
         if opts.detach:
             return hand_over(vm, machine, state)
+        if opts.execute:
+            return vm  # the guest runs the commands itself (ephemeral.run_vm follows them)
         if plan.mode != "restore":  # a restored VM answered SSH already
             asyncio.run(
                 wait_for_ssh(
@@ -307,7 +304,7 @@ def hand_over(vm: Vm, machine: Machine, state: Launch) -> Vm:
     """Detach: once QEMU runs (and SSH answers, when shares need it), let it go."""
     opts = machine.opts
     confirm_started(vm)
-    if opts.binds or opts.add_swap or (opts.log_dir and opts.log_dir.journal):
+    if opts.binds or opts.add_swap:
         # These are set up over SSH, so this detached start waits for it.
         asyncio.run(
             wait_for_ssh(vm, opts.ssh_timeout, progress=_progress(opts), allow_poweroff=False)

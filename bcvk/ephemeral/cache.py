@@ -29,6 +29,7 @@ from pathlib import Path
 from bcvk import paths, run
 from bcvk.ephemeral import registry as state
 from bcvk.errors import BcvkError, CommandError
+from bcvk.guest import initrd as guest_initrd
 from bcvk.host import podman
 from bcvk.image import inns
 from bcvk.image.facts import TreeFacts, probe
@@ -45,7 +46,7 @@ META = "image.json"
 LOCK = "lock"
 WARM = "warm"
 # Bumped when the layout, the facts or the way rootfs.ext4 is made change.
-FORMAT = 2
+FORMAT = 3
 
 
 def cache_root() -> Path:
@@ -263,6 +264,28 @@ def _extract_kernel(root: Path, kernel: Kernel, out: Path) -> None:
             _copy(initrd, out / INITRD)
 
 
+def with_bcvk_archive(entry: Entry) -> Path:
+    """The image's initramfs with bcvk's archive appended (``bcvk.guest.initrd``).
+
+    Named by the archive's digest, so a bcvk with other guest files makes
+    (and a warm snapshot keyed on this file sees) a new one; older ones go.
+    """
+    out = entry.path / f"initramfs-bcvk-{guest_initrd.digest()}.img"
+    if out.exists():
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with entry.initrd.open("rb") as src, tmp.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+        # Archives in an initramfs start on a 4-byte boundary.
+        dst.write(b"\0" * (-dst.tell() % 4))
+        dst.write(guest_initrd.archive())
+    tmp.replace(out)
+    for old in entry.path.glob("initramfs-bcvk-*.img"):
+        if old != out:
+            old.unlink(missing_ok=True)
+    return out
+
+
 def _run_prepare(mnt: Path, entry: Entry, block_label: str | None, want_facts: bool) -> None:
     inns.call(prepare_tree, mnt, entry.path, block_label or "", "1" if want_facts else "")
 
@@ -294,6 +317,7 @@ def prepare(image: str, image_id: str, *, block: bool, mount: Callable[[], Path]
                     f"could not read the facts of image {image}",
                     hint="`bcvk ephemeral cache prune` removes the cached copy",
                 )
+        boot_initrd = with_bcvk_archive(entry) if entry.initrd.exists() else None
         (entry.path / META).write_text(json.dumps({"image": image, "id": image_id}))
         entry.touch()
     assert facts is not None
@@ -301,7 +325,7 @@ def prepare(image: str, image_id: str, *, block: bool, mount: Callable[[], Path]
         entry=entry,
         facts=facts,
         kernel=entry.kernel,
-        initrd=entry.initrd if entry.initrd.exists() else None,
+        initrd=boot_initrd,
         rootfs=entry.rootfs if block else None,
         label=label,
     )

@@ -27,6 +27,7 @@ from bcvk import run
 from bcvk.ephemeral import cache, registry
 from bcvk.ephemeral.options import DiskFile, Options, RootfsMode
 from bcvk.errors import BcvkError, ToolMissingError, WaitTimeout, os_hint
+from bcvk.guest import initrd
 from bcvk.guest.mounts import Share
 from bcvk.host import podman, qemu, qmp, virtiofsd
 from bcvk.host.qemu import RootfsKind
@@ -108,20 +109,27 @@ def choose_rootfs(
     makes auto pick block.
     """
     binary = virtiofsd.find(opts.virtiofsd)  # raises if an explicit path is bad
+    caps = facts.initramfs if facts else {}
+    # root=virtiofs:TAG is systemd's (and dracut's); initramfs-tools mounts block devices only.
+    no_virtiofs = bool(caps) and not (caps.get("virtiofs") and caps.get("systemd"))
     if opts.rootfs is RootfsMode.virtiofs:
         if binary is None:
             raise ToolMissingError("--rootfs virtiofs: virtiofsd not found", hint=virtiofsd.HINT)
+        if no_virtiofs:
+            raise BcvkError(
+                f"--rootfs virtiofs: the initramfs of {opts.image} cannot mount a virtiofs root",
+                hint="use --rootfs block (the default picks it for this image)",
+            )
         return RootfsKind.virtiofs, binary
     if opts.rootfs is RootfsMode.block or prefer_block:
         return RootfsKind.block, binary
-    caps = facts.initramfs if facts else {}
     if binary is None:
         logger.info(
             "virtiofsd not found; using --rootfs block (a read-only ext4 copy of the "
             "image, built once and cached)"
         )
         return RootfsKind.block, None
-    if caps and not caps.get("virtiofs") and caps.get("virtio_blk") and caps.get("ext4"):
+    if no_virtiofs and caps.get("virtio_blk") and caps.get("ext4"):
         logger.info("the image's initramfs cannot mount virtiofs; using --rootfs block")
         return RootfsKind.block, binary
     return RootfsKind.virtiofs, binary
@@ -136,8 +144,8 @@ def check_bootable(opts: Options, info: podman.ImageInfo, facts: TreeFacts) -> N
             hint = facts.kernel_hint()
         raise BcvkError(f"image {opts.image} cannot boot: {problems[0]}", hint=hint)
     for warning in warnings:
-        if "virtiofs" in warning and opts.rootfs is RootfsMode.block:
-            continue
+        if "virtiofs" in warning:
+            continue  # choose_rootfs says which transport it takes, and why
         logger.warning("%s: %s", opts.image, warning)
 
 
@@ -319,6 +327,26 @@ def ninep_shares(binds: tuple[Share, ...]) -> tuple[qemu.NinePShare, ...]:
     return tuple(qemu.NinePShare(b.tag, b.source, b.readonly) for b in binds)
 
 
+def serial_ports(opts: Options, vmdir: registry.VmDir) -> tuple[qemu.SerialPort, ...]:
+    """The virtio-serial ports the guest's bcvk services write to (``bcvk.guest.initrd``)."""
+    ports = [qemu.SerialPort(initrd.STATUS_PORT, os.fspath(vmdir.boot_report))]
+    if opts.log_dir and opts.log_dir.journal:
+        directory = opts.log_dir.directory
+        ports += [
+            qemu.SerialPort(initrd.JOURNAL_PORT, os.fspath(directory / "journal.json")),
+            qemu.SerialPort(
+                initrd.JOURNAL_INITRD_PORT, os.fspath(directory / "journal-initrd.json")
+            ),
+        ]
+    if opts.execute:
+        ports += [
+            qemu.SerialPort(initrd.EXECUTE_STDOUT_PORT, os.fspath(vmdir.execute("stdout"))),
+            qemu.SerialPort(initrd.EXECUTE_STDERR_PORT, os.fspath(vmdir.execute("stderr"))),
+            qemu.SerialPort(initrd.EXECUTE_STATUS_PORT, os.fspath(vmdir.execute("status"))),
+        ]
+    return tuple(ports)
+
+
 def qemu_spec(
     machine: Machine,
     launch: Launch,
@@ -350,6 +378,7 @@ def qemu_spec(
         ninep=ninep_shares(opts.binds) if machine.ninep else (),
         drives=drives,
         smbios=smbios,
+        ports=serial_ports(opts, launch.vmdir),
         console_log=os.fspath(launch.record.console_log),
         console_on_stdio=opts.console,
         qmp_fd=qmp_fd,

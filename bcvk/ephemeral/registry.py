@@ -235,6 +235,15 @@ class VmDir:
     def qemu_log(self) -> Path:
         return self.path / "qemu.log"
 
+    @property
+    def boot_report(self) -> Path:
+        """What the guest's boot report port writes (``bcvk.guest.report``)."""
+        return self.path / "boot-report.txt"
+
+    def execute(self, stream: str) -> Path:
+        """--execute's stdout, stderr or status, as the guest's ports write them."""
+        return self.path / f"execute.{stream}"
+
     def socket(self, index: int) -> Path:
         # Short names: sun_path holds 107 bytes, and QEMU and virtiofsd bind
         # by path when descriptors cannot be passed (rootless).

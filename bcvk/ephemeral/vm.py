@@ -23,6 +23,7 @@ from bcvk import run
 from bcvk.ephemeral import registry
 from bcvk.ephemeral.options import DEFAULT_SSH_TIMEOUT
 from bcvk.errors import BcvkError, WaitTimeout
+from bcvk.guest import report
 from bcvk.host import qmp, ssh
 from bcvk.image.facts import TreeFacts
 from bcvk.log import console_tail, file_tail, logger
@@ -263,6 +264,20 @@ def qemu_exit_error(vm: Vm, returncode: int | None) -> BcvkError:
     return BcvkError(message + ("\n" + detail if detail else ""), hint=hint)
 
 
+def boot_report(vm: Vm) -> report.BootReport | None:
+    """The guest's boot report, once it has all arrived (``bcvk.guest.report``)."""
+    try:
+        return report.parse(vm.dir.boot_report.read_text(errors="replace"))
+    except OSError:
+        return None
+
+
+def boot_problem(vm: Vm) -> str | None:
+    """Why the guest's SSH server will not answer, as its boot report says, or None."""
+    got = boot_report(vm)
+    return got.ssh_problem() if got is not None else None
+
+
 async def wait_for_ssh(vm: Vm, timeout: float, *, progress: bool, allow_poweroff: bool) -> None:
     """Poll ``ssh … true`` until it succeeds, QEMU exits, or TIMEOUT passes."""
     target = vm.target(connect_timeout=5)
@@ -288,9 +303,19 @@ async def wait_for_ssh(vm: Vm, timeout: float, *, progress: bool, allow_poweroff
                     return
                 probe = None
                 continue
+            if (problem := boot_problem(vm)) is not None:
+                raise BcvkError(
+                    f"VM {vm.name} will not answer SSH: {problem}",
+                    hint="`bcvk ephemeral run --execute CMD` runs commands without SSH; "
+                    + kept_log_hint(vm),
+                )
             if time.monotonic() > deadline:
                 tail = console_tail(vm.console_log, 12)
                 lines = "\n".join("  console: " + line for line in tail) or "  (console is empty)"
+                got = boot_report(vm)
+                if got is not None and not got.key_present:
+                    lines += "\n  the guest reports: the SSH key did not arrive"
+                    lines += "".join(f"; {p}" for p in got.problems)
                 raise WaitTimeout(
                     f"VM {vm.name} did not answer SSH on 127.0.0.1:{vm.ssh_port} within "
                     f"{timeout:.0f}s; last console lines:\n{lines}",

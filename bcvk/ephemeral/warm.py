@@ -90,6 +90,10 @@ def option_reason(opts: Options) -> str | None:
         return "--add-swap cannot be restored"
     if opts.console:
         return "--console shows the boot"
+    if opts.execute:
+        return "--execute runs its commands as the guest boots"
+    if opts.log_dir and opts.log_dir.journal:
+        return "--log-dir journal= records the journal from the start of the boot"
     if opts.rootfs is RootfsMode.virtiofs:
         return "a virtiofs root cannot be restored (QEMU cannot save vhost-user devices)"
     if os.environ.get(KEY_ROUTES_ENV):
@@ -113,6 +117,7 @@ def snapshot_key(spec: qemu.QemuSpec) -> str:
         ssh_port=0,
         forwards=(),
         smbios=(),
+        ports=tuple(dataclasses.replace(p, path="") for p in spec.ports),
         console_log=None,
         console_on_stdio=False,
         qmp_fd=0,

@@ -63,6 +63,15 @@ class NinePShare:
 
 
 @dataclass(frozen=True)
+class SerialPort:
+    """A virtio-serial port the guest writes to (/dev/virtio-ports/NAME);
+    QEMU appends what arrives to the file at PATH."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
 class QemuSpec:
     binary: str
     accel: Accel
@@ -77,6 +86,7 @@ class QemuSpec:
     ninep: tuple[NinePShare, ...] = ()
     drives: tuple[Drive, ...] = ()
     smbios: tuple[str, ...] = ()  # type-11 strings, e.g. io.systemd.credential…
+    ports: tuple[SerialPort, ...] = ()
     console_log: str | None = None
     console_on_stdio: bool = False
     qmp_fd: int | None = None  # listening socket we bound and pass to QEMU
@@ -217,8 +227,13 @@ def argv(spec: QemuSpec) -> list[str]:
     for value in spec.smbios:
         args += ["-smbios", f"type=11,value={escape_option(value)}"]
 
-    if spec.control_fd is not None:
+    if spec.control_fd is not None or spec.ports:
         args += ["-device", "virtio-serial-pci,id=vser0"]
+    for i, port in enumerate(spec.ports):
+        path = escape_option(port.path)
+        args += ["-chardev", f"file,id=port{i},path={path},append=on"]
+        args += ["-device", f"virtserialport,bus=vser0.0,chardev=port{i},name={port.name}"]
+    if spec.control_fd is not None:
         args += ["-chardev", f"socket,id=ctl,fd={spec.control_fd},server=on,wait=off"]
         args += ["-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={CONTROL_PORT}"]
     if spec.vmgenid:
@@ -232,7 +247,6 @@ def kernel_args(
     *,
     rootfs: RootfsKind,
     block_label: str | None = None,
-    volatile: bool = True,
     selinux_off: bool = False,
     extra: tuple[str, ...] = (),
 ) -> tuple[str, ...]:
@@ -245,9 +259,6 @@ def kernel_args(
         if not block_label:
             raise ValueError("block rootfs needs a filesystem label")
         args += [f"root=LABEL={block_label}", "rootfstype=ext4", "ro"]
-    if volatile:
-        # A writable root on tmpfs over the read-only image; writes vanish.
-        args.append("systemd.volatile=overlay")
     if selinux_off:
         args.append("selinux=0")
     # A panic or a guest reboot ends the VM (QEMU runs with -no-reboot)

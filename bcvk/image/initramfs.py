@@ -106,6 +106,8 @@ def capabilities_from_names(names: list[str], builtin: str = "") -> dict[str, bo
     caps["systemd"] = any(
         n.endswith(("lib/systemd/systemd", "lib/systemd/systemd-executor")) for n in names
     )
+    # initramfs-tools' /init sources conf/initramfs.conf first thing.
+    caps["initramfs_tools"] = any(n.lstrip("./") == "conf/initramfs.conf" for n in names)
     return caps
 
 

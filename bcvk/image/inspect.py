@@ -114,6 +114,20 @@ class Report:
         }
 
 
+def initramfs_problems(caps: dict[str, bool]) -> list[str]:
+    """Why an initramfs with capabilities CAPS cannot boot an ephemeral VM."""
+    if not (caps.get("systemd") or caps.get("initramfs_tools")):
+        return [
+            "the initramfs is neither systemd-based (dracut, mkosi) nor initramfs-tools: "
+            "bcvk cannot give it a writable /etc and /var"
+        ]
+    # bcvk's virtiofs root needs systemd's root=virtiofs: support in the initrd.
+    virtiofs = caps.get("virtiofs") and caps.get("systemd")
+    if not virtiofs and not (caps.get("virtio_blk") and caps.get("ext4")):
+        return ["the initramfs can mount neither virtiofs nor an ext4 disk on virtio-blk"]
+    return []
+
+
 def judge(info: podman.ImageInfo, facts: TreeFacts, arch: str) -> tuple[list[str], list[str]]:
     """Problems (prevent booting) and warnings for an image; a pure function."""
     problems: list[str] = []
@@ -129,13 +143,7 @@ def judge(info: podman.ImageInfo, facts: TreeFacts, arch: str) -> tuple[list[str
         problems.append("no init system: /sbin/init is missing")
     if not info.is_bootc:
         warnings.append(f"image has no {podman.BOOTC_LABEL}=1 label")
-    if facts.init == "systemd" and facts.systemd_version is not None:
-        if facts.systemd_version < 242:
-            warnings.append(
-                f"systemd {facts.systemd_version} is older than 242: "
-                "systemd.volatile=overlay (ephemeral writable root) is unsupported"
-            )
-    elif facts.init is not None:
+    if facts.init not in ("systemd", None):
         warnings.append(f"init is {facts.init}, not systemd: SSH key credentials will not apply")
     if not facts.sshd_installed:
         warnings.append("sshd is not installed: `ssh` into VMs of this image will not work")
@@ -143,12 +151,10 @@ def judge(info: podman.ImageInfo, facts: TreeFacts, arch: str) -> tuple[list[str
         warnings.append("sshd is installed but not enabled at boot")
     caps = facts.initramfs
     if caps:
-        if not caps.get("virtiofs"):
-            warnings.append("initramfs cannot mount virtiofs: ephemeral VMs need --rootfs block")
-        if not (caps.get("virtio_blk") and caps.get("ext4")):
-            warnings.append("initramfs lacks virtio_blk or ext4: --rootfs block will not boot")
-        if not caps.get("systemd"):
-            warnings.append("initramfs has no systemd: systemd.volatile=overlay will not work")
+        problems += initramfs_problems(caps)
+        virtiofs = caps.get("virtiofs") and caps.get("systemd")
+        if not virtiofs and caps.get("virtio_blk") and caps.get("ext4"):
+            warnings.append("initramfs cannot mount virtiofs: ephemeral VMs use --rootfs block")
     elif facts.kernels and facts.kernels[0].kind == "vmlinuz":
         warnings.append("initramfs format not understood; its contents were not checked")
     return problems, warnings

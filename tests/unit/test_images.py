@@ -77,21 +77,41 @@ def test_no_init(facts: TreeFacts) -> None:
     assert problems == ["no init system: /sbin/init is missing"]
 
 
-def test_warnings_for_sshd_old_systemd_and_initramfs(facts: TreeFacts) -> None:
+def test_warnings_for_sshd_and_initramfs(facts: TreeFacts) -> None:
     weak = dataclasses.replace(
         facts,
         sshd_installed=False,
         sshd_enabled=False,
-        systemd_version=239,
-        initramfs={"virtiofs": False, "virtio_blk": True, "ext4": True, "systemd": False},
+        initramfs={"virtiofs": False, "virtio_blk": True, "ext4": True, "initramfs_tools": True},
     )
     problems, warnings = judge(INFO, weak, "amd64")
     assert problems == []
     joined = "\n".join(warnings)
-    assert "systemd 239 is older than 242" in joined
     assert "sshd is not installed" in joined
-    assert "cannot mount virtiofs" in joined
-    assert "initramfs has no systemd" in joined
+    assert "cannot mount virtiofs: ephemeral VMs use --rootfs block" in joined
+
+
+@pytest.mark.parametrize(
+    ("caps", "problem"),
+    [
+        ({"virtiofs": True, "virtio_blk": True, "ext4": True}, "neither systemd-based"),
+        # initramfs-tools cannot mount virtiofs, and this one lacks virtio_blk
+        ({"virtiofs": True, "ext4": True, "initramfs_tools": True}, "can mount neither"),
+        ({"systemd": True}, "can mount neither virtiofs nor an ext4 disk"),
+    ],
+)
+def test_initramfs_that_cannot_boot_is_a_problem(
+    facts: TreeFacts, caps: dict[str, bool], problem: str
+) -> None:
+    problems, _ = judge(INFO, dataclasses.replace(facts, initramfs=caps), "amd64")
+    assert len(problems) == 1
+    assert problem in problems[0]
+
+
+def test_initramfs_tools_with_block_drivers_boots(facts: TreeFacts) -> None:
+    caps = {"virtio_blk": True, "ext4": True, "initramfs_tools": True}
+    problems, _ = judge(INFO, dataclasses.replace(facts, initramfs=caps), "amd64")
+    assert problems == []
 
 
 def test_summaries_one_row_per_name() -> None:

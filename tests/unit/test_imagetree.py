@@ -53,6 +53,7 @@ def test_probe_debian_like_tree(tmp_path: Path) -> None:
         "btrfs": True,
         "overlay": True,
         "systemd": True,
+        "initramfs_tools": False,
     }
     assert not facts.has_bootc
 

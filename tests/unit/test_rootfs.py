@@ -13,6 +13,7 @@ import pytest
 from bcvk import paths
 from bcvk.ephemeral import cache as rootfs
 from bcvk.errors import BcvkError
+from bcvk.guest import initrd
 from bcvk.image import uki as ukimod
 
 
@@ -135,12 +136,23 @@ def test_prepare_builds_once_even_when_two_vms_start_together(tmp_path: Path, ca
     assert first.label == "bcvk-cdcdcdcdcdc"
     assert first.kernel.read_bytes() == b"\x00kernel" * 100
     assert first.initrd is not None
-    assert first.initrd.read_bytes() == b"initrd"
+    # The image's initramfs, padded to 4 bytes, then bcvk's own archive.
+    assert first.initrd.read_bytes() == b"initrd\0\0" + initrd.archive()
+    assert first.initrd == second.initrd
     assert first.facts.os_release["ID"] == "test"
     # No temporary files are left next to the results.
     entry = cache / ("cd" * 32)
     assert sorted(p.name for p in entry.iterdir()) == sorted(
-        ["facts.json", "image.json", "initramfs.img", "last-used", "lock", "rootfs.ext4", "vmlinuz"]
+        [
+            "facts.json",
+            "image.json",
+            "initramfs.img",
+            f"initramfs-bcvk-{initrd.digest()}.img",
+            "last-used",
+            "lock",
+            "rootfs.ext4",
+            "vmlinuz",
+        ]
     )
     # A later start needs no mount at all.
     again = rootfs.prepare("img", "sha256:" + "cd" * 32, block=True, mount=lambda: 1 / 0)  # type: ignore[arg-type,return-value]

@@ -1,0 +1,144 @@
+"""bcvk's initramfs archive, the guest's boot report and --execute's status line."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bcvk.ephemeral.execute import exit_status
+from bcvk.guest import initrd, report
+from bcvk.image.initramfs import cpio_names
+
+
+def test_archive_is_stable_and_lists_parents_first() -> None:
+    assert initrd.archive() == initrd.archive()
+    names, end = cpio_names(initrd.archive())
+    assert end == len(initrd.archive())
+    assert end % 4 == 0
+    for name in names:
+        parent = name.rpartition("/")[0]
+        assert not parent or names.index(parent) < names.index(name), name
+    assert "bcvk/layout.sh" in names
+    assert "etc/systemd/system/initrd.target.wants/bcvk-layout.service" in names
+    assert "conf/conf.d/zz-bcvk" in names
+
+
+def test_archive_unpacks_with_cpio(tmp_path: Path) -> None:
+    """GNU cpio reads the archive as the kernel will: files, modes and the link."""
+    cpio = shutil.which("cpio")
+    assert cpio is not None, "cpio is in scripts/host-packages.txt"
+    subprocess.run(
+        [cpio, "-id", "--quiet", "--no-absolute-filenames"],
+        input=initrd.archive(),
+        cwd=tmp_path,
+        check=True,
+    )
+    link = tmp_path / "etc/systemd/system/initrd.target.wants/bcvk-layout.service"
+    assert link.is_symlink()
+    assert link.resolve() == (tmp_path / "etc/systemd/system/bcvk-layout.service").resolve()
+    layout = tmp_path / "bcvk/layout.sh"
+    assert stat.S_IMODE(layout.stat().st_mode) == 0o644  # run as `sh layout.sh`
+    assert (
+        "ExecStart=sh /bcvk/layout.sh /sysroot"
+        in (tmp_path / "etc/systemd/system/bcvk-layout.service").read_text()
+    )
+
+
+@pytest.mark.parametrize("script", ["layout.sh", "status.sh", "execute-done.sh"])
+def test_guest_scripts_are_posix_sh(script: str, tmp_path: Path) -> None:
+    text = initrd._text(script)
+    path = tmp_path / script
+    path.write_bytes(text)
+    # dash is the strictest POSIX shell here (klibc's and busybox's sh are alike).
+    subprocess.run(["dash", "-n", str(path)], check=True)
+
+
+def test_execute_script_quotes_each_command_and_stops_at_a_failure() -> None:
+    script = initrd.execute_script(("echo 'a b'; false", "touch /never"))
+    assert script.splitlines()[1:] == [
+        "sh -c 'echo '\"'\"'a b'\"'\"'; false' || exit $?",
+        "sh -c 'touch /never' || exit $?",
+    ]
+    done = subprocess.run(
+        ["sh", "-c", initrd.execute_script(("exit 7", "echo no"))], capture_output=True, text=True
+    )
+    assert (done.returncode, done.stdout) == (7, "")
+
+
+def unit(name: str, load: str, active: str, result: str = "success") -> str:
+    return f"unit {name} LoadState={load} ActiveState={active} SubState=x Result={result}"
+
+
+REPORT_UP = """unit ssh.service Result=success LoadState=loaded ActiveState=active SubState=running
+unit sshd.service Result=success LoadState=not-found ActiveState=inactive SubState=dead
+key present
+done
+"""
+
+
+def test_report_is_none_until_complete() -> None:
+    assert report.parse(REPORT_UP.replace("done\n", "")) is None
+    got = report.parse(REPORT_UP)
+    assert got is not None
+    assert got.ssh_running()
+    assert got.ssh_problem() is None
+    assert got.key_present
+    assert not got.execute_present
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (
+            [unit("ssh.service", "masked", "inactive")],
+            "ssh.service is masked",
+        ),
+        (
+            [unit("ssh.service", "loaded", "failed", "exit-code")],
+            "ssh.service failed (result: exit-code)",
+        ),
+        (
+            [unit("ssh.service", "not-found", "inactive")],
+            "the image has no SSH unit",
+        ),
+        (
+            [
+                unit("ssh.service", "loaded", "inactive"),
+                "problem /var is read-only: no tmpfs for it",
+            ],
+            "no SSH unit was started: ssh.service (inactive); /var is read-only: no tmpfs for it",
+        ),
+    ],
+)
+def test_report_says_why_ssh_will_not_answer(lines: list[str], expected: str) -> None:
+    got = report.parse("\n".join([*lines, "key missing", "done"]))
+    assert got is not None
+    problem = got.ssh_problem()
+    assert problem is not None
+    assert problem.startswith(expected)
+
+
+def test_restarting_sshd_is_not_a_failure() -> None:
+    line = "unit ssh.service LoadState=loaded ActiveState=activating SubState=auto-restart"
+    got = report.parse(line + "\ndone\n")
+    assert got is not None
+    assert got.ssh_problem() is None
+
+
+@pytest.mark.parametrize(
+    ("text", "status"),
+    [
+        ("result=success code=exited status=0", 0),
+        ("result=exit-code code=exited status=3", 3),
+        ("result=signal code=killed status=TERM", 143),
+        ("result=signal code=dumped status=SEGV", 139),
+        ("result=x code=weird status=?", 1),
+        ("", None),
+    ],
+)
+def test_execute_exit_status(text: str, status: int | None) -> None:
+    assert exit_status(text) == status
