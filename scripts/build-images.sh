@@ -7,6 +7,9 @@
 #   localhost/bcvk/fixture-unlabelled:latest  demo content, no containers.bootc
 #   localhost/bcvk/fixture-no-kernel:latest   demo minus kernels
 #   localhost/bcvk/fixture-two-kernels:latest demo plus a second kernel dir
+#   localhost/bcvk/debian-bootc-initramfs-tools:12  demo, initramfs-tools initramfs
+#   localhost/bcvk/debian-bootc-podman:12     demo plus podman and, in its
+#                                             storage, localhost/bcvk/tiny
 #
 # Pipeline (recipe in images/, see images/README.md):
 #   debootstrap --variant=minbase  -> base.tar   (cached, key: recipe.conf)
@@ -37,6 +40,8 @@ F_NOT_BOOTC=localhost/bcvk/fixture-not-bootc:latest
 F_UNLABELLED=localhost/bcvk/fixture-unlabelled:latest
 F_NO_KERNEL=localhost/bcvk/fixture-no-kernel:latest
 F_TWO_KERNELS=localhost/bcvk/fixture-two-kernels:latest
+V_ITOOLS=localhost/bcvk/debian-bootc-initramfs-tools:12
+V_PODMAN=localhost/bcvk/debian-bootc-podman:12
 
 export LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive
 T0=$(date +%s.%N)
@@ -179,16 +184,33 @@ EOF
     echo "$PKGS_KEY" >"$WORK/pkgs.key"
 }
 
-build_demo() { # customise -> podman import
-    local version size
+# build_image NAME DESCRIPTION INITRAMFS [PACKAGE...]: the package tree, plus
+# PACKAGEs, customised (initramfs by INITRAMFS: dracut or initramfs-tools)
+# -> podman import NAME
+build_image() {
+    local name=$1 description=$2 generator=$3 version size log
+    shift 3
+    log=$WORK/customize-${name##*/}.log
+    log=${log/:/-}
     untar_tree "$WORK/pkgs.tar"
+    if [[ $# -gt 0 ]]; then
+        # A resolver for apt (customize.sh links resolved's stub back in).
+        rm -f "$TREE/etc/resolv.conf"
+        cp /etc/resolv.conf "$TREE/etc/resolv.conf"
+        # initramfs-tools replaces dracut (they conflict); INITRD=No: customize.sh makes it
+        in_tree env INITRD=No apt-get -q -y --no-install-recommends install "$@" >"$log" 2>&1 ||
+            { tail -n 30 "$log" >&2; die "apt-get install $* failed (log: $log)"; }
+    fi
     cp -rT --preserve=mode "$RECIPE/rootfs" "$TREE"
     chown -R 0:0 "$TREE/etc" # files from the checkout may belong to anyone
     install -m 0755 "$RECIPE/customize.sh" "$TREE/customize.sh"
-    in_tree /customize.sh >"$WORK/customize.log" 2>&1 ||
-        { tail -n 30 "$WORK/customize.log" >&2; die "customize.sh failed (log: $WORK/customize.log)"; }
+    in_tree env BCVK_INITRAMFS="$generator" /customize.sh >>"$log" 2>&1 ||
+        { tail -n 30 "$log" >&2; die "customize.sh failed (log: $log)"; }
     rm -f "$TREE/customize.sh"
     find "$TREE/var/cache/apt/archives" -name '*.deb' -delete # left by debootstrap
+    if [[ -n ${WITH_TINY_IMAGE:-} ]]; then
+        add_tiny_image "$TREE/var/lib/containers/storage"
+    fi
     version=$(cat "$TREE/etc/debian_version")
     size=$(du -sh --apparent-size "$TREE" | cut -f1)
     log "rootfs: $size, Debian $version, kernel $(ls "$TREE/usr/lib/modules")"
@@ -196,12 +218,39 @@ build_demo() { # customise -> podman import
         podman import -q \
             --change 'CMD ["/sbin/init"]' \
             --change 'LABEL containers.bootc=1' \
-            --change "LABEL org.opencontainers.image.title=debian-bootc" \
+            --change "LABEL org.opencontainers.image.title=${name##*/}" \
             --change "LABEL org.opencontainers.image.version=$version" \
-            --change 'LABEL org.opencontainers.image.description="Debian 12 bootable container image built by bcvk scripts/build-images.sh (systemd, sshd, dracut initramfs)"' \
+            --change "LABEL org.opencontainers.image.description=\"$description\"" \
             --change "LABEL io.bcvk.recipe-hash=$RECIPE_HASH" \
-            --message "bcvk build-images.sh" - "$DEMO" >/dev/null
+            --message "bcvk build-images.sh" - "$name" >/dev/null
     rm -rf "$TREE"
+}
+
+build_demo() {
+    build_image "$DEMO" "Debian 12 bootable container image built by bcvk scripts/build-images.sh (systemd, sshd, dracut initramfs)" dracut
+}
+
+build_itools() {
+    build_image "$V_ITOOLS" "bcvk test image: the demo image with an initramfs-tools initramfs (no systemd in it)" \
+        initramfs-tools initramfs-tools busybox
+}
+
+build_podman() {
+    WITH_TINY_IMAGE=1 build_image "$V_PODMAN" "bcvk test image: the demo image with podman and localhost/bcvk/tiny in its storage" \
+        dracut podman crun
+}
+
+# add_tiny_image STORAGE: localhost/bcvk/tiny (busybox) into the podman
+# storage at STORAGE, with the overlay driver the guest's podman uses
+add_tiny_image() {
+    local storage=$1 t=$WORK/tiny
+    rm -rf "$t"
+    busybox_tree "$t/root"
+    mkdir -p "$storage" "$t/runroot"
+    tar --numeric-owner --owner=0 --group=0 -C "$t/root" -cf - . |
+        podman --root "$storage" --runroot "$t/runroot" --storage-driver overlay \
+            import -q --change 'CMD ["/bin/sh"]' - localhost/bcvk/tiny:latest >/dev/null
+    rm -rf "$t"
 }
 
 import_from_demo() { # NAME LABELS-ARGS... -- TAR-ARGS... : tar of the demo rootfs -> import
@@ -245,19 +294,26 @@ build_two_kernels() {
     rm -rf "$second"
 }
 
-build_not_bootc() { # tiny busybox tree, no systemd, no kernel, no label
-    local t=$WORK/busybox-tree applet
-    rm -rf "$t"
-    mkdir -p "$t/deb" "$t/root"/{bin,etc,tmp,root}
-    dpkg-deb -x "$WORK/busybox-static.deb" "$t/deb"
-    install -m 0755 "$t/deb/bin/busybox" "$t/root/bin/busybox"
-    for applet in $("$t/root/bin/busybox" --list); do
-        [[ $applet == busybox ]] || ln -s busybox "$t/root/bin/$applet"
+busybox_tree() { # DIR: a tiny root with busybox-static and its applets
+    local t=$1 applet deb=$WORK/busybox-deb
+    rm -rf "$deb"
+    mkdir -p "$deb" "$t"/{bin,etc,tmp,root}
+    dpkg-deb -x "$WORK/busybox-static.deb" "$deb"
+    install -m 0755 "$deb/bin/busybox" "$t/bin/busybox"
+    for applet in $("$t/bin/busybox" --list); do
+        [[ $applet == busybox ]] || ln -s busybox "$t/bin/$applet"
     done
-    ln -s bin "$t/root/sbin"
-    chmod 1777 "$t/root/tmp"
-    printf 'root:x:0:0:root:/root:/bin/sh\n' >"$t/root/etc/passwd"
-    printf 'root:x:0:\n' >"$t/root/etc/group"
+    ln -s bin "$t/sbin"
+    chmod 1777 "$t/tmp"
+    printf 'root:x:0:0:root:/root:/bin/sh\n' >"$t/etc/passwd"
+    printf 'root:x:0:\n' >"$t/etc/group"
+    rm -rf "$deb"
+}
+
+build_not_bootc() { # tiny busybox tree, no systemd, no kernel, no label
+    local t=$WORK/busybox-tree
+    rm -rf "$t"
+    busybox_tree "$t/root"
     tar --numeric-owner --owner=0 --group=0 -C "$t/root" -cf - . |
         podman import -q --change 'CMD ["/bin/sh"]' \
             --change 'LABEL org.opencontainers.image.title=fixture-not-bootc' \
@@ -285,6 +341,19 @@ else
     fi
     stage "customise + import $DEMO" build_demo
 fi
+
+# Variants built from the package tree (which a cached demo may not need).
+for pair in "$V_ITOOLS:build_itools" "$V_PODMAN:build_podman"; do
+    img=${pair%:*} fn=${pair##*:}
+    if up_to_date "$img"; then
+        log "$img is up to date"
+        continue
+    fi
+    if [[ $(cat "$WORK/pkgs.key" 2>/dev/null) != "$PKGS_KEY" || ! -f $WORK/pkgs.tar || ! -f $WORK/busybox-static.deb ]]; then
+        stage "packages" build_pkgs
+    fi
+    stage "customise + import $img" "$fn"
+done
 
 for pair in "$F_UNLABELLED:build_unlabelled" "$F_NO_KERNEL:build_no_kernel" \
     "$F_TWO_KERNELS:build_two_kernels" "$F_NOT_BOOTC:build_not_bootc"; do

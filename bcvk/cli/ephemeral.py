@@ -58,6 +58,12 @@ def vm_options(fn: F) -> F:
             help="Write console.txt and journal.json to DIR (STREAMS: console,journal).",
         ),
         click.option(
+            "--systemd-units",
+            metavar="DIR",
+            help="Make the unit files in DIR (and its *.wants/, *.requires/ links) active in "
+            "the guest from boot.",
+        ),
+        click.option(
             "--bind",
             "binds",
             multiple=True,

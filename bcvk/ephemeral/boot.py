@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 from bcvk.ephemeral import cache, launch, registry, warm
 from bcvk.ephemeral.launch import Launch, Machine
@@ -111,13 +112,18 @@ def seed_drive(state: Launch, injection: credentials.KeyInjection) -> qemu.Drive
     return qemu.Drive(os.fspath(seed), "raw", "cidata", readonly=True)
 
 
-def after_ready(vm: Vm, machine: Machine, state: Launch) -> None:
-    """What the guest gets over SSH once it answers: share mounts and swap."""
+def guest_setup(machine: Machine) -> tuple[str, ...]:
+    """Shell steps that mount the shares and enable swap in the guest (as root)."""
     opts = machine.opts
     script = [mounts.mount_command(b, ninep=machine.ninep) for b in opts.binds]
     if opts.add_swap:
         script.append("swapon /dev/disk/by-id/virtio-swap")
-    if script:
+    return tuple(script)
+
+
+def after_ready(vm: Vm, machine: Machine, state: Launch) -> None:
+    """What the guest gets over SSH once it answers: share mounts and swap."""
+    if script := guest_setup(machine):
         result = vm.ssh(" && ".join(script))
         if result.returncode != 0:
             raise BcvkError(
@@ -125,6 +131,17 @@ def after_ready(vm: Vm, machine: Machine, state: Launch) -> None:
                 + ((result.stderr or "").strip().splitlines() or ["?"])[-1],
                 hint="the guest kernel needs virtiofs (or 9p) modules for --bind",
             )
+
+
+def units_initrd(machine: Machine, state: Launch) -> Path:
+    """This VM's initramfs: the cached one plus an archive of its --systemd-units."""
+    base = machine.prepared.initrd
+    if base is None:
+        raise BcvkError(
+            f"--systemd-units: the kernel of {machine.opts.image} boots without an initramfs",
+            hint="the units travel in an initramfs archive; the image needs an initramfs",
+        )
+    return initrd.with_units(base, machine.opts.systemd_units, state.vmdir.path / "initrd.img")
 
 
 def check_execute(opts: Options, machine: Machine) -> None:
@@ -193,6 +210,8 @@ def _start(opts: Options, info: podman.ImageInfo) -> Vm:
         machine = launch.prepare(state, prefer_block=cannot_warm is None)
         vm.facts = machine.facts
         check_execute(opts, machine)
+        if opts.systemd_units:
+            state.initrd = units_initrd(machine, state)
         drives = launch.drives(machine, state)
         plan = _plan(opts, cannot_warm, machine, state, drives)
         # Asked for explicitly (or by to-disk's installer): nothing to explain.
@@ -212,7 +231,7 @@ def _start(opts: Options, info: podman.ImageInfo) -> Vm:
                 drives = (*drives, seed)
             smbios, kargs = injection.smbios, injection.kernel_args
             if opts.execute:
-                script = initrd.execute_script(opts.execute)
+                script = initrd.execute_script(opts.execute, guest_setup(machine))
                 smbios = (*smbios, credentials.smbios_value(initrd.EXECUTE_CREDENTIAL, script))
         vmdir.write(record)
         asyncio.run(

@@ -31,7 +31,7 @@ from bcvk.ephemeral import registry as state
 from bcvk.errors import BcvkError, CommandError
 from bcvk.guest import initrd as guest_initrd
 from bcvk.host import podman
-from bcvk.image import inns
+from bcvk.image import inns, tree
 from bcvk.image.facts import TreeFacts, probe
 from bcvk.image.tree import Kernel, resolve
 from bcvk.image.uki import extract_uki
@@ -46,7 +46,7 @@ META = "image.json"
 LOCK = "lock"
 WARM = "warm"
 # Bumped when the layout, the facts or the way rootfs.ext4 is made change.
-FORMAT = 3
+FORMAT = 4
 
 
 def cache_root() -> Path:
@@ -235,11 +235,29 @@ def _fill_entry(root: Path, out: Path, block_label: str | None, want_facts: bool
     if facts is not None:
         if len(facts.kernels) == 1:
             _extract_kernel(root, facts.kernels[0], out)
+            if facts.initramfs and not facts.initramfs.get("overlay"):
+                _copy_overlay_module(root, facts.kernels[0].version, out)
         data = facts.to_json()
         data["bcvk_format"] = FORMAT
         paths.write_atomic(out / FACTS, json.dumps(data), 0o644)
     if block_label:
         build_ext4(root, out / ROOTFS, block_label)
+
+
+def _copy_overlay_module(root: Path, kver: str, out: Path) -> None:
+    """The image's overlayfs module, for an initramfs without it (initramfs-tools
+    leaves it out): bcvk's archive carries it so the /etc overlay can mount."""
+    directory = f"/usr/lib/modules/{kver}/kernel/fs/overlayfs"
+    for found in tree.entries(root, directory, "overlay.ko*"):
+        source = resolve(root, found)
+        if source is not None and source.is_file():
+            _copy(source, out / source.name)
+            return
+
+
+def overlay_module(entry: Entry) -> Path | None:
+    found = sorted(entry.path.glob("overlay.ko*"))
+    return found[0] if found else None
 
 
 def _extract_kernel(root: Path, kernel: Kernel, out: Path) -> None:
@@ -270,7 +288,8 @@ def with_bcvk_archive(entry: Entry) -> Path:
     Named by the archive's digest, so a bcvk with other guest files makes
     (and a warm snapshot keyed on this file sees) a new one; older ones go.
     """
-    out = entry.path / f"initramfs-bcvk-{guest_initrd.digest()}.img"
+    module = overlay_module(entry)
+    out = entry.path / f"initramfs-bcvk-{guest_initrd.digest()}{'-overlay' if module else ''}.img"
     if out.exists():
         return out
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -279,6 +298,8 @@ def with_bcvk_archive(entry: Entry) -> Path:
         # Archives in an initramfs start on a 4-byte boundary.
         dst.write(b"\0" * (-dst.tell() % 4))
         dst.write(guest_initrd.archive())
+        if module is not None:
+            dst.write(guest_initrd.modules_archive({module.name: module.read_bytes()}))
     tmp.replace(out)
     for old in entry.path.glob("initramfs-bcvk-*.img"):
         if old != out:

@@ -49,6 +49,7 @@ class Launch:
     listeners: list[socket.socket] = field(default_factory=list)
     children: list[run.Process] = field(default_factory=list)
     logs: list[IO[bytes]] = field(default_factory=list)
+    initrd: Path | None = None  # this VM's own initramfs (--systemd-units), else the cache's
 
     def mount(self) -> Path:
         """Mount the image (recorded first, so a killed bcvk's mount is reaped)."""
@@ -358,6 +359,7 @@ def qemu_spec(
     warm: WarmDevices | None = None,
 ) -> qemu.QemuSpec:
     opts, prepared = machine.opts, machine.prepared
+    boot_initrd = launch.initrd or prepared.initrd
     cmdline = qemu.kernel_args(
         rootfs=machine.transport,
         block_label=prepared.label,
@@ -370,7 +372,9 @@ def qemu_spec(
         memory_mib=opts.memory_mib,
         vcpus=opts.vcpus,
         kernel=os.fspath(prepared.kernel),
-        initrd=os.fspath(prepared.initrd) if prepared.initrd else None,
+        initrd=os.fspath(boot_initrd)
+        if (boot_initrd := launch.initrd or prepared.initrd)
+        else None,
         cmdline=" ".join(cmdline),
         ssh_port=launch.record.ssh_port,
         forwards=opts.ports,

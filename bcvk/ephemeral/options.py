@@ -21,6 +21,7 @@ from pathlib import Path
 from bcvk import paths
 from bcvk.errors import BcvkError, UsageError, os_hint
 from bcvk.guest import mounts
+from bcvk.guest.initrd import Member, units_members
 from bcvk.guest.mounts import Share
 from bcvk.host import podman
 from bcvk.values import (
@@ -94,6 +95,8 @@ class Options:
     console: bool = False
     log_dir: LogDir | None = None
     execute: tuple[str, ...] = ()
+    # --systemd-units: the directory's units, read and checked (bcvk.guest.initrd)
+    systemd_units: tuple[Member, ...] = ()
     binds: tuple[Share, ...] = ()
     disks: tuple[DiskFile, ...] = ()
     ports: tuple[PortForward, ...] = ()
@@ -182,6 +185,7 @@ def make_options(
     console: bool = False,
     log_dir: str | None = None,
     execute: Sequence[str] = (),
+    systemd_units: str | None = None,
     binds: Sequence[str] = (),
     ro_binds: Sequence[str] = (),
     disks: Sequence[str] = (),
@@ -234,6 +238,11 @@ def make_options(
         console=console,
         log_dir=parse_log_dir(log_dir) if log_dir else None,
         execute=tuple(execute),
+        systemd_units=(
+            units_members(paths.user_path(systemd_units, "--systemd-units"))
+            if systemd_units
+            else ()
+        ),
         binds=shares,
         disks=disk_files,
         ports=unique_host_ports(tuple(PortForward.parse(p) for p in ports)),

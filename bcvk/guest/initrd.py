@@ -24,10 +24,15 @@ inode numbers), so the archive's digest names the cached initramfs.
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
+import shutil
 import stat
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
+
+from bcvk.errors import UsageError, os_hint
 
 # The virtio-serial ports (QEMU's virtserialport name=; /dev/virtio-ports/NAME).
 JOURNAL_PORT = "org.bcvk.journal"
@@ -105,12 +110,107 @@ def archive() -> bytes:
     return cpio(members())
 
 
+def modules_archive(modules: dict[str, bytes]) -> bytes:
+    """Kernel modules the initramfs lacks, from the image, for layout.sh to insmod."""
+    files = [
+        Member(f"bcvk/modules/{name}", stat.S_IFREG | 0o644, data) for name, data in modules.items()
+    ]
+    dirs = [Member("bcvk", stat.S_IFDIR | 0o755), Member("bcvk/modules", stat.S_IFDIR | 0o755)]
+    return cpio([*dirs, *sorted(files, key=lambda m: m.path)])
+
+
 def digest() -> str:
     return hashlib.sha256(archive()).hexdigest()[:16]
 
 
-def execute_script(commands: tuple[str, ...]) -> str:
-    """The ``bcvk.execute`` credential: each command in its own shell, stopping at a failure."""
+def execute_script(commands: tuple[str, ...], setup: tuple[str, ...] = ()) -> str:
+    """The ``bcvk.execute`` credential: SETUP (share mounts, swap), then each
+    command in its own shell, stopping at the first failure."""
     lines = ["# bcvk --execute"]
+    lines += [f"{{ {step}; }} || {{ echo 'bcvk: setup failed: {shlex.quote(step)}' >&2; exit 1; }}"
+              for step in setup]  # fmt: skip
     lines += [f"sh -c {shlex.quote(command)} || exit $?" for command in commands]
     return "\n".join(lines) + "\n"
+
+
+# --systemd-units: what a directory of units may hold (upstream's flag).
+UNIT_SUFFIXES = (
+    ".service", ".socket", ".target", ".mount", ".automount", ".swap", ".timer", ".path",
+    ".slice", ".scope",
+)  # fmt: skip
+UNITS_DIR = "bcvk/units"  # in the archive; layout.sh copies it to /run/systemd/system
+_DEPENDENCY_DIRS = (".wants", ".requires", ".upholds", ".d")
+
+
+def _is_unit_name(name: str) -> bool:
+    return name.endswith(UNIT_SUFFIXES) and len(name) > len(name.rsplit(".", 1)[1]) + 1
+
+
+def units_members(directory: Path) -> tuple[Member, ...]:
+    """The unit files of DIRECTORY (with their ``*.wants/`` etc.), for the archive.
+
+    Read and checked here, once: a file that is not a unit, a link out of
+    the tree, or anything else unexpected is a ``UsageError``.
+    """
+    flag = f"--systemd-units {directory}"
+    hint = "give a directory of unit files"
+    try:
+        children = sorted(directory.iterdir())
+    except FileNotFoundError:
+        raise UsageError(f"{flag}: no such directory", hint=hint) from None
+    except NotADirectoryError:
+        raise UsageError(f"{flag}: not a directory", hint=hint) from None
+    except OSError as exc:
+        raise UsageError(f"{flag}: {exc.strerror}", hint=os_hint(exc)) from None
+    out = [Member(UNITS_DIR, stat.S_IFDIR | 0o755)]
+    for child in children:
+        name = child.name
+        if child.is_dir() and not child.is_symlink() and name.endswith(_DEPENDENCY_DIRS):
+            out.append(Member(f"{UNITS_DIR}/{name}", stat.S_IFDIR | 0o755))
+            for entry in sorted(child.iterdir()):
+                if not _is_unit_name(entry.name) and not entry.name.endswith(".conf"):
+                    raise UsageError(
+                        f"{flag}: {name}/{entry.name} is not a unit or drop-in",
+                        hint="a *.wants/ or *.requires/ directory holds links named after units",
+                    )
+                out.append(_unit_member(f"{UNITS_DIR}/{name}/{entry.name}", entry, flag))
+        elif _is_unit_name(name) and (child.is_file() or child.is_symlink()):
+            member = _unit_member(f"{UNITS_DIR}/{name}", child, flag)
+            if stat.S_ISREG(member.mode) and b"[" not in member.data:
+                raise UsageError(
+                    f"{flag}: {name} is not a unit file (it has no [Section])",
+                    hint="a unit file starts with a section such as [Unit] or [Service]",
+                )
+            out.append(member)
+        else:
+            raise UsageError(
+                f"{flag}: {name} is not a unit file or a *.wants/ directory",
+                hint=f"unit files end in {', '.join(UNIT_SUFFIXES[:4])}…",
+            )
+    if len(out) == 1:
+        raise UsageError(f"{flag}: no unit files in it", hint="add NAME.service files")
+    return tuple(out)
+
+
+def _unit_member(path: str, source: Path, flag: str) -> Member:
+    if source.is_symlink():
+        # Kept as a link: systemd reads a *.wants/ entry by its name.
+        return Member(path, stat.S_IFLNK | 0o777, os.readlink(source).encode())
+    if not source.is_file():
+        raise UsageError(f"{flag}: {source.name} is not a regular file", hint="give unit files")
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{flag}: {source.name}: {exc.strerror}", hint=os_hint(exc)) from None
+    if b"\0" in data:
+        raise UsageError(f"{flag}: {source.name} is not a text file", hint="give unit files")
+    return Member(path, stat.S_IFREG | 0o644, data)
+
+
+def with_units(base: Path, units: tuple[Member, ...], out: Path) -> Path:
+    """BASE (an initramfs ending in bcvk's archive) plus the UNITS archive, written to OUT."""
+    with base.open("rb") as src, out.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+        dst.write(b"\0" * (-dst.tell() % 4))
+        dst.write(cpio([Member("bcvk", stat.S_IFDIR | 0o755), *units]))
+    return out

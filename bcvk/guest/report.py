@@ -34,6 +34,10 @@ class BootReport:
     def ssh_problem(self) -> str | None:
         """Why SSH cannot answer, or None while it may."""
         if self.ssh_running():
+            if self.problems and not self.key_present:
+                # sshd may still be starting, but with no key and a read-only
+                # tree it cannot let bcvk in.
+                return "; ".join(("the SSH key did not arrive", *self.problems))
             return None
         known = [u for u in self.units if u.load not in ("not-found", "")]
         masked = [u.name for u in known if u.load == "masked"]

@@ -45,8 +45,21 @@ for d in "$moddir"/kernel/drivers/net/ethernet/*/; do
 done
 depmod -a "$kver"
 
-# --- generic initramfs (config: /etc/dracut.conf.d/10-bcvk.conf) ----------
-dracut --force --no-hostonly --kver "$kver" "$moddir/initramfs.img"
+# --- generic initramfs ------------------------------------------------------
+# dracut (config: /etc/dracut.conf.d/10-bcvk.conf) for the demo image; the
+# initramfs-tools variant (BCVK_INITRAMFS=initramfs-tools) has no systemd in
+# its initramfs, as Debian's and Ubuntu's default images.
+case ${BCVK_INITRAMFS:-dracut} in
+dracut) dracut --force --no-hostonly --kver "$kver" "$moddir/initramfs.img" ;;
+initramfs-tools)
+    # mkinitramfs reads the kernel's config from /boot (moved away above)
+    ln -s "$moddir/config" "/boot/config-$kver"
+    mkinitramfs -o "$moddir/initramfs.img" "$kver"
+    rm -f "/boot/config-$kver"
+    ;;
+*) log "unknown BCVK_INITRAMFS=$BCVK_INITRAMFS"; exit 1 ;;
+esac
+rm -f /boot/initrd.img-*
 chmod 0644 "$moddir/initramfs.img"
 
 # --- services ---------------------------------------------------------------

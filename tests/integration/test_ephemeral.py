@@ -95,7 +95,7 @@ def shared(demo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shar
             ssh_timeout=float(SSH_TIMEOUT),
         )
         try:
-            yield Shared(vm, session, rw, ro, logs, forward, f"/usr/bcvk-{token}", image_id(demo))
+            yield Shared(vm, session, rw, ro, logs, forward, f"bcvk-{token}", image_id(demo))
         finally:
             vm.stop(graceful=False)
 
@@ -111,12 +111,21 @@ def test_memory_vcpus_and_kargs_are_visible(shared: Shared) -> None:
     assert "root=virtiofs:rootfs" in out[2]
 
 
-def test_root_is_writable_overlay(shared: Shared) -> None:
+def test_mount_layout_is_bootcs(shared: Shared) -> None:
+    """Upstream's mount_layout: / read-only virtiofs, /etc an overlay, /var a tmpfs;
+    writes land in /etc and /var, and overlayfs can be mounted on /var."""
     result = shared.vm.ssh(
-        f"findmnt -n -o FSTYPE /; echo written > {shared.marker} && cat {shared.marker}",
+        "for m in / /etc /var; do findmnt -n -o FSTYPE,OPTIONS $m | cut -d, -f1; done; "
+        f"echo written > /etc/{shared.marker} && echo written > /var/{shared.marker} && "
+        f"cat /etc/{shared.marker} /var/{shared.marker}; "
+        "touch /usr/bcvk-nope 2>/dev/null || echo usr-ro; "
+        "mkdir -p /var/o/lower /var/o/upper /var/o/work /var/o/merged && "
+        "mount -t overlay -o lowerdir=/var/o/lower,upperdir=/var/o/upper,workdir=/var/o/work "
+        "nested /var/o/merged && touch /var/o/merged/f && echo nested-ok",
         check=True,
     )
-    assert result.stdout.split() == ["overlay", "written"]
+    assert result.stdout.split("\n")[:3] == ["virtiofs ro", "overlay rw", "tmpfs rw"]
+    assert result.stdout.split()[-4:] == ["written", "written", "usr-ro", "nested-ok"]
 
 
 def test_bind_is_shared_both_ways(shared: Shared) -> None:
@@ -153,8 +162,10 @@ def test_log_dir_gets_console_and_journal(shared: Shared) -> None:
     console = (shared.logs / "console.txt").read_text(errors="replace")
     assert "Linux version" in console
     journal = (shared.logs / "journal.json").read_text(errors="replace").splitlines()
-    assert journal
-    assert "MESSAGE" in json.loads(journal[0])
+    assert any("MESSAGE_ID" in json.loads(line) for line in journal)
+    # Upstream's journal_output: the initrd's stream starts at its first entry.
+    initrd = (shared.logs / "journal-initrd.json").read_text(errors="replace").splitlines()
+    assert json.loads(initrd[0])["__SEQNUM"] == "1"
 
 
 def test_listed_by_ps_and_reachable_by_name(shared: Shared) -> None:
@@ -188,7 +199,8 @@ def test_stop_leaves_nothing_and_the_image_is_unchanged(shared: Shared) -> None:
         ["podman", "image", "mount", DEMO_IMAGE], capture_output=True, text=True, check=True
     ).stdout.strip()
     try:
-        assert not Path(mnt, shared.marker.lstrip("/")).exists()
+        assert not Path(mnt, "etc", shared.marker).exists()
+        assert not Path(mnt, "var", shared.marker).exists()
     finally:
         subprocess.run(["podman", "image", "unmount", DEMO_IMAGE], capture_output=True)
 
@@ -205,12 +217,12 @@ def test_run_ssh_block_exit_status_and_nothing_left(
     result = session.bcvk(
         "ephemeral", "run-ssh", "--rootfs", "block", "--memory", "1G", "--ssh-timeout",
         SSH_TIMEOUT, demo, "--",
-        "findmnt -n -o FSTYPE /; touch /usr/x; grep -o 'root=LABEL=[^ ]*' /proc/cmdline; "
-        "grep -c systemd.set_credential /proc/cmdline; exit 42",
+        "findmnt -n -o FSTYPE /; findmnt -n -o FSTYPE /etc; grep -o 'root=LABEL=[^ ]*' "
+        "/proc/cmdline; grep -c systemd.set_credential /proc/cmdline; exit 42",
     )  # fmt: skip
     assert result.returncode == 42, result.stderr
-    fstype, root, creds = result.stdout.split()
-    assert (fstype, creds) == ("overlay", "1")
+    fstype, etc, root, creds = result.stdout.split()
+    assert (fstype, etc, creds) == ("ext4", "overlay", "1")
     assert root.startswith("root=LABEL=bcvk-")
     assert session.leftovers() == []
 
@@ -225,16 +237,45 @@ def test_poweroff_karg_exits_cleanly(demo: str, session: Session) -> None:
     assert session.leftovers() == []
 
 
-def test_execute_streams_output_and_returns_status(demo: str, session: Session) -> None:
+def test_execute_needs_no_ssh_and_streams_the_journal(
+    demo: str, session: Session, tmp_path: Path
+) -> None:
+    """--execute runs in a unit bcvk injects, so it works with sshd masked; the
+    journal arrives over virtio-serial too (upstream's execute and journal_output)."""
+    logs = tmp_path / "logs"
     result = session.bcvk(
-        "ephemeral", "run", "--ssh-timeout", SSH_TIMEOUT,
-        "--execute", "echo first",
-        "--execute", "echo second; exit 3",
+        "ephemeral", "run", "--karg", "systemd.mask=ssh.service",
+        "--log-dir", f"journal={logs}",
+        "--execute", "echo first; echo to-stderr >&2",
+        "--execute", "systemctl is-active ssh.service; echo second; exit 3",
         "--execute", "echo never",
         demo,
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
-    assert result.stdout.split() == ["first", "second"]
+    assert result.stdout.split() == ["first", "inactive", "second"]
+    assert "to-stderr" in result.stderr
+    entries = [json.loads(line) for line in (logs / "journal.json").read_text().splitlines()]
+    assert any("MESSAGE_ID" in e for e in entries)
+    assert any("ssh.service" in e.get("MESSAGE", "") for e in entries)
+    initrd = (logs / "journal-initrd.json").read_text().splitlines()
+    assert json.loads(initrd[0])["__SEQNUM"] == "1"
+    assert session.leftovers() == []
+
+
+def test_masked_sshd_fails_fast_and_names_the_unit(demo: str, session: Session) -> None:
+    """Upstream's ssh_timeout waits out 240 s; the guest's boot report says why at once."""
+    import time
+
+    began = time.monotonic()
+    result = session.bcvk(
+        "ephemeral", "run-ssh", "--warm", "off", "--karg", "systemd.mask=ssh.service",
+        "--ssh-timeout", SSH_TIMEOUT, demo, "--", "true",
+    )  # fmt: skip
+    elapsed = time.monotonic() - began
+    assert result.returncode == 1
+    assert "will not answer SSH: ssh.service is masked" in result.stderr
+    assert "--execute" in result.stderr  # the hint: what works without SSH
+    assert elapsed < 240, elapsed  # upstream waits its whole 240 s default
     assert session.leftovers() == []
 
 

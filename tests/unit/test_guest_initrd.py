@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import stat
 import subprocess
@@ -142,3 +143,50 @@ def test_restarting_sshd_is_not_a_failure() -> None:
 )
 def test_execute_exit_status(text: str, status: int | None) -> None:
     assert exit_status(text) == status
+
+
+def test_units_directory_with_wants_links(tmp_path: Path) -> None:
+    (tmp_path / "verify.service").write_text("[Unit]\nDescription=v\n")
+    wants = tmp_path / "default.target.wants"
+    wants.mkdir()
+    (wants / "verify.service").symlink_to("../verify.service")
+    members = initrd.units_members(tmp_path)
+    by_path = {m.path: m for m in members}
+    assert by_path["bcvk/units/verify.service"].data == b"[Unit]\nDescription=v\n"
+    link = by_path["bcvk/units/default.target.wants/verify.service"]
+    assert stat.S_ISLNK(link.mode)
+    assert link.data == b"../verify.service"
+    assert stat.S_ISDIR(by_path["bcvk/units/default.target.wants"].mode)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"notes.txt": "hello"}, "notes.txt is not a unit file or a *.wants/ directory"),
+        ({"x.service": "just text"}, "x.service is not a unit file (it has no [Section])"),
+        ({"x.service": "[Unit]\0"}, "x.service is not a text file"),
+        ({}, "no unit files in it"),
+    ],
+)
+def test_units_directory_refuses_what_is_not_a_unit(
+    tmp_path: Path, files: dict[str, str], expected: str
+) -> None:
+    from bcvk.errors import UsageError
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        initrd.units_members(tmp_path)
+
+
+def test_units_archive_follows_the_initramfs(tmp_path: Path) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(b"abcde")
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "a.service").write_text("[Service]\nExecStart=true\n")
+    out = initrd.with_units(base, initrd.units_members(tmp_path / "u"), tmp_path / "out.img")
+    data = out.read_bytes()
+    assert data[:8] == b"abcde\0\0\0"
+    names, end = cpio_names(data, 8)
+    assert names == ["bcvk", "bcvk/units", "bcvk/units/a.service"]
+    assert end == len(data)

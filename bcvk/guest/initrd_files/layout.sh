@@ -28,7 +28,12 @@ overlay() { # DIR: ROOT/DIR becomes an overlay whose upper layer is in $state
         problem "/$1 is read-only: its overlay could not be mounted"
 }
 
-modprobe overlay 2>/dev/null
+# initramfs-tools leaves overlayfs out; bcvk then brings the image's module
+if ! modprobe overlay 2>/dev/null; then
+    for module in /bcvk/modules/overlay.ko*; do
+        [ -e "$module" ] && insmod "$module"
+    done
+fi
 overlay etc
 for dir in root home; do
     if [ -d "$root/$dir" ] && [ ! -L "$root/$dir" ]; then
@@ -61,3 +66,7 @@ for file in /bcvk/libexec/*; do
     cat "$file" >"$state/libexec/${file##*/}"
 done
 cat /bcvk/70-bcvk.rules >/run/udev/rules.d/70-bcvk.rules
+# --systemd-units: the user's units, in an archive of their own after this one
+if [ -d /bcvk/units ]; then
+    cp -a /bcvk/units/. /run/systemd/system/ || problem "copying the --systemd-units failed"
+fi
