@@ -10,6 +10,8 @@
 #   localhost/bcvk/debian-bootc-initramfs-tools:12  demo, initramfs-tools initramfs
 #   localhost/bcvk/debian-bootc-podman:12     demo plus podman and, in its
 #                                             storage, localhost/bcvk/tiny
+#   localhost/bcvk/debian-bootc-uki:12        demo with kernel + initramfs as one
+#                                             UKI in /boot/EFI/Linux, no vmlinuz
 #
 # Pipeline (recipe in images/, see images/README.md):
 #   debootstrap --variant=minbase  -> base.tar   (cached, key: recipe.conf)
@@ -42,6 +44,7 @@ F_NO_KERNEL=localhost/bcvk/fixture-no-kernel:latest
 F_TWO_KERNELS=localhost/bcvk/fixture-two-kernels:latest
 V_ITOOLS=localhost/bcvk/debian-bootc-initramfs-tools:12
 V_PODMAN=localhost/bcvk/debian-bootc-podman:12
+V_UKI=localhost/bcvk/debian-bootc-uki:12
 
 export LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive
 T0=$(date +%s.%N)
@@ -250,6 +253,8 @@ add_tiny_image() {
     tar --numeric-owner --owner=0 --group=0 -C "$t/root" -cf - . |
         podman --root "$storage" --runroot "$t/runroot" --storage-driver overlay \
             import -q --change 'CMD ["/bin/sh"]' - localhost/bcvk/tiny:latest >/dev/null
+    # libpod's database names this build's paths; the guest's podman makes its own
+    rm -rf "$storage/libpod"
     rm -rf "$t"
 }
 
@@ -292,6 +297,27 @@ build_two_kernels() {
         'LABEL org.opencontainers.image.description="bcvk fixture: two kernels under /usr/lib/modules"' \
         -- . -C "$second" "./usr/lib/modules/$kver-second"
     rm -rf "$second"
+}
+
+build_uki() { # the demo's kernel and initramfs as one UKI (objcopy onto systemd's stub)
+    local kver t=$WORK/uki mods
+    kver=$(ls "$DEMO_MNT/usr/lib/modules")
+    mods=$DEMO_MNT/usr/lib/modules/$kver
+    rm -rf "$t"
+    mkdir -p "$t/boot/EFI/Linux"
+    printf 'console=ttyS0' >"$t/cmdline"
+    objcopy \
+        --add-section .osrel="$DEMO_MNT/usr/lib/os-release" --change-section-vma .osrel=0x20000 \
+        --add-section .cmdline="$t/cmdline" --change-section-vma .cmdline=0x30000 \
+        --add-section .linux="$mods/vmlinuz" --change-section-vma .linux=0x2000000 \
+        --add-section .initrd="$mods/initramfs.img" --change-section-vma .initrd=0x3000000 \
+        "$DEMO_MNT/usr/lib/systemd/boot/efi/linuxx64.efi.stub" "$t/boot/EFI/Linux/$kver.efi"
+    import_from_demo "$V_UKI" "${common_labels[@]}" 'LABEL containers.bootc=1' \
+        'LABEL org.opencontainers.image.title=debian-bootc-uki' \
+        'LABEL org.opencontainers.image.description="bcvk test image: the demo image booting from a UKI only"' \
+        -- --exclude="./usr/lib/modules/$kver/vmlinuz" --exclude="./usr/lib/modules/$kver/initramfs.img" \
+        . -C "$t" "./boot/EFI/Linux/$kver.efi"
+    rm -rf "$t"
 }
 
 busybox_tree() { # DIR: a tiny root with busybox-static and its applets
@@ -356,7 +382,7 @@ for pair in "$V_ITOOLS:build_itools" "$V_PODMAN:build_podman"; do
 done
 
 for pair in "$F_UNLABELLED:build_unlabelled" "$F_NO_KERNEL:build_no_kernel" \
-    "$F_TWO_KERNELS:build_two_kernels" "$F_NOT_BOOTC:build_not_bootc"; do
+    "$F_TWO_KERNELS:build_two_kernels" "$F_NOT_BOOTC:build_not_bootc" "$V_UKI:build_uki"; do
     img=${pair%:*} fn=${pair##*:}
     if up_to_date "$img"; then
         log "$img is up to date"

@@ -30,6 +30,7 @@ DEMO_IMAGE = "localhost/bcvk/debian-bootc:12"
 # Variants of the demo image (scripts/build-images.sh)
 INITRAMFS_TOOLS_IMAGE = "localhost/bcvk/debian-bootc-initramfs-tools:12"
 PODMAN_IMAGE = "localhost/bcvk/debian-bootc-podman:12"
+UKI_IMAGE = "localhost/bcvk/debian-bootc-uki:12"
 FIXTURES = {
     "not-bootc": "localhost/bcvk/fixture-not-bootc:latest",
     "unlabelled": "localhost/bcvk/fixture-unlabelled:latest",

@@ -85,6 +85,30 @@ def vm_options(fn: F) -> F:
             help="Attach FILE as /dev/disk/by-id/virtio-NAME (created sparse if missing).",
         ),
         shared.port_option,
+        click.option(
+            "--network-isolation",
+            is_flag=True,
+            help="The guest reaches nothing outside the VM (QEMU restrict=on); SSH and -p "
+            "forwards still work.",
+        ),
+        click.option(
+            "--cloud-init",
+            metavar="PATH",
+            help="A cloud-init NoCloud seed for the guest: a directory holding user-data "
+            "(meta-data, network-config optional) or a user-data file.",
+        ),
+        click.option(
+            "--cloud-init-empty",
+            is_flag=True,
+            help="Give cloud-init an empty seed (it stops looking for a datasource).",
+        ),
+        click.option(
+            "--label",
+            "labels",
+            multiple=True,
+            metavar="KEY[=VALUE]",
+            help="A label for `ps --label` and `rm-all --label` (repeat).",
+        ),
         click.option("--add-swap", metavar="SIZE", help="Give the guest a swap disk of SIZE."),
         click.option(
             "--virtiofsd",
@@ -215,13 +239,32 @@ def ssh_cmd(ctx: click.Context, name: str, args: tuple[str, ...], ssh_timeout: f
     ctx.exit(core.ssh_into(name, args, timeout=ssh_timeout))
 
 
+@ephemeral.command(context_settings=CONTEXT)
+@click.argument("source", metavar="SRC")
+@click.argument("dest", metavar="DST")
+@click.option("-r", "--recursive", is_flag=True, help="Copy directories recursively.")
+@shared.timeout_option("--timeout", 60.0, "How long to wait for the guest's sshd.")
+@click.pass_context
+def scp(ctx: click.Context, source: str, dest: str, recursive: bool, timeout: float) -> None:
+    """Copy files to or from a VM: one of SRC and DST is NAME:PATH (exit status: scp's)."""
+    from bcvk import ephemeral as core
+
+    ctx.exit(core.scp(source, dest, recursive=recursive, timeout=timeout))
+
+
+_label_filter = click.option(
+    "--label", metavar="KEY[=VALUE]", help="Only VMs with this label (as given to `run --label`)."
+)
+
+
 @ephemeral.command()
 @shared.format_option("table", "json", json_flag=True)
-def ps(fmt: str) -> None:
+@_label_filter
+def ps(fmt: str, label: str | None) -> None:
     """List running ephemeral VMs."""
     from bcvk import ephemeral as core
 
-    vms = core.ps()
+    vms = core.ps(label=label)
     output.emit_listing(
         fmt,
         vms,
@@ -254,15 +297,16 @@ def rm(names: tuple[str, ...], force: bool) -> None:
 
 @ephemeral.command("rm-all")
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
-def rm_all(force: bool) -> None:
+@_label_filter
+def rm_all(force: bool, label: str | None) -> None:
     """Stop and remove every ephemeral VM (asks first on a terminal)."""
     from bcvk import ephemeral as core
     from bcvk.errors import UsageError
     from bcvk.log import logger
 
-    vms = core.ps()
+    vms = core.ps(label=label)
     if not vms:
-        logger.info("no ephemeral VMs")
+        logger.info("no ephemeral VMs" + (f" with label {label}" if label else ""))
         return
     if not force:
         if not sys.stdin.isatty():
@@ -273,5 +317,5 @@ def rm_all(force: bool) -> None:
         listing = ", ".join(vm.name for vm in vms)
         if not click.confirm(f"Remove {len(vms)} VM(s): {listing}?", err=True):
             return
-    for name in core.rm_all():
+    for name in core.rm_all(label=label):
         click.echo(name)

@@ -48,6 +48,7 @@ from bcvk.ephemeral.vm import GuestPoweredOff, Vm, wait_for_ssh
 from bcvk.errors import NotFoundError, UsageError
 from bcvk.host import ssh
 from bcvk.log import logger
+from bcvk.values import is_vm_name, validate_label
 
 __all__ = [
     "DEFAULT_SSH_TIMEOUT",
@@ -184,6 +185,40 @@ def ssh_into(name: str, args: Sequence[str] = (), *, timeout: float = DEFAULT_SS
     return int(result.returncode)
 
 
+def _scp_side(text: str) -> tuple[str | None, str]:
+    """``NAME:PATH`` → (NAME, PATH); anything else is a local path (``./a:b`` for a
+    local name with a colon)."""
+    name, colon, path = text.partition(":")
+    if colon and is_vm_name(name) and "/" not in name:
+        return name, path
+    return None, text
+
+
+def scp(source: str, dest: str, *, recursive: bool = False, timeout: float = 60.0) -> int:
+    """`ephemeral scp SRC DST`: one side is ``NAME:PATH``; returns scp's exit status."""
+    (src_vm, src_path), (dst_vm, dst_path) = _scp_side(source), _scp_side(dest)
+    if (src_vm is None) == (dst_vm is None):
+        raise UsageError(
+            "exactly one of SRC and DST must be NAME:PATH"
+            + (" (both are)" if src_vm else " (neither is)"),
+            hint="e.g. `bcvk ephemeral scp dev:/etc/os-release .` or `… ./file dev:/tmp/`",
+        )
+    name = src_vm or dst_vm
+    assert name is not None
+    if not (src_path if src_vm else dst_path):
+        raise UsageError(f"{name}: needs a path after the colon", hint="e.g. NAME:/tmp/")
+    vm = attach(name)
+    if not ssh.probe(vm.target(connect_timeout=5)):
+        asyncio.run(wait_for_ssh(vm, timeout, progress=sys.stderr.isatty(), allow_poweroff=False))
+    target = vm.target()
+    if src_vm:
+        src_path = ssh.scp_remote(target, src_path)
+    else:
+        dst_path = ssh.scp_remote(target, dst_path)
+    argv = ssh.scp_argv(target, [src_path], dst_path, recursive=recursive)
+    return int(run.run(argv, check=False, capture=False, stdout=1, stdin=0).returncode)
+
+
 @dataclass(frozen=True)
 class VmInfo:
     name: str
@@ -199,6 +234,7 @@ class VmInfo:
     forwards: list[tuple[int, int]]
     project: str = ""  # the bcvk.toml it was started from (JSON), or ""
     ssh_private_key_path: str = ""
+    labels: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -214,6 +250,7 @@ class VmInfo:
             "vcpus": self.vcpus,
             "detached": self.detached,
             "ports": [f"{h}:{g}" for h, g in self.forwards],
+            "labels": list(self.labels),
             # Upstream prints `podman ps --format json` of its VM containers;
             # these are its keys that mean the same thing for a VM.
             "Names": [self.name],
@@ -221,6 +258,7 @@ class VmInfo:
             "State": self.state,
             "Created": int(self.created),
             "Pid": self.pid or 0,
+            "Labels": dict(label.partition("=")[::2] for label in self.labels),
             "Ports": [
                 {"host_ip": "127.0.0.1", "host_port": h, "container_port": g, "protocol": "tcp"}
                 for h, g in [(self.ssh_port, 22), *self.forwards]
@@ -228,8 +266,11 @@ class VmInfo:
         }
 
 
-def ps() -> list[VmInfo]:
-    """Running ephemeral VMs (stale state is reaped on the way)."""
+def ps(*, label: str | None = None) -> list[VmInfo]:
+    """Running ephemeral VMs (stale state is reaped on the way); with LABEL,
+    those that carry it (``KEY`` or ``KEY=VALUE``, matched whole)."""
+    if label is not None:
+        validate_label(label)
     return [
         VmInfo(
             name=record.name,
@@ -245,8 +286,10 @@ def ps() -> list[VmInfo]:
             forwards=list(record.forwards),
             project=record.project,
             ssh_private_key_path=str(d.key),
+            labels=tuple(record.labels),
         )
         for d, record in registry.scan()
+        if label is None or label in record.labels
     ]
 
 
@@ -273,8 +316,8 @@ def rm(name: str, *, force: bool = False) -> bool:
     return True
 
 
-def rm_all(*, force: bool = True) -> list[str]:
-    names = [record.name for _, record in registry.scan()]
+def rm_all(*, force: bool = True, label: str | None = None) -> list[str]:
+    names = [vm.name for vm in ps(label=label)]
     for name in names:
         rm(name, force=True)
     return names

@@ -40,7 +40,7 @@ from bcvk.ephemeral.vm import (
     teardown,
     wait_for_ssh,
 )
-from bcvk.errors import BcvkError, NotFoundError, UsageError
+from bcvk.errors import BcvkError, NotFoundError, ToolMissingError, UsageError
 from bcvk.guest import cloudinit, credentials, initrd, mounts
 from bcvk.host import podman, qemu, ssh
 from bcvk.log import logger
@@ -79,6 +79,7 @@ def reserve(opts: Options, info: podman.ImageInfo) -> tuple[registry.VmDir, regi
             supervisor=supervisor,
             rootless=podman.rootless(),
             project=opts.project,
+            labels=list(opts.labels),
         )
 
     return registry.create(name, make_record)
@@ -103,11 +104,20 @@ def inject_key(machine: Machine, state: Launch) -> credentials.KeyInjection:
 
 
 def seed_drive(state: Launch, injection: credentials.KeyInjection) -> qemu.Drive | None:
-    """A NoCloud seed for images running cloud-init, which may override credentials."""
-    if not injection.nocloud:
+    """A NoCloud seed: the user's (--cloud-init), else bcvk's key for images running
+    cloud-init, which may override credentials."""
+    files = state.opts.cloud_init or injection.nocloud
+    if not files:
         return None
+    if not any(name == "meta-data" for name, _ in files):
+        meta = credentials.nocloud_meta_data(state.record.name, f"bcvk-{state.record.token[:12]}")
+        files = (*files, ("meta-data", meta))
     seed = state.vmdir.path / "seed.img"
-    if not cloudinit.vfat_seed(injection.nocloud, seed):
+    if not cloudinit.vfat_seed(files, seed):
+        if state.opts.cloud_init:
+            raise ToolMissingError(
+                "--cloud-init: cannot build the seed disk", hint="install dosfstools and mtools"
+            )
         return None
     return qemu.Drive(os.fspath(seed), "raw", "cidata", readonly=True)
 

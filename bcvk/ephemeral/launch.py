@@ -383,6 +383,7 @@ def qemu_spec(
         drives=drives,
         smbios=smbios,
         ports=serial_ports(opts, launch.vmdir),
+        network_isolated=opts.network_isolation,
         console_log=os.fspath(launch.record.console_log),
         console_on_stdio=opts.console,
         qmp_fd=qmp_fd,

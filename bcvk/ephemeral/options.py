@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bcvk import paths
 from bcvk.errors import BcvkError, UsageError, os_hint
-from bcvk.guest import mounts
+from bcvk.guest import cloudinit, mounts
 from bcvk.guest.initrd import Member, units_members
 from bcvk.guest.mounts import Share
 from bcvk.host import podman
@@ -37,6 +37,7 @@ from bcvk.values import (
     parse_timeout,
     parse_vcpus,
     unique_host_ports,
+    validate_label,
     validate_vm_name,
 )
 
@@ -100,6 +101,10 @@ class Options:
     binds: tuple[Share, ...] = ()
     disks: tuple[DiskFile, ...] = ()
     ports: tuple[PortForward, ...] = ()
+    network_isolation: bool = False
+    # --cloud-init / --cloud-init-empty: the seed's files, (name, content)
+    cloud_init: tuple[tuple[str, str], ...] = ()
+    labels: tuple[str, ...] = ()  # KEY or KEY=VALUE, as `ps --label` matches them
     add_swap: int | None = None
     virtiofsd: str | None = None
     pull: PullPolicy = PullPolicy.missing
@@ -190,6 +195,10 @@ def make_options(
     ro_binds: Sequence[str] = (),
     disks: Sequence[str] = (),
     ports: Sequence[str] = (),
+    network_isolation: bool = False,
+    cloud_init: str | None = None,
+    cloud_init_empty: bool = False,
+    labels: Sequence[str] = (),
     add_swap: str | None = None,
     virtiofsd: str | None = None,
     pull: str = "missing",
@@ -246,6 +255,9 @@ def make_options(
         binds=shares,
         disks=disk_files,
         ports=unique_host_ports(tuple(PortForward.parse(p) for p in ports)),
+        network_isolation=network_isolation,
+        cloud_init=_cloud_init(cloud_init, cloud_init_empty),
+        labels=tuple(validate_label(label) for label in labels),
         add_swap=swap,
         virtiofsd=virtiofsd,
         pull=parse_choice(PullPolicy, pull, "--pull"),
@@ -255,6 +267,17 @@ def make_options(
         progress=progress,
         warm=parse_warm(warm),
     )
+
+
+def _cloud_init(path: str | None, empty: bool) -> tuple[tuple[str, str], ...]:
+    if path is not None and empty:
+        raise UsageError(
+            "--cloud-init and --cloud-init-empty cannot be combined",
+            hint="--cloud-init-empty gives cloud-init an empty seed; pick one",
+        )
+    if empty:
+        return (("user-data", cloudinit.EMPTY_USER_DATA),)
+    return cloudinit.read_seed(path) if path is not None else ()
 
 
 def parse_warm(text: str | None) -> WarmMode:

@@ -168,6 +168,7 @@ class VmRecord:
     phase: str = "starting"  # starting → running → stopping
     start: str = "cold"  # "cold" (booted) or "warm" (restored from a snapshot)
     project: str = ""  # Options.project
+    labels: list[str] = field(default_factory=list)  # Options.labels
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     schema: int = SCHEMA
 

@@ -92,6 +92,8 @@ def option_reason(opts: Options) -> str | None:
         return "--console shows the boot"
     if opts.execute:
         return "--execute runs its commands as the guest boots"
+    if opts.cloud_init:
+        return "--cloud-init gets a seed disk of its own per VM"
     if opts.systemd_units:
         return "--systemd-units are active from the start of the boot"
     if opts.log_dir and opts.log_dir.journal:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bcvk import paths, run
-from bcvk.errors import NotFoundError, UsageError
+from bcvk.errors import NotFoundError, UsageError, os_hint
 from bcvk.log import logger
 from bcvk.values import MIB
 
@@ -43,6 +43,28 @@ def check_dir(directory: Path) -> Path:
             hint="cloud-init's NoCloud seed needs DIR/user-data (e.g. a #cloud-config file)",
         )
     return path.resolve()
+
+
+EMPTY_USER_DATA = "#cloud-config\n"
+
+
+def read_seed(text: str, flag: str = "--cloud-init") -> tuple[tuple[str, str], ...]:
+    """A NoCloud directory (with user-data) or a user-data file, as (name, content) pairs."""
+    path = paths.user_path(text, flag)
+    hint = "give a NoCloud directory holding user-data, or a user-data file"
+    try:
+        if path.is_dir():
+            if not (path / "user-data").is_file():
+                raise UsageError(f"{flag} {text}: the directory has no user-data file", hint=hint)
+            names = [n for n in SEED_FILES if (path / n).is_file()]
+            return tuple((n, (path / n).read_text()) for n in names)
+        if path.is_file():
+            return (("user-data", path.read_text()),)
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {text}: not a text file", hint=hint) from None
+    except OSError as exc:
+        raise UsageError(f"{flag} {text}: {exc.strerror}", hint=os_hint(exc)) from None
+    raise UsageError(f"{flag} {text}: no such file or directory", hint=hint)
 
 
 def meta_data(instance_id: str, hostname: str) -> str:

@@ -87,6 +87,8 @@ class QemuSpec:
     drives: tuple[Drive, ...] = ()
     smbios: tuple[str, ...] = ()  # type-11 strings, e.g. io.systemd.credential…
     ports: tuple[SerialPort, ...] = ()
+    # QEMU's restrict=on: the guest reaches nothing outside; forwards still work.
+    network_isolated: bool = False
     console_log: str | None = None
     console_on_stdio: bool = False
     qmp_fd: int | None = None  # listening socket we bound and pass to QEMU
@@ -200,6 +202,8 @@ def argv(spec: QemuSpec) -> list[str]:
     netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
     for fwd in spec.forwards:
         netdev += f",hostfwd=tcp:127.0.0.1:{fwd.host}-:{fwd.guest}"
+    if spec.network_isolated:
+        netdev += ",restrict=on"
     args += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
 
     for i, share in enumerate(spec.virtiofs):

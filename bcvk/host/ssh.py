@@ -120,6 +120,29 @@ def argv(
     return args
 
 
+def scp_argv(target: Target, sources: Sequence[str], dest: str, *, recursive: bool) -> list[str]:
+    """scp between here and TARGET; a remote side is ``REMOTE:PATH`` with REMOTE
+    already replaced by ``scp_remote(target)``.  Paths never start an option:
+    each comes after ``--``."""
+    args = [os.fspath(run.find_binary("scp") or "scp")]
+    for option in target.options:
+        args += ["-o", option]
+    args += BASE_OPTIONS
+    args += ["-o", f"ConnectTimeout={target.connect_timeout}"]
+    args += ["-i", os.fspath(target.key), "-P", str(target.port)]
+    if target.proxy_command:
+        args += ["-o", f"ProxyCommand={target.proxy_command}"]
+    elif target.proxy_jump:
+        args += ["-J", target.proxy_jump]
+    if recursive:
+        args.append("-r")
+    return [*args, "--", *sources, dest]
+
+
+def scp_remote(target: Target, path: str) -> str:
+    return f"{target.user}@{target.host}:{path}"
+
+
 LOG_LEVELS = ("QUIET", "FATAL", "ERROR", "INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")
 _OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*=[^\x00-\x1f\x7f]+")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,14 @@ def image_id(ref: str) -> str:
         text=True,
         check=True,
     ).stdout.strip()
+
+
+def seqnum(entry: dict[str, str]) -> int:
+    """A journal entry's sequence number (systemd 252's JSON has it only in the cursor)."""
+    if "__SEQNUM" in entry:
+        return int(entry["__SEQNUM"])
+    fields = dict(part.split("=", 1) for part in entry["__CURSOR"].split(";"))
+    return int(fields["i"], 16)
 
 
 # ---------------------------------------------------------------- one shared VM
@@ -91,6 +100,7 @@ def shared(demo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shar
             ports=[f"{forward}:22"],
             add_swap="256M",
             log_dir=str(logs),
+            labels=["team=qa", "bcvk-it"],
             rootfs="virtiofs",
             ssh_timeout=float(SSH_TIMEOUT),
         )
@@ -112,10 +122,11 @@ def test_memory_vcpus_and_kargs_are_visible(shared: Shared) -> None:
 
 
 def test_mount_layout_is_bootcs(shared: Shared) -> None:
-    """Upstream's mount_layout: / read-only virtiofs, /etc an overlay, /var a tmpfs;
+    """Upstream's mount_layout: / read-only virtiofs, /etc an overlay, /var a tmpfs
+    (and run_tmpfs: /run a tmpfs);
     writes land in /etc and /var, and overlayfs can be mounted on /var."""
     result = shared.vm.ssh(
-        "for m in / /etc /var; do findmnt -n -o FSTYPE,OPTIONS $m | cut -d, -f1; done; "
+        "for m in / /etc /var /run; do findmnt -n -r -o FSTYPE,OPTIONS $m | cut -d, -f1; done; "
         f"echo written > /etc/{shared.marker} && echo written > /var/{shared.marker} && "
         f"cat /etc/{shared.marker} /var/{shared.marker}; "
         "touch /usr/bcvk-nope 2>/dev/null || echo usr-ro; "
@@ -124,7 +135,8 @@ def test_mount_layout_is_bootcs(shared: Shared) -> None:
         "nested /var/o/merged && touch /var/o/merged/f && echo nested-ok",
         check=True,
     )
-    assert result.stdout.split("\n")[:3] == ["virtiofs ro", "overlay rw", "tmpfs rw"]
+    lines = result.stdout.split("\n")
+    assert lines[:4] == ["virtiofs ro", "overlay rw", "tmpfs rw", "tmpfs rw"]  # and run_tmpfs
     assert result.stdout.split()[-4:] == ["written", "written", "usr-ro", "nested-ok"]
 
 
@@ -165,7 +177,7 @@ def test_log_dir_gets_console_and_journal(shared: Shared) -> None:
     assert any("MESSAGE_ID" in json.loads(line) for line in journal)
     # Upstream's journal_output: the initrd's stream starts at its first entry.
     initrd = (shared.logs / "journal-initrd.json").read_text(errors="replace").splitlines()
-    assert json.loads(initrd[0])["__SEQNUM"] == "1"
+    assert seqnum(json.loads(initrd[0])) == 1
 
 
 def test_listed_by_ps_and_reachable_by_name(shared: Shared) -> None:
@@ -185,10 +197,44 @@ def test_listed_by_ps_and_reachable_by_name(shared: Shared) -> None:
     )
     assert {"host_ip": "127.0.0.1", "host_port": entry["ssh_port"], "container_port": 22,
             "protocol": "tcp"} in entry["Ports"]  # fmt: skip
+    assert entry["labels"] == ["team=qa", "bcvk-it"]
+    assert entry["Labels"] == {"team": "qa", "bcvk-it": ""}
+    by_label = shared.session.bcvk("ephemeral", "ps", "--label", "team=qa", "--format", "json")
+    assert [e["name"] for e in json.loads(by_label.stdout)] == [shared.vm.name]
+    other = shared.session.bcvk("ephemeral", "ps", "--label", "team=dev", "--format", "json")
+    assert json.loads(other.stdout) == []
+    kept = shared.session.bcvk("ephemeral", "rm-all", "-f", "--label", "team=dev")
+    assert (kept.returncode, kept.stdout) == (0, "")
     result = shared.session.bcvk("ephemeral", "ssh", shared.vm.name, "--", "echo", "by name")
     assert (result.returncode, result.stdout) == (0, "by name\n")
     # The seed's alias does the same.
     assert shared.session.bcvk("ssh", shared.vm.name, "true").returncode == 0
+
+
+def test_scp_both_ways(shared: Shared, tmp_path: Path) -> None:
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "f").write_text("to the guest\n")
+    name = shared.vm.name
+    put = shared.session.bcvk("ephemeral", "scp", "-r", str(tmp_path / "up"), f"{name}:/var/tmp/")
+    assert put.returncode == 0, put.stderr
+    assert shared.vm.ssh("cat /var/tmp/up/f", check=True).stdout == "to the guest\n"
+    got = shared.session.bcvk("ephemeral", "scp", f"{name}:/etc/hostname", str(tmp_path / "h"))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "h").read_text() == "bootc\n"
+    # scp's own failure is the exit status.
+    missing = shared.session.bcvk("ephemeral", "scp", f"{name}:/nonexistent", str(tmp_path))
+    assert missing.returncode == 1
+
+
+def test_guest_reaches_the_host_without_network_isolation(shared: Shared) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        port = server.getsockname()[1]
+        result = shared.vm.ssh(
+            f"timeout 10 bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port}' && echo host-reachable"
+        )
+    assert result.stdout.strip() == "host-reachable", result.stderr
 
 
 def test_stop_leaves_nothing_and_the_image_is_unchanged(shared: Shared) -> None:
@@ -258,7 +304,7 @@ def test_execute_needs_no_ssh_and_streams_the_journal(
     assert any("MESSAGE_ID" in e for e in entries)
     assert any("ssh.service" in e.get("MESSAGE", "") for e in entries)
     initrd = (logs / "journal-initrd.json").read_text().splitlines()
-    assert json.loads(initrd[0])["__SEQNUM"] == "1"
+    assert seqnum(json.loads(initrd[0])) == 1
     assert session.leftovers() == []
 
 

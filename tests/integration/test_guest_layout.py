@@ -7,17 +7,27 @@ One boot each, on real VMs (TCG), checking what the guest reports:
 - the podman variant: a container runs inside the guest, its overlay storage
   on the guest's /var (overlayfs on overlayfs is what upstream's PR #189 fixed);
 - --systemd-units: a unit from the host runs at boot, and an ordering cycle
-  between two units shows in the journal (upstream's detect_ordering_cycle).
+  between two units shows in the journal (upstream's detect_ordering_cycle);
+- the UKI-only variant boots and runs --execute (upstream's uki_only), with
+  an instance type's size (upstream's with_instancetype).
 """
 
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_IMAGE, INITRAMFS_TOOLS_IMAGE, PODMAN_IMAGE, image_exists
+from tests.conftest import (
+    DEMO_IMAGE,
+    INITRAMFS_TOOLS_IMAGE,
+    PODMAN_IMAGE,
+    UKI_IMAGE,
+    image_exists,
+)
 from tests.integration.ephemeral_support import (
     SSH_TIMEOUT,
     Session,
@@ -27,9 +37,26 @@ from tests.integration.ephemeral_support import (
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaks")]
 
 LAYOUT = (
-    "for m in / /etc /var; do findmnt -n -o FSTYPE,OPTIONS $m | cut -d, -f1; done; "
+    "for m in / /etc /var; do findmnt -n -r -o FSTYPE,OPTIONS $m | cut -d, -f1; done; "
     "echo e > /etc/bcvk-w && echo v > /var/bcvk-w && cat /etc/bcvk-w /var/bcvk-w"
 )
+
+
+def reach(port: int) -> str:
+    """Guest shell: can it open a TCP connection to the host's loopback (slirp's 10.0.2.2)?"""
+    return (
+        f"if timeout 10 bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port}' 2>/dev/null; "
+        "then echo host-reachable; else echo host-unreachable; fi"
+    )
+
+
+@pytest.fixture
+def host_server() -> Iterator[int]:
+    """A TCP listener on the host's 127.0.0.1 that accepts every connection."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
 
 
 def need(image: str) -> str:
@@ -37,14 +64,17 @@ def need(image: str) -> str:
     return image
 
 
-def test_initramfs_tools_image_gets_the_layout(session: Session) -> None:
+def test_initramfs_tools_image_gets_the_layout(session: Session, host_server: int) -> None:
+    """Also --network-isolation: SSH still works, the host's loopback does not answer."""
     image = need(INITRAMFS_TOOLS_IMAGE)
     result = session.bcvk(
-        "ephemeral", "run-ssh", "--warm", "off", "--ssh-timeout", SSH_TIMEOUT, image, "--",
-        f"{LAYOUT}; grep -o 'root=LABEL=[^ ]*' /proc/cmdline",
+        "ephemeral", "run-ssh", "--warm", "off", "--network-isolation",
+        "--ssh-timeout", SSH_TIMEOUT, image, "--",
+        f"{LAYOUT}; {reach(host_server)}; grep -o 'root=LABEL=[^ ]*' /proc/cmdline",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert "host-unreachable" in lines
     # initramfs-tools cannot mount virtiofs: the root is the read-only ext4 copy.
     assert lines[:5] == ["ext4 ro", "overlay rw", "tmpfs rw", "e", "v"]
     assert lines[-1].startswith("root=LABEL=bcvk-")
@@ -95,4 +125,27 @@ def test_systemd_units_run_from_boot_and_a_cycle_shows(session: Session, tmp_pat
     first, second = result.stdout.splitlines()[:2]
     assert first == "verified-at-boot"
     assert "ordering cycle" in json.loads(second)["MESSAGE"]
+    assert session.leftovers() == []
+
+
+def test_uki_only_image_boots_with_an_instance_type(session: Session, tmp_path: Path) -> None:
+    """Also --cloud-init: the guest sees the seed's user-data."""
+    image = need(UKI_IMAGE)
+    inspect = session.bcvk("images", "inspect", "--format", "json", image)
+    assert inspect.returncode == 0, inspect.stderr
+    (kernel,) = json.loads(inspect.stdout)["kernels"]
+    assert kernel["kind"] == "uki"
+    seed = tmp_path / "user-data"
+    seed.write_text("#cloud-config\n# bcvk-seed-marker\n")
+    result = session.bcvk(
+        "ephemeral", "run", "--itype", "u1.micro", "--cloud-init", str(seed),
+        "--execute", "echo UKI_BOOT_SUCCESS; nproc; awk '/MemTotal/ {print $2}' /proc/meminfo; "
+        "findmnt -n -o FSTYPE /etc; mount -o ro /dev/disk/by-label/CIDATA /mnt && "
+        "grep -o bcvk-seed-marker /mnt/user-data",
+        image,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    marker, cpus, mem_kib, etc, seen = result.stdout.split()
+    assert (marker, cpus, etc, seen) == ("UKI_BOOT_SUCCESS", "1", "overlay", "bcvk-seed-marker")
+    assert 900 * 1024 < int(mem_kib) <= 1024 * 1024  # u1.micro: 1 GiB
     assert session.leftovers() == []
