@@ -78,6 +78,12 @@ def vm_options(fn: F) -> F:
             help="Share a host directory read-only at /run/virtiofs-mnt-NAME.",
         ),
         click.option(
+            "--bind-storage-ro",
+            is_flag=True,
+            help="Share this user's container storage read-only at /run/host-container-storage, "
+            "as an additional image store for the guest's podman.",
+        ),
+        click.option(
             "--mount-disk-file",
             "disks",
             multiple=True,

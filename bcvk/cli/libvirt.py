@@ -282,6 +282,24 @@ def ssh(ctx: click.Context, name: str, command: tuple[str, ...], timeout: float,
 
 
 @libvirt.command(context_settings=CONTEXT)
+@click.argument("source", metavar="SRC")
+@click.argument("dest", metavar="DST")
+@click.option("-r", "--recursive", is_flag=True, help="Copy directories recursively.")
+@click.option("--user", help="Log in as USER (default: the VM's, usually root).")
+@shared.timeout_option("--timeout", 60.0, "Seconds to wait for SSH.")
+@click.pass_context
+def scp(ctx: click.Context, source: str, dest: str, recursive: bool, user: str | None,
+        timeout: float) -> None:  # fmt: skip
+    """Copy files to or from a VM: one of SRC and DST is DOMAIN:PATH (exit status: scp's)."""
+    from bcvk import libvirt as core
+    from bcvk.values import validate_user
+
+    if user is not None:
+        validate_user(user)
+    ctx.exit(core.scp(source, dest, uri=_uri(ctx), recursive=recursive, timeout=timeout, user=user))
+
+
+@libvirt.command(context_settings=CONTEXT)
 @click.argument("name")
 @click.option("--ssh", "ssh_", is_flag=True, help="Wait for SSH, then open a session.")
 @click.option("--ssh-wait", is_flag=True, help="Wait until SSH works, then return.")

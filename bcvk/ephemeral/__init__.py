@@ -48,7 +48,7 @@ from bcvk.ephemeral.vm import GuestPoweredOff, Vm, wait_for_ssh
 from bcvk.errors import NotFoundError, UsageError
 from bcvk.host import ssh
 from bcvk.log import logger
-from bcvk.values import is_vm_name, validate_label
+from bcvk.values import validate_label
 
 __all__ = [
     "DEFAULT_SSH_TIMEOUT",
@@ -185,38 +185,13 @@ def ssh_into(name: str, args: Sequence[str] = (), *, timeout: float = DEFAULT_SS
     return int(result.returncode)
 
 
-def _scp_side(text: str) -> tuple[str | None, str]:
-    """``NAME:PATH`` → (NAME, PATH); anything else is a local path (``./a:b`` for a
-    local name with a colon)."""
-    name, colon, path = text.partition(":")
-    if colon and is_vm_name(name) and "/" not in name:
-        return name, path
-    return None, text
-
-
 def scp(source: str, dest: str, *, recursive: bool = False, timeout: float = 60.0) -> int:
     """`ephemeral scp SRC DST`: one side is ``NAME:PATH``; returns scp's exit status."""
-    (src_vm, src_path), (dst_vm, dst_path) = _scp_side(source), _scp_side(dest)
-    if (src_vm is None) == (dst_vm is None):
-        raise UsageError(
-            "exactly one of SRC and DST must be NAME:PATH"
-            + (" (both are)" if src_vm else " (neither is)"),
-            hint="e.g. `bcvk ephemeral scp dev:/etc/os-release .` or `… ./file dev:/tmp/`",
-        )
-    name = src_vm or dst_vm
-    assert name is not None
-    if not (src_path if src_vm else dst_path):
-        raise UsageError(f"{name}: needs a path after the colon", hint="e.g. NAME:/tmp/")
+    name, _, _ = ssh.scp_endpoints(source, dest, "ephemeral")
     vm = attach(name)
     if not ssh.probe(vm.target(connect_timeout=5)):
         asyncio.run(wait_for_ssh(vm, timeout, progress=sys.stderr.isatty(), allow_poweroff=False))
-    target = vm.target()
-    if src_vm:
-        src_path = ssh.scp_remote(target, src_path)
-    else:
-        dst_path = ssh.scp_remote(target, dst_path)
-    argv = ssh.scp_argv(target, [src_path], dst_path, recursive=recursive)
-    return int(run.run(argv, check=False, capture=False, stdout=1, stdin=0).returncode)
+    return ssh.copy(vm.target(), source, dest, recursive=recursive)
 
 
 @dataclass(frozen=True)

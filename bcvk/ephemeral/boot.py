@@ -128,6 +128,10 @@ def guest_setup(machine: Machine) -> tuple[str, ...]:
     script = [mounts.mount_command(b, ninep=machine.ninep) for b in opts.binds]
     if opts.add_swap:
         script.append("swapon /dev/disk/by-id/virtio-swap")
+    if opts.bind_storage_ro:
+        # podman in SSH sessions (pam_env reads /etc/environment) and in --execute
+        env = mounts.HOST_STORAGE_ENV
+        script.append(f"echo {env} >> /etc/environment && export {env}")
     return tuple(script)
 
 

@@ -102,6 +102,7 @@ class Options:
     disks: tuple[DiskFile, ...] = ()
     ports: tuple[PortForward, ...] = ()
     network_isolation: bool = False
+    bind_storage_ro: bool = False  # the host's store is one of binds; see boot.guest_setup
     # --cloud-init / --cloud-init-empty: the seed's files, (name, content)
     cloud_init: tuple[tuple[str, str], ...] = ()
     labels: tuple[str, ...] = ()  # KEY or KEY=VALUE, as `ps --label` matches them
@@ -196,6 +197,7 @@ def make_options(
     disks: Sequence[str] = (),
     ports: Sequence[str] = (),
     network_isolation: bool = False,
+    bind_storage_ro: bool = False,
     cloud_init: str | None = None,
     cloud_init_empty: bool = False,
     labels: Sequence[str] = (),
@@ -219,6 +221,8 @@ def make_options(
     shares = tuple(mounts.parse_named(b, readonly=False) for b in binds) + tuple(
         mounts.parse_named(b, readonly=True) for b in ro_binds
     )
+    if bind_storage_ro:
+        shares += (_host_storage(),)
     tags = [s.tag for s in shares]
     if len(set(tags)) != len(tags):
         raise UsageError("two --bind/--ro-bind shares have the same name", hint="use HOST:NAME")
@@ -256,6 +260,7 @@ def make_options(
         disks=disk_files,
         ports=unique_host_ports(tuple(PortForward.parse(p) for p in ports)),
         network_isolation=network_isolation,
+        bind_storage_ro=bind_storage_ro,
         cloud_init=_cloud_init(cloud_init, cloud_init_empty),
         labels=tuple(validate_label(label) for label in labels),
         add_swap=swap,
@@ -267,6 +272,22 @@ def make_options(
         progress=progress,
         warm=parse_warm(warm),
     )
+
+
+def _host_storage() -> Share:
+    try:
+        root = podman.graph_root()
+    except BcvkError as exc:
+        raise UsageError(
+            f"--bind-storage-ro: podman cannot say where its storage is: {exc}",
+            hint="check that `podman info` works for this user",
+        ) from None
+    if not root.is_dir():
+        raise UsageError(
+            f"--bind-storage-ro: this user's container storage {root} does not exist",
+            hint="pull or build an image first (`podman images` creates the store)",
+        )
+    return mounts.host_storage(root)
 
 
 def _cloud_init(path: str | None, empty: bool) -> tuple[tuple[str, str], ...]:

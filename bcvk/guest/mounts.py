@@ -88,6 +88,15 @@ def parse_named(text: str, *, readonly: bool) -> Share:
     return named(path, name, readonly=readonly)
 
 
+HOST_STORAGE = "/run/host-container-storage"  # upstream's path for --bind-storage-ro
+HOST_STORAGE_ENV = f"STORAGE_OPTS=additionalimagestore={HOST_STORAGE}"
+
+
+def host_storage(graph_root: Path) -> Share:
+    """--bind-storage-ro: the host's container storage, read-only, at upstream's path."""
+    return Share(ShareKind.bind_ro, os.fspath(graph_root), HOST_STORAGE, "hoststorage")
+
+
 def named(host: Path, name: str, *, readonly: bool) -> Share:
     """The ephemeral share NAME of HOST: at ``/run/virtiofs-mnt-NAME``, tag ``mount_NAME``."""
     kind = ShareKind.bind_ro if readonly else ShareKind.bind

@@ -247,3 +247,8 @@ def mounted_images() -> list[str]:
     except json.JSONDecodeError:
         return []
     return [str(e.get("id", "")) for e in entries]
+
+
+def graph_root() -> Path:
+    """Where podman keeps this user's images (root's or the rootless user's store)."""
+    return Path(run.output([podman(), "info", "--format", "{{.Store.GraphRoot}}"]))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bcvk import run
 from bcvk.errors import BcvkError, UsageError
-from bcvk.values import validate_user
+from bcvk.values import is_vm_name, validate_user
 
 # Fixed options: throwaway guests get new host keys every boot, so host-key
 # checking can only get in the way; BatchMode stops password prompts from
@@ -141,6 +141,46 @@ def scp_argv(target: Target, sources: Sequence[str], dest: str, *, recursive: bo
 
 def scp_remote(target: Target, path: str) -> str:
     return f"{target.user}@{target.host}:{path}"
+
+
+def scp_side(text: str) -> tuple[str | None, str]:
+    """``NAME:PATH`` → (NAME, PATH); anything else is a local path (``./a:b`` for a
+    local name with a colon)."""
+    name, colon, path = text.partition(":")
+    if colon and is_vm_name(name):
+        return name, path
+    return None, text
+
+
+def scp_endpoints(source: str, dest: str, flavour: str) -> tuple[str, str | None, str | None]:
+    """The VM name and the (src, dst) paths of ``scp SRC DST``, one side ``NAME:PATH``;
+    the remote side's path is returned, the local side's is None."""
+    (src_vm, src_path), (dst_vm, dst_path) = scp_side(source), scp_side(dest)
+    if (src_vm is None) == (dst_vm is None):
+        raise UsageError(
+            "exactly one of SRC and DST must be NAME:PATH"
+            + (" (both are)" if src_vm else " (neither is)"),
+            hint=f"e.g. `bcvk {flavour} scp NAME:/etc/os-release .` or `… ./file NAME:/tmp/`",
+        )
+    name = src_vm or dst_vm
+    assert name is not None
+    remote = src_path if src_vm else dst_path
+    if not remote:
+        raise UsageError(f"{name}: needs a path after the colon", hint="e.g. NAME:/tmp/")
+    return name, remote if src_vm else None, remote if dst_vm else None
+
+
+def copy(target: Target, source: str, dest: str, *, recursive: bool) -> int:
+    """``scp SOURCE DEST`` where the remote side (already split off by
+    ``scp_endpoints``) is on TARGET; returns scp's exit status."""
+    src_vm, src = scp_side(source)
+    dst = dest
+    if src_vm is not None:
+        src = scp_remote(target, src)
+    else:
+        dst = scp_remote(target, scp_side(dest)[1])
+    argv = scp_argv(target, [src], dst, recursive=recursive)
+    return int(run.run(argv, check=False, capture=False, stdout=1, stdin=0).returncode)
 
 
 LOG_LEVELS = ("QUIET", "FATAL", "ERROR", "INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")

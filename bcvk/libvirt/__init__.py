@@ -64,6 +64,9 @@ if TYPE_CHECKING:
     from bcvk.libvirt.domains import (
         run as run,
     )
+    from bcvk.libvirt.domains import (
+        scp as scp,
+    )
     from bcvk.libvirt.domains import ssh_command as ssh  # noqa: F401 - a second name
     from bcvk.libvirt.domains import (
         ssh_command as ssh_command,
@@ -104,7 +107,7 @@ _HOME = {
 _VERBS = (
     "base_disks", "create", "domain_xml", "find", "inspect", "list_vms", "list_volumes",
     "listing_json", "make_run_options", "to_base_disk",
-    "prune_base_disks", "rm", "rm_all", "run", "ssh_command", "ssh_interactive", "start",
+    "prune_base_disks", "rm", "rm_all", "run", "scp", "ssh_command", "ssh_interactive", "start",
     "status", "stop", "upload",
 )  # fmt: skip
 

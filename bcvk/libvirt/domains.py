@@ -237,6 +237,16 @@ def ssh_interactive(
     return ssh.interactive(_as(_answering(name, uri, timeout), user, options), list(command))
 
 
+def scp(
+    source: str, dest: str, *, uri: str | None = None, recursive: bool = False,
+    timeout: float = 60.0, user: str | None = None, options: Sequence[str] = (),
+) -> int:  # fmt: skip
+    """`libvirt scp SRC DST`: one side is ``DOMAIN:PATH``; returns scp's exit status."""
+    name, _, _ = ssh.scp_endpoints(source, dest, "libvirt")
+    target = _as(_answering(name, uri, timeout), user, options)
+    return ssh.copy(target, source, dest, recursive=recursive)
+
+
 def start(
     name: str, *, uri: str | None = None, ssh_wait: bool = False, timeout: float = SSH_TIMEOUT
 ) -> Vm:

@@ -99,10 +99,6 @@ def failure(returncode: int, output: Sequence[str]) -> BcvkError:
     )
 
 
-def graph_root() -> Path:
-    return Path(run.output([podman.podman(), "info", "--format", "{{.Store.GraphRoot}}"]))
-
-
 def run_in_guest(target: ssh.Target, script: str) -> tuple[int, list[str]]:
     """Run SCRIPT over SSH, echoing its lines to our stderr, keeping a tail."""
     argv = ssh.argv(target, ["bash", "-c", script], tty=False)
@@ -142,7 +138,7 @@ def build(req: Request) -> Result:
         with open(target, "wb") as f:
             f.truncate(req.disk_size)
         with step(f"Booting an installer VM of {req.image}"):
-            store = opts.storage_path or graph_root()
+            store = opts.storage_path or podman.graph_root()
             vm = ephemeral.start(installer_options(req, target, store))
         with vm:
             logger.info("Running bootc install to-disk in the VM…")

@@ -82,14 +82,18 @@ def test_initramfs_tools_image_gets_the_layout(session: Session, host_server: in
 
 
 def test_podman_runs_a_container_in_the_guest(session: Session) -> None:
+    """Also --bind-storage-ro: the host's images are listed by the guest's podman,
+    read-only (upstream's run_bind_storage_ro)."""
     image = need(PODMAN_IMAGE)
     result = session.bcvk(
-        "ephemeral", "run-ssh", "--warm", "off", "--memory", "2G", "--ssh-timeout", SSH_TIMEOUT,
-        image, "--",
+        "ephemeral", "run-ssh", "--warm", "off", "--memory", "2G", "--bind-storage-ro",
+        "--ssh-timeout", SSH_TIMEOUT, image, "--",
         "podman info --format '{{.Store.GraphDriverName}} {{.Store.GraphRoot}}'; "
         "podman run --rm --network none localhost/bcvk/tiny:latest "
         "sh -c 'echo hello-from-the-container; cat /proc/self/mountinfo' | "
-        "sed -n '1p;/ \\/ /p'",
+        "sed -n '1p;/ \\/ /p'; "
+        "podman images --format '{{.Repository}}:{{.Tag}}' | grep -x '" + DEMO_IMAGE + "'; "
+        "touch /run/host-container-storage/x 2>/dev/null || echo store-read-only",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -97,6 +101,7 @@ def test_podman_runs_a_container_in_the_guest(session: Session) -> None:
     assert lines[1] == "hello-from-the-container"
     # The container's own root is an overlay, mounted on the guest's /var tmpfs.
     assert " - overlay " in lines[2], lines
+    assert lines[3:] == [DEMO_IMAGE, "store-read-only"]
     assert session.leftovers() == []
 
 

@@ -150,6 +150,16 @@ def test_ssh_propagates_exit_status(vm: Vm) -> None:
     assert nobody.returncode == 255  # the key is root's: ssh itself refuses
 
 
+def test_scp_both_ways(vm: Vm, tmp_path: Path) -> None:
+    (tmp_path / "in").write_text("to the guest\n")
+    assert lv("scp", str(tmp_path / "in"), f"{vm.name}:/var/tmp/in").returncode == 0
+    assert guest(vm.name, "cat /var/tmp/in").stdout == "to the guest\n"
+    got = lv("scp", f"{vm.name}:/etc/hostname", str(tmp_path / "out"))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "out").read_text() == guest(vm.name, "cat /etc/hostname").stdout
+    assert lv("scp", f"{vm.name}:/nonexistent", str(tmp_path)).returncode == 1
+
+
 def test_bind_mounts_are_visible_writable_and_read_only(vm: Vm) -> None:
     assert guest(vm.name, "cat /mnt/rw/hello").stdout == "hello from the host\n"
     assert guest(vm.name, "echo from-guest > /mnt/rw/written").returncode == 0

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,3 +191,60 @@ def test_units_archive_follows_the_initramfs(tmp_path: Path) -> None:
     names, end = cpio_names(data, 8)
     assert names == ["bcvk", "bcvk/units", "bcvk/units/a.service"]
     assert end == len(data)
+
+
+def test_cloud_init_seed_from_a_file_or_a_directory(tmp_path: Path) -> None:
+    from bcvk.guest import cloudinit
+
+    (tmp_path / "user-data").write_text("#cloud-config\n")
+    (tmp_path / "meta-data").write_text("instance-id: x\n")
+    (tmp_path / "other").write_text("not read")
+    assert cloudinit.read_seed(str(tmp_path)) == (
+        ("user-data", "#cloud-config\n"),
+        ("meta-data", "instance-id: x\n"),
+    )
+    assert cloudinit.read_seed(str(tmp_path / "user-data")) == (("user-data", "#cloud-config\n"),)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p, "the directory has no user-data file"),
+        (lambda p: p / "nope", "no such file or directory"),
+        (lambda p: (p / "bin").write_bytes(b"\xff\xfe") and p / "bin", "not a text file"),
+    ],
+)
+def test_cloud_init_seed_refuses(tmp_path: Path, make: Any, expected: str) -> None:
+    from bcvk.errors import UsageError
+    from bcvk.guest import cloudinit
+
+    with pytest.raises(UsageError, match=expected):
+        cloudinit.read_seed(str(make(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("text", "side"),
+    [
+        ("dev:/etc/hostname", ("dev", "/etc/hostname")),
+        ("dev:", ("dev", "")),
+        ("./dev:x", (None, "./dev:x")),
+        ("/abs/path", (None, "/abs/path")),
+        ("-rf:x", (None, "-rf:x")),  # not a VM name: a local path, after scp's --
+    ],
+)
+def test_scp_sides(text: str, side: tuple[str | None, str]) -> None:
+    from bcvk.host import ssh
+
+    assert ssh.scp_side(text) == side
+
+
+def test_scp_argv_puts_paths_after_the_end_of_options(tmp_path: Path) -> None:
+    from bcvk.host import ssh
+
+    target = ssh.Target(port=2222, key=tmp_path / "k")
+    argv = ssh.scp_argv(
+        target, ["-oProxyCommand=x"], ssh.scp_remote(target, "/tmp"), recursive=True
+    )
+    assert argv[argv.index("--") :] == ["--", "-oProxyCommand=x", "root@127.0.0.1:/tmp"]
+    assert "-r" in argv
+    assert argv[argv.index("-P") + 1] == "2222"
