@@ -129,9 +129,7 @@ def guest_setup(machine: Machine) -> tuple[str, ...]:
     if opts.add_swap:
         script.append("swapon /dev/disk/by-id/virtio-swap")
     if opts.bind_storage_ro:
-        # podman in SSH sessions (pam_env reads /etc/environment) and in --execute
-        env = mounts.HOST_STORAGE_ENV
-        script.append(f"echo {env} >> /etc/environment && export {env}")
+        script.append(mounts.host_storage_setup())
     return tuple(script)
 
 

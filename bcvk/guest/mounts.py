@@ -92,6 +92,29 @@ HOST_STORAGE = "/run/host-container-storage"  # upstream's path for --bind-stora
 HOST_STORAGE_ENV = f"STORAGE_OPTS=additionalimagestore={HOST_STORAGE}"
 
 
+def host_storage_setup() -> str:
+    """Guest shell text (as root): make the shared store an additional image store.
+
+    podman reads it from storage.conf (the STORAGE_OPTS environment variable,
+    which bootc's tools read, is ignored by podman 4's image listing); the
+    guest's /etc is a writable overlay, so this never touches the image.
+    """
+    store = f'additionalimagestores = ["{HOST_STORAGE}"]'
+    conf = "/etc/containers/storage.conf"
+    default = (
+        '[storage]\ndriver = "overlay"\nrunroot = "/run/containers/storage"\n'
+        'graphroot = "/var/lib/containers/storage"\n[storage.options]\n' + store + "\n"
+    )
+    return (
+        f"echo {HOST_STORAGE_ENV} >> /etc/environment && export {HOST_STORAGE_ENV} && "
+        f"if [ ! -e {conf} ]; then mkdir -p /etc/containers && printf '{default}' > {conf}; "
+        f"elif ! grep -q additionalimagestores {conf}; then "
+        f"if grep -q '^\\[storage.options\\]' {conf}; then "
+        f"sed -i '/^\\[storage.options\\]/a {store}' {conf}; "
+        f"else printf '\\n[storage.options]\\n{store}\\n' >> {conf}; fi; fi"
+    )
+
+
 def host_storage(graph_root: Path) -> Share:
     """--bind-storage-ro: the host's container storage, read-only, at upstream's path."""
     return Share(ShareKind.bind_ro, os.fspath(graph_root), HOST_STORAGE, "hoststorage")

@@ -85,6 +85,22 @@ class Target:
             )
 
 
+def _connection(tool: str, target: Target, port_flag: str) -> list[str]:
+    """TOOL (ssh or scp) and the options that reach TARGET; the user's options
+    first, so that they win over bcvk's."""
+    args = [os.fspath(run.find_binary(tool) or tool)]
+    for option in target.options:
+        args += ["-o", option]
+    args += BASE_OPTIONS
+    args += ["-o", f"ConnectTimeout={target.connect_timeout}"]
+    args += ["-i", os.fspath(target.key), port_flag, str(target.port)]
+    if target.proxy_command:
+        args += ["-o", f"ProxyCommand={target.proxy_command}"]
+    elif target.proxy_jump:
+        args += ["-J", target.proxy_jump]
+    return args
+
+
 def argv(
     target: Target,
     command: Sequence[str] = (),
@@ -98,16 +114,7 @@ def argv(
     quoted to survive that unless a single string was given (already a shell
     command line, as users type it).
     """
-    args = [os.fspath(run.find_binary("ssh") or "ssh")]
-    for option in target.options:
-        args += ["-o", option]
-    args += BASE_OPTIONS
-    args += ["-o", f"ConnectTimeout={target.connect_timeout}"]
-    args += ["-i", os.fspath(target.key), "-p", str(target.port)]
-    if target.proxy_command:
-        args += ["-o", f"ProxyCommand={target.proxy_command}"]
-    elif target.proxy_jump:
-        args += ["-J", target.proxy_jump]
+    args = _connection("ssh", target, "-p")
     if tty is True:
         args.append("-t")
     elif tty is False:
@@ -124,16 +131,7 @@ def scp_argv(target: Target, sources: Sequence[str], dest: str, *, recursive: bo
     """scp between here and TARGET; a remote side is ``REMOTE:PATH`` with REMOTE
     already replaced by ``scp_remote(target)``.  Paths never start an option:
     each comes after ``--``."""
-    args = [os.fspath(run.find_binary("scp") or "scp")]
-    for option in target.options:
-        args += ["-o", option]
-    args += BASE_OPTIONS
-    args += ["-o", f"ConnectTimeout={target.connect_timeout}"]
-    args += ["-i", os.fspath(target.key), "-P", str(target.port)]
-    if target.proxy_command:
-        args += ["-o", f"ProxyCommand={target.proxy_command}"]
-    elif target.proxy_jump:
-        args += ["-J", target.proxy_jump]
+    args = _connection("scp", target, "-P")
     if recursive:
         args.append("-r")
     return [*args, "--", *sources, dest]

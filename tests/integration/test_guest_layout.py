@@ -90,8 +90,7 @@ def test_podman_runs_a_container_in_the_guest(session: Session) -> None:
         "--ssh-timeout", SSH_TIMEOUT, image, "--",
         "podman info --format '{{.Store.GraphDriverName}} {{.Store.GraphRoot}}'; "
         "podman run --rm --network none localhost/bcvk/tiny:latest "
-        "sh -c 'echo hello-from-the-container; cat /proc/self/mountinfo' | "
-        "sed -n '1p;/ \\/ /p'; "
+        "sh -c 'echo hello-from-the-container; grep \" / / \" /proc/self/mountinfo'; "
         "podman images --format '{{.Repository}}:{{.Tag}}' | grep -x '" + DEMO_IMAGE + "'; "
         "touch /run/host-container-storage/x 2>/dev/null || echo store-read-only",
     )  # fmt: skip

@@ -248,3 +248,36 @@ def test_scp_argv_puts_paths_after_the_end_of_options(tmp_path: Path) -> None:
     assert argv[argv.index("--") :] == ["--", "-oProxyCommand=x", "root@127.0.0.1:/tmp"]
     assert "-r" in argv
     assert argv[argv.index("-P") + 1] == "2222"
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (
+            None,
+            'graphroot = "/var/lib/containers/storage"\n[storage.options]\nadditionalimagestores',
+        ),
+        ('[storage.options]\nmount_program = "x"\n', "[storage.options]\nadditionalimagestores"),
+        (
+            '[storage]\ndriver = "overlay"\n',
+            '"overlay"\n\n[storage.options]\nadditionalimagestores',
+        ),
+        ('[storage.options]\nadditionalimagestores = ["/a"]\n', 'additionalimagestores = ["/a"]\n'),
+    ],
+)
+def test_host_storage_setup_edits_storage_conf(
+    tmp_path: Path, before: str | None, after: str
+) -> None:
+    """--bind-storage-ro's guest step, run against a scratch /etc."""
+    from bcvk.guest import mounts
+
+    etc = tmp_path / "etc"
+    (etc / "containers").mkdir(parents=True)
+    conf = etc / "containers" / "storage.conf"
+    if before is not None:
+        conf.write_text(before)
+    script = mounts.host_storage_setup().replace("/etc/", f"{etc}/")
+    subprocess.run(["dash", "-c", script], check=True)
+    assert after in conf.read_text()
+    assert conf.read_text().count("additionalimagestores") == 1
+    assert (etc / "environment").read_text() == mounts.HOST_STORAGE_ENV + "\n"
