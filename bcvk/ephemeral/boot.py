@@ -125,7 +125,8 @@ def seed_drive(state: Launch, injection: credentials.KeyInjection) -> qemu.Drive
 def guest_setup(machine: Machine) -> tuple[str, ...]:
     """Shell steps that mount the shares and enable swap in the guest (as root)."""
     opts = machine.opts
-    script = [mounts.mount_command(b, ninep=machine.ninep) for b in opts.binds]
+    at_boot = boot_mounted(machine)
+    script = [mounts.mount_command(b, ninep=machine.ninep) for b in opts.binds if b not in at_boot]
     if opts.add_swap:
         script.append("swapon /dev/disk/by-id/virtio-swap")
     if opts.bind_storage_ro:
@@ -153,7 +154,17 @@ def units_initrd(machine: Machine, state: Launch) -> Path:
             f"--systemd-units: the kernel of {machine.opts.image} boots without an initramfs",
             hint="the units travel in an initramfs archive; the image needs an initramfs",
         )
-    return initrd.with_units(base, machine.opts.systemd_units, state.vmdir.path / "initrd.img")
+    units = (*machine.opts.systemd_units, *initrd.mount_members(boot_mounted(machine)))
+    return initrd.with_units(base, units, state.vmdir.path / "initrd.img")
+
+
+def boot_mounted(machine: Machine) -> tuple[mounts.Share, ...]:
+    """The shares mounted at boot by units (so the --systemd-units can use them),
+    rather than over SSH once it answers: virtiofs shares of a VM that has its
+    own initramfs archive anyway."""
+    if not machine.opts.systemd_units or machine.ninep:
+        return ()
+    return machine.opts.binds
 
 
 def check_execute(opts: Options, machine: Machine) -> None:

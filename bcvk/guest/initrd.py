@@ -28,11 +28,13 @@ import os
 import shlex
 import shutil
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from bcvk.errors import UsageError, os_hint
+from bcvk.guest.mounts import Share, mount_unit, mount_unit_name
 
 # The virtio-serial ports (QEMU's virtserialport name=; /dev/virtio-ports/NAME).
 JOURNAL_PORT = "org.bcvk.journal"
@@ -205,6 +207,20 @@ def _unit_member(path: str, source: Path, flag: str) -> Member:
     if b"\0" in data:
         raise UsageError(f"{flag}: {source.name} is not a text file", hint="give unit files")
     return Member(path, stat.S_IFREG | 0o644, data)
+
+
+def mount_members(shares: Iterable[Share]) -> list[Member]:
+    """Mount units for SHARES, pulled in by local-fs.target, as archive members."""
+    out: list[Member] = []
+    for share in shares:
+        name = mount_unit_name(share.target)
+        text = mount_unit(share).encode()
+        out.append(Member(f"{UNITS_DIR}/{name}", stat.S_IFREG | 0o644, text))
+        out.append(Member(f"{UNITS_DIR}/local-fs.target.wants/{name}", stat.S_IFLNK | 0o777,
+                          f"../{name}".encode()))  # fmt: skip
+    if out:
+        out.insert(0, Member(f"{UNITS_DIR}/local-fs.target.wants", stat.S_IFDIR | 0o755))
+    return out
 
 
 def with_units(base: Path, units: tuple[Member, ...], out: Path) -> Path:

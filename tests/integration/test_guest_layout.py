@@ -6,8 +6,9 @@ One boot each, on real VMs (TCG), checking what the guest reports:
   demo image gets from its dracut initrd, and SSH works;
 - the podman variant: a container runs inside the guest, its overlay storage
   on the guest's /var (overlayfs on overlayfs is what upstream's PR #189 fixed);
-- --systemd-units: a unit from the host runs at boot, and an ordering cycle
-  between two units shows in the journal (upstream's detect_ordering_cycle);
+- --systemd-units: a unit from the host runs at boot and sees the --bind and
+  --ro-bind shares (upstream's bind, ro_bind), and an ordering cycle between
+  two units shows in the journal (upstream's detect_ordering_cycle);
 - the UKI-only variant boots and runs --execute (upstream's uki_only), with
   an instance type's size (upstream's with_instancetype).
 """
@@ -108,9 +109,17 @@ def test_systemd_units_run_from_boot_and_a_cycle_shows(session: Session, tmp_pat
     units = tmp_path / "units"
     wants = units / "default.target.wants"
     wants.mkdir(parents=True)
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    for d in (rw, ro):
+        d.mkdir()
+        (d / "file").write_text(f"from the host, {d.name}\n")
+    # Upstream's bind/ro_bind: a unit at boot sees both shares, and cannot write the ro one.
     (units / "bcvk-verify.service").write_text(
         "[Unit]\nDescription=verify\n[Service]\nType=oneshot\nRemainAfterExit=yes\n"
-        "ExecStart=sh -c 'echo verified-at-boot > /run/bcvk-verify'\n"
+        "ExecStart=sh -c 'cat /run/virtiofs-mnt-rw/file /run/virtiofs-mnt-ro/file > /run/v; "
+        "echo from-the-guest > /run/virtiofs-mnt-rw/back; "
+        "touch /run/virtiofs-mnt-ro/nope 2>/dev/null || echo ro-refused >> /run/v; "
+        "echo verified-at-boot >> /run/v'\n"
     )
     # Each wants and orders itself before the other: systemd breaks the cycle and logs it.
     for me, other in (("cycle-a", "cycle-b"), ("cycle-b", "cycle-a")):
@@ -122,13 +131,16 @@ def test_systemd_units_run_from_boot_and_a_cycle_shows(session: Session, tmp_pat
         (wants / f"{name}.service").symlink_to(f"../{name}.service")
     result = session.bcvk(
         "ephemeral", "run", "--systemd-units", str(units), "--karg", "systemd.mask=ssh.service",
-        "--execute", "cat /run/bcvk-verify; journalctl -b -o json -g 'ordering cycle' | head -1",
+        "--bind", f"{rw}:rw", "--ro-bind", f"{ro}:ro",
+        "--execute", "cat /run/v; journalctl -b -o json -g 'ordering cycle' | head -1",
         DEMO_IMAGE,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    first, second = result.stdout.splitlines()[:2]
-    assert first == "verified-at-boot"
-    assert "ordering cycle" in json.loads(second)["MESSAGE"]
+    lines = result.stdout.splitlines()
+    assert lines[:4] == ["from the host, rw", "from the host, ro", "ro-refused", "verified-at-boot"]
+    assert "ordering cycle" in json.loads(lines[4])["MESSAGE"]
+    assert (rw / "back").read_text() == "from-the-guest\n"
+    assert not (ro / "nope").exists()
     assert session.leftovers() == []
 
 

@@ -281,3 +281,18 @@ def test_host_storage_setup_edits_storage_conf(
     assert after in conf.read_text()
     assert conf.read_text().count("additionalimagestores") == 1
     assert (etc / "environment").read_text() == mounts.HOST_STORAGE_ENV + "\n"
+
+
+def test_boot_time_mount_units_for_shares(tmp_path: Path) -> None:
+    from bcvk.guest import mounts
+
+    share = mounts.named(tmp_path, "data", readonly=True)
+    members = initrd.mount_members([share])
+    by_path = {m.path: m for m in members}
+    unit = by_path["bcvk/units/run-virtiofs\\x2dmnt\\x2ddata.mount"]
+    assert b"What=mount_data\n" in unit.data
+    assert b"Options=ro\n" in unit.data
+    link = by_path["bcvk/units/local-fs.target.wants/run-virtiofs\\x2dmnt\\x2ddata.mount"]
+    assert link.data == b"../run-virtiofs\\x2dmnt\\x2ddata.mount"
+    assert members[0].path == "bcvk/units/local-fs.target.wants"
+    assert initrd.mount_members([]) == []
