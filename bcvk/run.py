@@ -7,6 +7,7 @@ exit status and the tail of stderr.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -14,7 +15,7 @@ import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -201,3 +202,22 @@ def spawn(
         )
     except FileNotFoundError as exc:
         raise ToolMissingError(f"{args[0]} not found", hint=package_hint(args[0])) from exc
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP while tearing down, deliver them afterwards.
+
+    A second Ctrl-C must not abandon a half-finished clean-up; every step
+    of the clean-up has its own deadline, so the wait is bounded.
+    """
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -36,7 +36,6 @@ from bcvk.ephemeral.vm import (
     GuestPoweredOff,
     Vm,
     confirm_started,
-    signals_deferred,
     teardown,
     wait_for_ssh,
 )
@@ -44,6 +43,7 @@ from bcvk.errors import BcvkError, NotFoundError, ToolMissingError, UsageError
 from bcvk.guest import cloudinit, credentials, initrd, mounts
 from bcvk.host import podman, qemu, ssh
 from bcvk.log import logger
+from bcvk.run import signals_deferred
 from bcvk.values import PullPolicy
 
 

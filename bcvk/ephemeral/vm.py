@@ -11,11 +11,10 @@ import asyncio
 import contextlib
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -27,6 +26,7 @@ from bcvk.guest import report
 from bcvk.host import qmp, ssh
 from bcvk.image.facts import TreeFacts
 from bcvk.log import console_tail, file_tail, logger
+from bcvk.run import signals_deferred
 
 
 def kept_log_hint(vm: Vm) -> str:
@@ -143,25 +143,6 @@ class Vm:
 
     def __repr__(self) -> str:
         return f"<Vm {self.name} ssh=127.0.0.1:{self.ssh_port}>"
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP while tearing down, deliver them afterwards.
-
-    A second Ctrl-C must not abandon a half-finished clean-up; every step
-    of the clean-up has its own deadline, so the wait is bounded.
-    """
-    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (ValueError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def wait_exit(vm: Vm, timeout: float) -> bool:

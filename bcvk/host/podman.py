@@ -221,11 +221,16 @@ def image_mount(ref: str, on_release: Callable[[], None] | None = None) -> Itera
     ON_RELEASE runs once the unmount is done or under way (for records that
     must not drop the mount a second time).
     """
-    mount = ImageMount(ref, mount_image(ref), on_release)
+    mount: ImageMount | None = None
     try:
+        # A signal while `podman image mount` runs would kill it after it may
+        # have mounted, leaving a mount nobody owns: it waits until we hold it.
+        with run.signals_deferred():
+            mount = ImageMount(ref, mount_image(ref), on_release)
         yield mount
     finally:
-        mount.close()
+        if mount is not None:
+            mount.close()
 
 
 @contextlib.contextmanager
