@@ -169,7 +169,11 @@ def units_members(directory: Path) -> tuple[Member, ...]:
         name = child.name
         if child.is_dir() and not child.is_symlink() and name.endswith(_DEPENDENCY_DIRS):
             out.append(Member(f"{UNITS_DIR}/{name}", stat.S_IFDIR | 0o755))
-            for entry in sorted(child.iterdir()):
+            try:
+                entries = sorted(child.iterdir())
+            except OSError as exc:  # an unreadable *.wants/ is bad input, not a crash
+                raise UsageError(f"{flag}: {name}: {exc.strerror}", hint=os_hint(exc)) from None
+            for entry in entries:
                 if not _is_unit_name(entry.name) and not entry.name.endswith(".conf"):
                     raise UsageError(
                         f"{flag}: {name}/{entry.name} is not a unit or drop-in",

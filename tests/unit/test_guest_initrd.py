@@ -296,3 +296,23 @@ def test_boot_time_mount_units_for_shares(tmp_path: Path) -> None:
     assert link.data == b"../run-virtiofs\\x2dmnt\\x2ddata.mount"
     assert members[0].path == "bcvk/units/local-fs.target.wants"
     assert initrd.mount_members([]) == []
+
+
+def test_unreadable_wants_directory_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bcvk.errors import UsageError
+
+    (tmp_path / "x.service").write_text("[Unit]\n")
+    wants = tmp_path / "a.target.wants"
+    wants.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self: Path) -> Any:
+        if self == wants:  # root reads any directory: the refusal is simulated
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(UsageError, match="a.target.wants: Permission denied"):
+        initrd.units_members(tmp_path)
