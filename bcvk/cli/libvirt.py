@@ -127,6 +127,19 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Path(dir_okay=False, path_type=Path),
             help="Log the serial console to FILE.",
         ),
+        click.option(
+            "--log-dir",
+            metavar="[STREAMS=]DIR",
+            help="Write the VM's streams into DIR: console.txt (the serial console) and "
+            "journal.json, journal-initrd.json (the guest's journal over virtio-serial, "
+            "whether or not SSH works).  STREAMS: console, journal or both.  [default: both]",
+        ),
+        click.option(
+            "--firmware-log",
+            is_flag=True,
+            help="Add OVMF's debug port (isa-debugcon 0x402), logged to DIR/firmware.txt with "
+            "--log-dir, else beside the console log.",
+        ),
         shared.timeout_option("--timeout", 300.0, "Seconds to wait for SSH."),
         click.option("--pool", default="default", show_default=True, help="Storage pool."),
     ]

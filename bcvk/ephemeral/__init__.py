@@ -38,7 +38,6 @@ from bcvk.ephemeral.cache import SnapshotInfo as CacheSnapshot
 from bcvk.ephemeral.options import (
     DEFAULT_SSH_TIMEOUT,
     DiskFile,
-    LogDir,
     Options,
     RootfsMode,
     WarmMode,
@@ -46,6 +45,7 @@ from bcvk.ephemeral.options import (
 )
 from bcvk.ephemeral.vm import GuestPoweredOff, Vm, wait_for_ssh
 from bcvk.errors import NotFoundError, UsageError
+from bcvk.guest.logdir import LogDir
 from bcvk.host import ssh
 from bcvk.log import logger
 from bcvk.values import validate_label

@@ -180,7 +180,7 @@ def check_execute(opts: Options, machine: Machine) -> None:
 
 def _console_log(opts: Options, vmdir: registry.VmDir) -> str:
     if opts.log_dir and opts.log_dir.console:
-        return os.fspath(opts.log_dir.directory / "console.txt")
+        return os.fspath(opts.log_dir.console_file)
     return os.fspath(vmdir.console_log)
 
 

@@ -331,14 +331,8 @@ def ninep_shares(binds: tuple[Share, ...]) -> tuple[qemu.NinePShare, ...]:
 def serial_ports(opts: Options, vmdir: registry.VmDir) -> tuple[qemu.SerialPort, ...]:
     """The virtio-serial ports the guest's bcvk services write to (``bcvk.guest.initrd``)."""
     ports = [qemu.SerialPort(initrd.STATUS_PORT, os.fspath(vmdir.boot_report))]
-    if opts.log_dir and opts.log_dir.journal:
-        directory = opts.log_dir.directory
-        ports += [
-            qemu.SerialPort(initrd.JOURNAL_PORT, os.fspath(directory / "journal.json")),
-            qemu.SerialPort(
-                initrd.JOURNAL_INITRD_PORT, os.fspath(directory / "journal-initrd.json")
-            ),
-        ]
+    if opts.log_dir:
+        ports += [qemu.SerialPort(port, os.fspath(p)) for port, p in opts.log_dir.journal_ports()]
     if opts.execute:
         ports += [
             qemu.SerialPort(initrd.EXECUTE_STDOUT_PORT, os.fspath(vmdir.execute("stdout"))),

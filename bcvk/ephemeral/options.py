@@ -22,6 +22,7 @@ from bcvk import paths
 from bcvk.errors import BcvkError, UsageError, os_hint
 from bcvk.guest import cloudinit, mounts
 from bcvk.guest.initrd import Member, units_members
+from bcvk.guest.logdir import LogDir, parse_log_dir
 from bcvk.guest.mounts import Share
 from bcvk.host import podman
 from bcvk.values import (
@@ -74,13 +75,6 @@ class DiskFile:
     path: Path
     name: str
     format: str  # "raw" or "qcow2"
-
-
-@dataclass(frozen=True)
-class LogDir:
-    directory: Path
-    console: bool = True
-    journal: bool = True
 
 
 @dataclass(frozen=True)
@@ -147,36 +141,6 @@ def parse_disk(text: str) -> DiskFile:
     except OSError as exc:  # ENAMETOOLONG, EACCES: Python 3.11 raises them
         raise UsageError(f"--mount-disk-file {text!r}: {exc.strerror}", hint=os_hint(exc)) from None
     return DiskFile(path.absolute(), name, fmt)
-
-
-def parse_log_dir(text: str) -> LogDir:
-    """``DIR`` (every stream) or upstream's ``STREAMS=DIR`` (``console,journal=DIR``)."""
-    streams, sep, directory = text.rpartition("=")
-    if not sep:
-        streams, directory = "console,journal", text
-    names = {s.strip() for s in streams.split(",") if s.strip()}
-    unknown = names - {"console", "journal"}
-    if unknown or not names or not directory:
-        raise UsageError(
-            f"invalid --log-dir {text!r}",
-            hint="use DIR or console=DIR, journal=DIR, console,journal=DIR",
-        )
-    path = paths.user_path(directory, "--log-dir").absolute()
-    try:
-        if path.exists() and not path.is_dir():
-            raise UsageError(
-                f"--log-dir {path}: exists and is not a directory",
-                hint="give a directory, or a path that does not exist yet",
-            )
-        # Only the last level is made (and removed again if the VM never starts).
-        if not path.exists() and not path.parent.is_dir():
-            raise UsageError(
-                f"--log-dir {path}: directory {path.parent} does not exist",
-                hint="create the parent directory first",
-            )
-    except OSError as exc:
-        raise UsageError(f"--log-dir {text!r}: {exc.strerror}", hint=os_hint(exc)) from None
-    return LogDir(path, "console" in names, "journal" in names)
 
 
 def make_options(

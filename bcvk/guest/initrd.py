@@ -47,6 +47,9 @@ EXECUTE_STATUS_PORT = "org.bcvk.execute.status"
 EXECUTE_CREDENTIAL = "bcvk.execute"
 
 _INITRD_UNITS = "etc/systemd/system"
+# Where a disk bcvk builds for libvirt keeps the disk variant, on its ESP: the
+# boot entry loads it as a second initrd after the image's own.
+DISK_ARCHIVE = "/bcvk/guest.img"
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,12 @@ def _text(name: str) -> bytes:
     return resources.files("bcvk.guest").joinpath("initrd_files", name).read_bytes()
 
 
-def members() -> list[Member]:
-    """Every file, link and directory of the archive, parents first."""
+def members(disk: bool = False) -> list[Member]:
+    """Every file, link and directory of the archive, parents first.
+
+    DISK: the variant a disk's boot entry loads (``DISK_ARCHIVE``): the same
+    services, and a marker telling ``layout.sh`` the root is writable already.
+    """
     files: dict[str, bytes] = {
         "bcvk/layout.sh": _text("layout.sh"),
         "bcvk/70-bcvk.rules": _text("70-bcvk.rules"),
@@ -75,6 +82,8 @@ def members() -> list[Member]:
         "etc/udev/rules.d/70-bcvk-initrd.rules": _text("70-bcvk-initrd.rules"),
         "conf/conf.d/zz-bcvk": _text("initramfs-tools.conf"),
     }
+    if disk:
+        files["bcvk/disk"] = b""
     links = {f"{_INITRD_UNITS}/initrd.target.wants/bcvk-layout.service": "../bcvk-layout.service"}
     dirs: set[str] = set()
     for path in (*files, *links):
@@ -107,9 +116,9 @@ def cpio(entries: list[Member]) -> bytes:
     return bytes(out)
 
 
-def archive() -> bytes:
+def archive(disk: bool = False) -> bytes:
     """bcvk's initramfs archive (see the module's docstring)."""
-    return cpio(members())
+    return cpio(members(disk))
 
 
 def modules_archive(modules: dict[str, bytes]) -> bytes:
@@ -121,8 +130,8 @@ def modules_archive(modules: dict[str, bytes]) -> bytes:
     return cpio([*dirs, *sorted(files, key=lambda m: m.path)])
 
 
-def digest() -> str:
-    return hashlib.sha256(archive()).hexdigest()[:16]
+def digest(disk: bool = False) -> str:
+    return hashlib.sha256(archive(disk)).hexdigest()[:16]
 
 
 def execute_script(commands: tuple[str, ...], setup: tuple[str, ...] = ()) -> str:

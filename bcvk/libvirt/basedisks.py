@@ -49,6 +49,8 @@ class InstallOptions:
             root_size=self.root_size,
             kargs=self.kargs,
             secure_boot_keys=self.secure_boot_keys,
+            # any VM of the disk can then stream its journal (run --log-dir)
+            guest_services=True,
         )
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from bcvk import to_disk
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import mounts
+from bcvk.guest.logdir import parse_log_dir
 from bcvk.host import secureboot, ssh, virtiofsd
 from bcvk.libvirt import basedisks, lifecycle
 from bcvk.libvirt import xml as lx
@@ -76,6 +77,14 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
     network = values.pop("network", Network.user)
     virtiofsd_path = values.pop("virtiofsd", None)
     keys = values.pop("secure_boot_keys", None)
+    log_dir = values.pop("log_dir", None)
+    if isinstance(log_dir, str):
+        if not local:
+            raise UsageError(
+                "--log-dir writes files on this machine, and the VM runs on a remote host",
+                hint="use --console-log with a path on the remote host",
+            )
+        log_dir = parse_log_dir(log_dir)
     if keys is not None and firmware in (Firmware.uefi, "uefi"):
         firmware = Firmware.uefi_secure  # the keys say it: Secure Boot
     specs = share_specs(
@@ -101,6 +110,7 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
         network=_network(network),
         virtiofsd=Path(virtiofsd_path) if virtiofsd_path else None,
         secure_boot_keys=secureboot.load_keys(keys) if keys is not None else None,
+        log_dir=log_dir,
         ports=tuple(
             p if isinstance(p, PortForward) else PortForward.parse(p)
             for p in values.pop("ports", ())

@@ -20,7 +20,7 @@ from bcvk.guest import mounts
 from bcvk.host import ssh
 from bcvk.libvirt import basedisks
 from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef, LibvirtError
-from bcvk.libvirt.vms import Vm, default_console_log, get_vm, key_dir
+from bcvk.libvirt.vms import Vm, default_log, get_vm, key_dir
 from bcvk.log import logger, step
 from bcvk.wait import Deadline, wait_until
 
@@ -149,6 +149,7 @@ class Removal:
     volume: str | None  # path of its own disk volume
     key_dir: str | None
     console_log: str | None
+    firmware_log: str | None = None
 
 
 def own_key_dir(vm: Vm) -> Path | None:
@@ -174,11 +175,12 @@ def plan_removal(conn: Connection, vm: Vm) -> Removal:
         if Path(source).name == own_disk and not basedisks.is_base_name(own_disk):
             volume = source
     key = own_key_dir(vm)
-    log = None
-    default = default_console_log(conn.info, vm.name)
-    if default is not None and vm.console_log == default:
-        log = default
-    return Removal(vm.name, volume, os.fspath(key) if key else None, log)
+    # Only the logs at bcvk's own default paths: a --console-log FILE is the user's.
+    logs = [
+        path if path is not None and path == default_log(conn.info, vm.name, kind) else None
+        for kind, path in (("console", vm.console_log), ("firmware", vm.firmware_log))
+    ]
+    return Removal(vm.name, volume, os.fspath(key) if key else None, *logs)
 
 
 def remove(conn: Connection, name: str, *, force: bool = False) -> Removal:
@@ -205,7 +207,8 @@ def remove(conn: Connection, name: str, *, force: bool = False) -> Removal:
                 volume.delete()
         if plan.key_dir:  # keys live on this machine even for remote URIs
             shutil.rmtree(plan.key_dir, ignore_errors=True)
-        if plan.console_log and not conn.info.remote:
-            with contextlib.suppress(OSError):
-                Path(plan.console_log).unlink()
+        for log in (plan.console_log, plan.firmware_log):
+            if log and not conn.info.remote:
+                with contextlib.suppress(OSError):
+                    Path(log).unlink()
     return plan

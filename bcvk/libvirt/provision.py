@@ -22,6 +22,7 @@ from pathlib import Path
 from bcvk import __version__, paths, to_disk
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import credentials, mounts
+from bcvk.guest.logdir import LogDir
 from bcvk.guest.mounts import Share, ShareKind
 from bcvk.host import podman, secureboot, ssh, virtiofsd
 from bcvk.libvirt import basedisks, lifecycle, pending
@@ -32,6 +33,7 @@ from bcvk.libvirt.vms import (
     Vm,
     all_vms,
     default_console_log,
+    default_log,
     derive_name,
     key_dir,
     pick_ssh_port,
@@ -57,6 +59,8 @@ DEFAULT_DISK_SIZE = 20 * GIB
 # A serial console is only useful if the kernel writes to it; the user's
 # --karg come after, so their own console= wins.
 DEFAULT_KARGS = ("console=ttyS0",)
+FIRMWARE_LOG_FILE = "firmware.txt"  # in --log-dir DIR
+
 # systemd learnt systemd.extra-unit.* / unit-dropin credentials in 256.
 MOUNT_CREDENTIALS_MIN_SYSTEMD = 256
 
@@ -85,6 +89,9 @@ class RunOptions:
     labels: tuple[str, ...] = ()
     transient: bool = False
     console_log: Path | None = None
+    # --log-dir: the console to DIR/console.txt, the journal over virtio-serial
+    log_dir: LogDir | None = None
+    firmware_log: bool = False  # OVMF's debug port, logged beside the console
     start: bool = True
     ssh_wait: bool = False
     timeout: float = SSH_TIMEOUT
@@ -127,6 +134,11 @@ def validate(opts: RunOptions) -> None:
     else:
         to_disk.check_firmware(opts.firmware, to_disk.Installer.auto)
     to_disk.check_disk_size(opts.disk_size, opts.filesystem)
+    if opts.log_dir is not None and opts.log_dir.console and opts.console_log is not None:
+        raise UsageError(
+            "--console-log and --log-dir console=DIR both name the console's log",
+            hint="give one: --log-dir journal=DIR keeps --console-log FILE",
+        )
     if opts.virtiofsd is not None and not (
         opts.virtiofsd.is_file() and os.access(opts.virtiofsd, os.X_OK)
     ):
@@ -379,6 +391,29 @@ def ssh_key(opts: RunOptions, name: str, vm_uuid: str, undo: Undo) -> tuple[Path
     return ssh.generate_key(directory, comment=f"bcvk-{name}").private, True
 
 
+def log_files(opts: RunOptions, undo: Undo) -> None:
+    """Stage 4b: --log-dir's directory (only its last level is made).  A run that
+    fails takes back the files it started there and the directory it made."""
+    if opts.log_dir is None:
+        return
+    directory = opts.log_dir.directory
+    firmware = [directory / FIRMWARE_LOG_FILE] if opts.firmware_log else []
+    wanted = [*opts.log_dir.files(), *firmware]
+    fresh = [path for path in wanted if not path.exists()]
+    made = not directory.exists()
+    if made:
+        directory.mkdir()
+
+    def take_back() -> None:
+        for path in fresh:
+            path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there
+                directory.rmdir()
+
+    undo.push("removing the --log-dir files", take_back)
+
+
 def vm_disk(
     conn: Connection, opts: RunOptions, name: str, base: basedisks.BaseDisk, undo: Undo
 ) -> tuple[str, str | None]:
@@ -440,6 +475,8 @@ def domain_spec(
     console_log = (
         os.fspath(opts.console_log.resolve())
         if opts.console_log
+        else os.fspath(opts.log_dir.console_file)
+        if opts.log_dir and opts.log_dir.console
         else default_console_log(conn.info, req.name)
     )
     metadata = lx.Metadata(
@@ -488,9 +525,24 @@ def domain_spec(
         credentials=tuple(creds),
         tpm=metadata.tpm,
         console_log=console_log,
+        firmware_log=lx.FirmwareLog(firmware_log_file(conn, opts, req.name))
+        if opts.firmware_log
+        else None,
+        channels=tuple(
+            lx.Channel(port, os.fspath(path))
+            for port, path in (opts.log_dir.journal_ports() if opts.log_dir else ())
+        ),
         transient_disk=opts.transient,
         metadata=metadata,
     )
+
+
+def firmware_log_file(conn: Connection, opts: RunOptions, name: str) -> str | None:
+    """Where --firmware-log is logged: DIR/firmware.txt with --log-dir, else
+    beside the default console log (None on a remote host: the pty only)."""
+    if opts.log_dir is not None:
+        return os.fspath(opts.log_dir.directory / FIRMWARE_LOG_FILE)
+    return default_log(conn.info, name, "firmware")
 
 
 def define_and_start(conn: Connection, opts: RunOptions, xml: str, undo: Undo) -> DomainRef:
@@ -521,6 +573,7 @@ def create_vm(conn: Connection, image: str, opts: RunOptions, within: Undo | Non
     with contextlib.nullcontext(within) if within is not None else transaction(conn) as undo:
         vm_uuid = str(uuidlib.uuid4())
         private, generated = ssh_key(opts, req.name, vm_uuid, undo)
+        log_files(opts, undo)
         disk_path, volume = vm_disk(conn, opts, req.name, base, undo)
         made = Made(vm_uuid, private, generated, disk_path, volume, opts.pool)
         spec = domain_spec(conn, opts, req, base, shared, made)

@@ -140,6 +140,7 @@ class Vm:
     ssh_proxy_jump: str | None = None
     ssh_proxy_command: str | None = None
     console_log: str | None = None  # the serial log the domain's XML names
+    firmware_log: str | None = None  # --firmware-log's, likewise
     cdroms: tuple[str, ...] = ()
 
     @property
@@ -208,6 +209,9 @@ class Vm:
         data = self.to_json()
         data["metadata"] = self.metadata.to_json()
         data["disks"] = list(self.disks)
+        # what the domain's XML logs to now (the metadata has the one it was made with)
+        data["console_log"] = self.console_log
+        data["firmware_log"] = self.firmware_log
         return data
 
 
@@ -236,6 +240,7 @@ def vm_from_xml(
         ssh_proxy_jump=jump,
         ssh_proxy_command=proxy_command,
         console_log=dom.console.log_file if dom.console else None,
+        firmware_log=dom.firmware_log.log_file if dom.firmware_log else None,
         cdroms=dom.cdroms,
     )
 
@@ -294,12 +299,18 @@ def get_vm(conn: Connection, name: str, *, copies: bool = False) -> tuple[Domain
     return dom, vm
 
 
-def default_console_log(info: UriInfo, name: str) -> str | None:
-    """Where bcvk asks libvirt to log NAME's serial console (None: no file it can name)."""
+def default_log(info: UriInfo, name: str, kind: str) -> str | None:
+    """Where bcvk asks libvirt to log NAME's KIND ("console", "firmware")
+    port unless told (None: no file it can name)."""
     if info.remote or info.driver != "qemu":
         return None
     if info.session:
         base = Path.home() / ".cache" / "libvirt" / "qemu" / "log"
     else:
         base = Path("/var/log/libvirt/qemu")
-    return os.fspath(base / f"{name}-console.log")
+    return os.fspath(base / f"{name}-{kind}.log")
+
+
+def default_console_log(info: UriInfo, name: str) -> str | None:
+    """Where bcvk asks libvirt to log NAME's serial console."""
+    return default_log(info, name, "console")

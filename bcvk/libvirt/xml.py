@@ -148,6 +148,60 @@ class Console:
 
 
 @dataclass(frozen=True)
+class Channel:
+    """A virtio-serial port the guest writes to (``/dev/virtio-ports/NAME``),
+    appended to a file on the host."""
+
+    name: str
+    path: str
+
+    def to_element(self) -> ET.Element:
+        channel = ET.Element("channel", {"type": "file"})
+        ET.SubElement(channel, "source", {"path": self.path, "append": "on"})
+        ET.SubElement(channel, "target", {"type": "virtio", "name": self.name})
+        return channel
+
+    @classmethod
+    def from_element(cls, el: ET.Element) -> Channel | None:
+        source, target = el.find("source"), el.find("target")
+        if el.get("type") != "file" or source is None or target is None:
+            return None
+        if target.get("type") != "virtio":
+            return None
+        return cls(target.get("name", ""), source.get("path", ""))
+
+
+# OVMF writes its debug log to this I/O port (QEMU's isa-debugcon).
+DEBUGCON_IOBASE = "0x402"
+
+
+@dataclass(frozen=True)
+class FirmwareLog:
+    """The firmware's debug port on a pty, as upstream's --firmware-log, logged to a file."""
+
+    log_file: str | None = None
+
+    def to_element(self) -> ET.Element:
+        serial = ET.Element("serial", {"type": "pty"})
+        if self.log_file:
+            ET.SubElement(serial, "log", {"file": self.log_file, "append": "on"})
+        target = ET.SubElement(serial, "target", {"type": "isa-debug", "port": "1"})
+        ET.SubElement(target, "model", {"name": "isa-debugcon"})
+        ET.SubElement(serial, "address", {"type": "isa", "iobase": DEBUGCON_IOBASE})
+        return serial
+
+    @staticmethod
+    def matches(el: ET.Element) -> bool:
+        target = el.find("target")
+        return target is not None and target.get("type") == "isa-debug"
+
+    @classmethod
+    def from_element(cls, el: ET.Element) -> FirmwareLog:
+        log = el.find("log")
+        return cls(log.get("file") if log is not None else None)
+
+
+@dataclass(frozen=True)
 class Tpm:
     model: str = "tpm-crb"
     version: str = "2.0"
@@ -249,6 +303,8 @@ class Domain:
     disks: tuple[Disk, ...] = ()
     filesystems: tuple[Filesystem, ...] = ()
     console: Console | None = field(default_factory=Console)
+    firmware_log: FirmwareLog | None = None
+    channels: tuple[Channel, ...] = ()
     tpm: Tpm | None = None
     rng: bool = True
     oem_strings: tuple[str, ...] = ()  # SMBIOS type 11: systemd credentials
@@ -299,6 +355,9 @@ class Domain:
             devices.append(fs.to_element())
         if self.console is not None:
             devices.extend(self.console.to_elements())
+        if self.firmware_log is not None:
+            devices.append(self.firmware_log.to_element())
+        devices.extend(channel.to_element() for channel in self.channels)
         if self.rng:
             rng = ET.SubElement(devices, "rng", {"model": "virtio"})
             ET.SubElement(rng, "backend", {"model": "random"}).text = "/dev/urandom"
@@ -324,7 +383,9 @@ class Domain:
         filesystems = tuple(
             f for f in map(Filesystem.from_element, devices.findall("filesystem")) if f
         )
-        serial = devices.find("serial")
+        serials = devices.findall("serial")
+        serial = next((el for el in serials if not FirmwareLog.matches(el)), None)
+        debugcon = next((el for el in serials if FirmwareLog.matches(el)), None)
         tpm = devices.find("tpm")
         cpu = dom.find("cpu")
         backing = dom.find("memoryBacking")
@@ -348,6 +409,10 @@ class Domain:
             disks=disks,
             filesystems=filesystems,
             console=Console.from_element(serial) if serial is not None else None,
+            firmware_log=FirmwareLog.from_element(debugcon) if debugcon is not None else None,
+            channels=tuple(
+                c for c in map(Channel.from_element, devices.findall("channel")) if c is not None
+            ),
             tpm=Tpm.from_element(tpm) if tpm is not None else None,
             rng=devices.find("rng") is not None,
             oem_strings=tuple(e.text or "" for e in dom.findall("sysinfo/oemStrings/entry")),
@@ -415,6 +480,8 @@ class DomainSpec:
     credentials: tuple[str, ...] = ()  # SMBIOS type 11 values
     tpm: bool = True
     console_log: str | None = None
+    firmware_log: FirmwareLog | None = None  # --firmware-log
+    channels: tuple[Channel, ...] = ()  # --log-dir journal=
     transient_disk: bool = False
     metadata: Metadata | None = None
     uuid: str | None = None
@@ -460,6 +527,8 @@ def build(spec: DomainSpec) -> Domain:
         ),
         filesystems=spec.filesystems,
         console=Console(spec.console_log),
+        firmware_log=spec.firmware_log,
+        channels=spec.channels,
         tpm=Tpm() if spec.tpm else None,
         rng=True,
         oem_strings=spec.credentials,

@@ -45,6 +45,8 @@ class BootEntry:
     initrd: str | None
     options: tuple[str, ...]
     sort_key: str | None = None
+    # More initrds after the image's: the kernel unpacks them in order.
+    extra_initrds: tuple[str, ...] = ()
 
 
 def kernel_cmdline(root_fs_uuid: str, kargs: Sequence[str]) -> tuple[str, ...]:
@@ -64,6 +66,7 @@ def make_entry(
     options: Sequence[str],
     *,
     has_initrd: bool = True,
+    extra_initrds: tuple[str, ...] = (),
 ) -> BootEntry:
     token = entry_token(os_release)
     title = os_release.get("PRETTY_NAME") or os_release.get("NAME") or token
@@ -76,6 +79,7 @@ def make_entry(
         initrd=f"{base}/initrd" if has_initrd else None,
         options=tuple(options),
         sort_key=token,
+        extra_initrds=extra_initrds,
     )
 
 
@@ -89,6 +93,7 @@ def render_entry(entry: BootEntry) -> str:
     lines.append(f"linux {entry.linux}")
     if entry.initrd:
         lines.append(f"initrd {entry.initrd}")
+    lines += [f"initrd {path}" for path in entry.extra_initrds]
     lines.append("options " + " ".join(entry.options))
     return "\n".join(lines) + "\n"
 
@@ -110,6 +115,8 @@ class EspFiles:
     kernel: Path
     initrd: Path | None
     uki: bool = False
+    # The entry's extra_initrds: (path on the ESP, content)
+    extra_initrds: tuple[tuple[str, bytes], ...] = ()
 
 
 def stage_esp(
@@ -134,6 +141,9 @@ def stage_esp(
     os.replace(files.kernel, stage / entry.linux.lstrip("/"))
     if files.initrd is not None and entry.initrd:
         os.replace(files.initrd, stage / entry.initrd.lstrip("/"))
+    for path, data in files.extra_initrds:
+        (stage / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (stage / path.lstrip("/")).write_bytes(data)
     (stage / "loader" / "entries" / f"{entry.entry_id}.conf").write_text(render_entry(entry))
     (stage / "loader" / "loader.conf").write_text(render_loader_conf(entry.entry_id))
 

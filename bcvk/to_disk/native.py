@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bcvk import run
 from bcvk.errors import BcvkError
+from bcvk.guest import initrd
 from bcvk.host import podman, secureboot
 from bcvk.image import inns
 from bcvk.image.facts import TreeFacts, probe
@@ -247,7 +248,13 @@ def populate(work: Path, disk: Plan, opts: Options, tree: Tree) -> Path:
     return root_img
 
 
-def make_esp(work: Path, disk: Plan, tree: Tree, keys: secureboot.Keys | None = None) -> Path:
+def make_esp(
+    work: Path,
+    disk: Plan,
+    tree: Tree,
+    keys: secureboot.Keys | None = None,
+    guest_services: bool = False,
+) -> Path:
     """Stage 4: the EFI system partition image: systemd-boot, kernel, entry
     (signed with KEYS' db key when given)."""
     arch = platform.machine()
@@ -279,12 +286,19 @@ def make_esp(work: Path, disk: Plan, tree: Tree, keys: secureboot.Keys | None = 
     kernel = tree.kernel
     uki = kernel.kind == "uki"
     entry = None
+    # After the image's own initrd only: alone, it would have no /init.
+    extra = (
+        ((initrd.DISK_ARCHIVE, initrd.archive(disk=True)),)
+        if guest_services and located.initrd
+        else ()
+    )
     if not uki:
         entry = bootloader.make_entry(
             tree.facts.os_release,
             kernel.version,
             bootloader.kernel_cmdline(disk.ids.root_fs, disk.kargs),
             has_initrd=located.initrd is not None,
+            extra_initrds=tuple(path for path, _ in extra),
         )
         logger.debug("boot entry: %s", bootloader.describe(entry))
     esp_files = bootloader.EspFiles(
@@ -292,6 +306,7 @@ def make_esp(work: Path, disk: Plan, tree: Tree, keys: secureboot.Keys | None = 
         kernel=boot_files / "kernel",
         initrd=boot_files / "initrd" if located.initrd else None,
         uki=uki,
+        extra_initrds=extra if not uki else (),
     )
     stage = work / "esp"
     stage.mkdir()
@@ -333,7 +348,7 @@ def build(req: Request, mount: podman.ImageMount, work: Path, tree: Tree) -> tup
     """Every stage after ``read``; returns the plan and OUTPUT's size."""
     disk = plan(req, tree)
     root = populate(work, disk, req.opts, tree)
-    esp = make_esp(work, disk, tree, req.opts.secure_boot_keys)
+    esp = make_esp(work, disk, tree, req.opts.secure_boot_keys, req.opts.guest_services)
     # Nothing reads the image from here on: unmount while the disk converts.
     mount.release()
     pretty = tree.facts.os_release.get("PRETTY_NAME") or "Linux"

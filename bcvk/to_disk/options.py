@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcvk.errors import NotFoundError, UsageError
+from bcvk.guest import initrd
 from bcvk.host import secureboot, ssh
 from bcvk.to_disk.layout import LAYOUT_VERSION, Filesystem, PartitionTable, min_disk_size
 from bcvk.values import (
@@ -132,6 +133,10 @@ class Options:
     compress: bool = False
     bootc: BootcInstall = BootcInstall()
     secure_boot_keys: secureboot.Keys | None = None  # sign the ESP's EFI binaries
+    # bcvk's guest services (the journal to the host) as a second initrd on
+    # the ESP: libvirt's base disks.  The native installer only; a UKI has
+    # no boot entry to list it in.
+    guest_services: bool = False
     # How to run, not what to make: none of these is in the cache key.
     dry_run: bool = False
     force: bool = False
@@ -367,6 +372,7 @@ def cache_key(
         "root_ssh_authorized_keys": keys,
         # Only when given, so that the keys of disks built before these existed hold.
         **({"bootc_install": opts.bootc.argv()} if opts.bootc != BootcInstall() else {}),
+        **({"guest_services": initrd.digest(disk=True)} if opts.guest_services else {}),
         **(
             {"secure_boot_db": opts.secure_boot_keys.fingerprint()}
             if opts.secure_boot_keys is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shlex
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from tests.integration.ephemeral_support import (
     session_fixture,  # noqa: F401  (fixture)
     unique,
 )
+from tests.integration.guest_logs import journal, seqnum
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leaks")]
 
@@ -48,23 +50,6 @@ def image_id(ref: str) -> str:
         text=True,
         check=True,
     ).stdout.strip()
-
-
-def journal(path: Path) -> list[dict[str, str]]:
-    """The entries of a journal stream; a VM that powered off mid-line leaves its
-    last line cut, which is the only line allowed to be incomplete."""
-    lines = path.read_text(errors="replace").splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    return [json.loads(line) for line in lines]
-
-
-def seqnum(entry: dict[str, str]) -> int:
-    """A journal entry's sequence number (systemd 252's JSON has it only in the cursor)."""
-    if "__SEQNUM" in entry:
-        return int(entry["__SEQNUM"])
-    fields = dict(part.split("=", 1) for part in entry["__CURSOR"].split(";"))
-    return int(fields["i"], 16)
 
 
 # ---------------------------------------------------------------- one shared VM
@@ -147,6 +132,22 @@ def test_mount_layout_is_bootcs(shared: Shared) -> None:
     lines = result.stdout.split("\n")
     assert lines[:4] == ["virtiofs ro", "overlay rw", "tmpfs rw", "tmpfs rw"]  # and run_tmpfs
     assert result.stdout.split()[-4:] == ["written", "written", "usr-ro", "nested-ok"]
+
+
+# mmap(2) itself, by number: the image has perl but no python3.  x86_64's
+# mmap is syscall 9; PROT_READ and MAP_SHARED are both 1.
+MMAP_SHARED_READ = (
+    "open(my $f, '<', '/usr/lib/os-release') or die \"open: $!\\n\"; "
+    "my $a = syscall(9, 0, 4096, 1, 1, fileno($f), 0); "
+    'die "mmap: $!\\n" if $a == -1; print "MMAP_SUCCESS\\n"'
+)
+
+
+def test_a_file_of_the_image_can_be_mmapped_shared(shared: Shared) -> None:
+    """Upstream's virtiofs_mmap: a shared mapping of a file on the virtiofs root
+    (the image is served with --cache always, so the guest may map its pages)."""
+    result = shared.vm.ssh(f"perl -e {shlex.quote(MMAP_SHARED_READ)}")
+    assert result.stdout == "MMAP_SUCCESS\n", result.stderr
 
 
 def test_bind_is_shared_both_ways(shared: Shared) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from bcvk.libvirt.metadata import BOOTC_NS
 from tests import schemas
 from tests.conftest import DEMO_IMAGE, FIXTURES, bcvk, bcvk_popen, image_exists
 from tests.integration import libvirt_env as env
+from tests.integration.guest_logs import journal, seqnum
 
 PREFIX = f"bcvk-it-{uuid.uuid4().hex[:6]}"
 BOOT_TIMEOUT = "900"  # seconds; TCG on a shared 2-core host
@@ -61,6 +64,7 @@ class Vm:
     ro: Path
     forward: int
     info: dict[str, object]
+    logs: Path  # its --log-dir
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +77,16 @@ def vm(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]
     (rw / "hello").write_text("hello from the host\n")
     (ro / "data").write_text("read-only data\n")
     forward = env.free_port()
+    logs = shared / "logs"  # made by bcvk
     name = f"{PREFIX}-main"
     lv_ok(
         "run", "--name", name, "--label", env.LABEL, "--memory", "1536M",
         "--bind", f"{rw}:/mnt/rw", "--bind-ro", f"{ro}:/mnt/ro",
+        "--log-dir", f"journal={logs}", "--firmware-log",
         "-p", f"{forward}:22", "--ssh-wait", "--timeout", BOOT_TIMEOUT, DEMO_IMAGE,
     )  # fmt: skip
     info = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
-    yield Vm(name, rw, ro, forward, info)
+    yield Vm(name, rw, ro, forward, info, logs)
     lv("rm", "-f", name)
 
 
@@ -136,6 +142,55 @@ def test_list_json_has_what_test_frameworks_need(vm: Vm) -> None:
              "--include-private-key").stdout
     )  # fmt: skip
     assert one["ssh_private_key"] == Path(row["ssh_private_key_path"]).read_text()
+
+
+def test_journal_and_console_reach_the_host(vm: Vm) -> None:
+    """Upstream's run_journal_output and run_console_log: the journal over
+    virtio-serial (from the base disk's second initrd), the serial console
+    logged by libvirt."""
+    assert any("MESSAGE_ID" in entry for entry in journal(vm.logs / "journal.json"))
+    # the initrd's own stream starts at its first entry
+    assert seqnum(journal(vm.logs / "journal-initrd.json")[0]) == 1
+    xml = ET.fromstring(env.virsh("dumpxml", vm.name).stdout)
+    channels = {c.get("name"): c for c in xml.iterfind("devices/channel/target")}
+    assert set(channels) == {"org.bcvk.journal", "org.bcvk.journal.initrd"}
+    console = Path(str(vm.info["console_log"]))
+    log = xml.find("devices/serial/log")
+    assert log is not None
+    assert log.get("file") == str(console)
+    assert log.get("append") == "on"
+    assert "systemd" in console.read_text(errors="replace")
+
+
+# perl, not python3, is in the image: one byte at a time to OVMF's debug port
+DEBUGCON_PROBE = (
+    "open(my $p, '+<', '/dev/port') or die \"$!\\n\"; "
+    'for my $c (split //, "BCVK-DEBUGCON-PROBE\\n") { sysseek($p, 0x402, 0); syswrite($p, $c) }'
+)
+
+
+def test_firmware_log_is_the_debug_port(vm: Vm) -> None:
+    """--firmware-log: isa-debugcon at 0x402, logged to --log-dir's firmware.txt.
+    Debian's OVMF is a release build that writes nothing there, so the guest does."""
+    xml = ET.fromstring(env.virsh("dumpxml", vm.name).stdout)
+    debug = [s for s in xml.iterfind("devices/serial") if s.find("target[@type='isa-debug']")]
+    assert len(debug) == 1
+    address = debug[0].find("address")
+    assert address is not None
+    assert address.get("iobase") == "0x402"
+    assert guest(vm.name, f"perl -e {shlex.quote(DEBUGCON_PROBE)}").returncode == 0
+    assert "BCVK-DEBUGCON-PROBE" in wait_for_text(vm.logs / "firmware.txt", "BCVK-DEBUGCON-PROBE")
+
+
+def wait_for_text(path: Path, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    content = ""
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            break
+        time.sleep(0.5)
+    return content
 
 
 def test_ssh_propagates_exit_status(vm: Vm) -> None:
@@ -261,6 +316,9 @@ def test_stop_then_start_keeps_disk_and_mounts(vm: Vm) -> None:
     lv_ok("start", vm.name, "--ssh-wait", "--timeout", BOOT_TIMEOUT)
     assert env.domstate(vm.name) == "running"
     assert guest(vm.name, "cat /mnt/rw/hello").stdout == "hello from the host\n"
+    # the journal file is appended to: both boots are in it
+    boots = {e.get("_BOOT_ID") for e in journal(vm.logs / "journal.json")}
+    assert len(boots - {None}) == 2
     assert guest(vm.name, "touch /mnt/ro/nope").returncode != 0
 
 
@@ -270,26 +328,49 @@ def test_rm_removes_domain_disk_and_key(vm: Vm) -> None:
     refused = lv("rm", vm.name)
     assert refused.returncode != 0
     assert "is running" in refused.stderr
+    console = Path(str(vm.info["console_log"]))
+    assert console.exists()
     lv_ok("rm", "-f", vm.name)
     assert vm.name not in env.domain_names()
     assert not disk.exists()
     assert not key.parent.exists()
+    assert not console.exists()  # its default console log is bcvk's
     assert (vm.rw / "hello").exists()  # shared host directories are untouched
+    # --log-dir is the user's: every file stays
+    assert sorted(p.name for p in vm.logs.iterdir()) == [
+        "firmware.txt",
+        "journal-initrd.json",
+        "journal.json",
+    ]
     gone = lv("inspect", vm.name)
     assert gone.returncode != 0
     assert "no domain named" in gone.stderr
 
 
-def test_transient_vm_vanishes_when_stopped(libvirtd: None) -> None:
+def test_transient_vm_vanishes_when_stopped(libvirtd: None, tmp_path: Path) -> None:
     name = f"{PREFIX}-transient"
     before = env.volumes()
+    console = tmp_path / "console.log"
     lv_ok("run", "--transient", "--name", name, "--memory", "1536M", "--disable-tpm",
-          "--ssh-wait", "--timeout", BOOT_TIMEOUT, DEMO_IMAGE)  # fmt: skip
+          "--console-log", str(console), "--ssh-wait", "--timeout", BOOT_TIMEOUT,
+          DEMO_IMAGE)  # fmt: skip
     dominfo = env.virsh("dominfo", name).stdout
     assert any(ln.split() == ["Persistent:", "no"] for ln in dominfo.splitlines()), dominfo
     assert guest(name, "true").returncode == 0
     assert env.volumes() == before  # no per-VM disk: a QEMU-side overlay
+    # upstream's run_console_log: the kernel and systemd on the serial console
+    assert "systemd" in console.read_text(errors="replace")
+    first = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
+    # upstream's run_transient_replace: --replace re-creates it, still transient
+    lv_ok("run", "--transient", "--replace", "--name", name, "--memory", "1536M",
+          "--disable-tpm", DEMO_IMAGE)  # fmt: skip
+    dominfo = env.virsh("dominfo", name).stdout
+    assert any(ln.split() == ["Persistent:", "no"] for ln in dominfo.splitlines()), dominfo
+    assert env.domstate(name) == "running"
     details = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
+    assert details["uuid"] != first["uuid"]
+    assert not Path(first["ssh_private_key_path"]).parent.exists()  # the first one's key
+    assert env.volumes() == before
     key = Path(details["ssh_private_key_path"])
     lv_ok("stop", name, "--force")
     assert name not in env.domain_names()

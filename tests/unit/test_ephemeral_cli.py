@@ -13,7 +13,7 @@ from bcvk import ephemeral, values
 from bcvk.__main__ import main
 from bcvk.ephemeral import options
 from bcvk.errors import BcvkError, UsageError
-from bcvk.guest import mounts
+from bcvk.guest import logdir, mounts
 from bcvk.host import ssh
 from bcvk.log import console_tail
 from bcvk.values import PortForward
@@ -110,25 +110,25 @@ def test_bad_kargs(karg: str) -> None:
 
 
 def test_log_dir_forms(tmp_path: Path) -> None:
-    assert options.parse_log_dir(str(tmp_path)).journal
-    console_only = options.parse_log_dir(f"console={tmp_path}")
+    assert logdir.parse_log_dir(str(tmp_path)).journal
+    console_only = logdir.parse_log_dir(f"console={tmp_path}")
     assert console_only.console
     assert not console_only.journal
-    assert options.parse_log_dir(f"console,journal={tmp_path}").journal
+    assert logdir.parse_log_dir(f"console,journal={tmp_path}").journal
     with pytest.raises(UsageError, match="--log-dir"):
-        options.parse_log_dir(f"kmsg={tmp_path}")
+        logdir.parse_log_dir(f"kmsg={tmp_path}")
 
 
 def test_log_dir_must_be_a_directory_whose_parent_exists(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("keep")
     with pytest.raises(UsageError, match="not a directory"):
-        options.parse_log_dir(str(tmp_path / "file"))
+        logdir.parse_log_dir(str(tmp_path / "file"))
     with pytest.raises(UsageError, match="does not exist"):
-        options.parse_log_dir(str(tmp_path / "a" / "b"))
+        logdir.parse_log_dir(str(tmp_path / "a" / "b"))
     with pytest.raises(UsageError, match="cannot expand"):
-        options.parse_log_dir("~no-such-user-here/logs")
+        logdir.parse_log_dir("~no-such-user-here/logs")
     assert (tmp_path / "file").read_text() == "keep"
-    assert options.parse_log_dir(str(tmp_path / "new")).directory == tmp_path / "new"
+    assert logdir.parse_log_dir(str(tmp_path / "new")).directory == tmp_path / "new"
 
 
 def test_conflicting_flags() -> None:

@@ -316,3 +316,15 @@ def test_unreadable_wants_directory_is_a_usage_error(
     monkeypatch.setattr(Path, "iterdir", iterdir)
     with pytest.raises(UsageError, match="a.target.wants: Permission denied"):
         initrd.units_members(tmp_path)
+
+
+def test_the_disk_variant_carries_the_marker_and_the_same_services() -> None:
+    """A libvirt base disk's second initrd: layout.sh sees /bcvk/disk and leaves
+    the (writable) root alone, but installs the same units."""
+    plain = {m.path: m for m in initrd.members()}
+    disk = {m.path: m for m in initrd.members(disk=True)}
+    assert set(disk) - set(plain) == {"bcvk/disk"}
+    assert all(disk[path] == member for path, member in plain.items())
+    assert initrd.digest(disk=True) != initrd.digest()
+    layout = disk["bcvk/layout.sh"].data.decode()
+    assert "[ -e /bcvk/disk ] || layout" in layout

@@ -227,7 +227,10 @@ def test_the_base_disk_request_is_to_disks_cache_key(
         to_disk.DiskFormat.qcow2,
         20 << 30,
         to_disk.Options(
-            format=to_disk.DiskFormat.qcow2, disk_size=20 << 30, kargs=("console=ttyS0",)
+            format=to_disk.DiskFormat.qcow2,
+            disk_size=20 << 30,
+            kargs=("console=ttyS0",),
+            guest_services=True,  # every base disk carries bcvk's guest services
         ),
     )
     req = basedisks.disk_request(IMAGE, tmp_path / "x.qcow2", opts)
@@ -741,3 +744,37 @@ def test_secure_boot_keys_mean_uefi_secure_and_are_checked_first(tmp_path: Path)
     signed = provision.install_options(GIB, None, None, (), opts.secure_boot_keys)
     assert signed.to_disk_options().secure_boot_keys == opts.secure_boot_keys
     assert plain.to_disk_options().secure_boot_keys is None
+
+
+def test_log_dir_and_firmware_log(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    opts = options(log_dir=f"journal={logs}", firmware_log=True)
+    assert opts.log_dir is not None
+    assert not opts.log_dir.console
+    provision.validate(opts)
+    with pytest.raises(UsageError, match="both name the console's log"):
+        provision.validate(options(log_dir=str(logs), console_log=tmp_path / "c.log"))
+    with pytest.raises(UsageError, match="remote host"):
+        domains.make_run_options("qemu+ssh://host/system", log_dir=str(logs))
+    with pytest.raises(UsageError, match="does not exist"):
+        options(log_dir=str(tmp_path / "a" / "b"))
+
+
+def test_a_failed_run_takes_back_its_log_dir(tmp_path: Path) -> None:
+    """The files a run started in --log-dir, and the directory it made, go with it;
+    what was there before stays."""
+    logs = tmp_path / "logs"
+    opts = options(log_dir=str(logs), firmware_log=True)
+    undo = provision.Undo(pending.Journal("test:///default"))
+    provision.log_files(opts, undo)
+    assert logs.is_dir()
+    (logs / "journal.json").write_text("{}\n")
+    undo.rollback()
+    assert not logs.exists()
+    logs.mkdir()
+    (logs / "journal.json").write_text("old\n")
+    undo = provision.Undo(pending.Journal("test:///default"))
+    provision.log_files(opts, undo)
+    (logs / "firmware.txt").write_text("new\n")
+    undo.rollback()
+    assert sorted(p.name for p in logs.iterdir()) == ["journal.json"]

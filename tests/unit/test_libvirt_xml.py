@@ -69,6 +69,11 @@ def full_spec(**changes: object) -> lx.DomainSpec:
         credentials=("io.systemd.credential.binary:tmpfiles.extra=ZmFrZQ==",),
         tpm=True,
         console_log="/var/log/libvirt/qemu/t1-console.log",
+        firmware_log=lx.FirmwareLog("/srv/logs/firmware.txt"),
+        channels=(
+            lx.Channel("org.bcvk.journal", "/srv/logs/journal.json"),
+            lx.Channel("org.bcvk.journal.initrd", "/srv/logs/journal-initrd.json"),
+        ),
         metadata=full_metadata(),
     )
     fields.update(changes)
@@ -100,6 +105,7 @@ def test_minimal_kvm_domain_matches_golden(golden: Callable[[str, str], None]) -
         {"firmware": Firmware.bios, "tpm": False, "credentials": ()},
         {"firmware": Firmware.uefi_secure},
         {"transient_disk": True, "console_log": None, "ports": ()},
+        {"firmware_log": lx.FirmwareLog(None), "channels": ()},
         {"domain_type": "kvm", "filesystems": ()},
         {"metadata": None},
     ],

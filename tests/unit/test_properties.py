@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from bcvk import values
 from bcvk.ephemeral import options as ephemeral_options
 from bcvk.errors import BcvkError
-from bcvk.guest import mounts
+from bcvk.guest import logdir, mounts
 from bcvk.host import podman
 from bcvk.libvirt.uri import UriInfo, parse_uri
 from bcvk.to_disk import DiskFormat, Filesystem
@@ -62,7 +62,7 @@ PARSERS: dict[str, Callable[[str], object]] = {
     "user": values.validate_user,
     "karg": values.parse_karg,
     "image reference": podman.validate_reference,
-    "log dir": ephemeral_options.parse_log_dir,
+    "log dir": logdir.parse_log_dir,
     "disk file": ephemeral_options.parse_disk,
     "named bind": lambda t: mounts.parse_named(t, readonly=False),
     "bind at": lambda t: mounts.parse_at(t, mounts.ShareKind.bind, local=False),

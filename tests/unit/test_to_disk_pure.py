@@ -69,6 +69,7 @@ def changed_values(tmp_path: Path) -> dict[str, Any]:
         "firmware": Firmware.both,
         "bootc": options.BootcInstall(composefs_backend=True),
         "secure_boot_keys": secureboot.Keys(sb_keys(tmp_path), secureboot.DEFAULT_OWNER),
+        "guest_services": True,
     }
 
 
@@ -194,6 +195,15 @@ def test_bls_entry_golden(golden: Callable[[str, str], None]) -> None:
     assert entry.entry_id == "debian-6.1.0-56-amd64"
     golden("to-disk/bls-entry.conf", bootloader.render_entry(entry))
     golden("to-disk/loader.conf", bootloader.render_loader_conf(entry.entry_id))
+
+
+def test_bls_entry_lists_the_guest_services_after_the_images_initrd() -> None:
+    entry = bootloader.make_entry(
+        OS_RELEASE, "6.1.0-56-amd64", ("rw",), extra_initrds=("/bcvk/guest.img",)
+    )
+    lines = bootloader.render_entry(entry).splitlines()
+    initrds = [line for line in lines if line.startswith("initrd ")]
+    assert initrds == ["initrd /debian/6.1.0-56-amd64/initrd", "initrd /bcvk/guest.img"]
 
 
 def test_cmdline_puts_root_first_and_keeps_karg_order() -> None:

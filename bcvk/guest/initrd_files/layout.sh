@@ -12,6 +12,8 @@
 # Upper layers live in /run/bcvk, which the initramfs moves into the booted
 # system with the rest of /run.  What went wrong is kept in
 # /run/bcvk/problems for the boot report (status.sh) to pass to the host.
+# On a disk bcvk built (the archive carries /bcvk/disk) the root is the VM's
+# own and writable: only the services below are installed.
 root=${1:?usage: layout.sh ROOT}
 state=/run/bcvk
 mkdir -p "$state" || exit 1
@@ -28,33 +30,37 @@ overlay() { # DIR: ROOT/DIR becomes an overlay whose upper layer is in $state
         problem "/$1 is read-only: its overlay could not be mounted"
 }
 
-# initramfs-tools leaves overlayfs out; bcvk then brings the image's module
-if ! modprobe overlay 2>/dev/null; then
-    for module in /bcvk/modules/overlay.ko*; do
-        [ -e "$module" ] && insmod "$module"
+layout() {
+    # initramfs-tools leaves overlayfs out; bcvk then brings the image's module
+    if ! modprobe overlay 2>/dev/null; then
+        for module in /bcvk/modules/overlay.ko*; do
+            [ -e "$module" ] && insmod "$module"
+        done
+    fi
+    overlay etc
+    for dir in root home; do
+        if [ -d "$root/$dir" ] && [ ! -L "$root/$dir" ]; then
+            overlay "$dir"
+        fi
     done
-fi
-overlay etc
-for dir in root home; do
-    if [ -d "$root/$dir" ] && [ ! -L "$root/$dir" ]; then
-        overlay "$dir"
+    if [ -d "$root/tmp" ] && [ ! -L "$root/tmp" ]; then
+        mount -t tmpfs -o mode=1777,nosuid,nodev bcvk-tmp "$root/tmp" || problem "/tmp is read-only"
     fi
-done
-if [ -d "$root/tmp" ] && [ ! -L "$root/tmp" ]; then
-    mount -t tmpfs -o mode=1777,nosuid,nodev bcvk-tmp "$root/tmp" || problem "/tmp is read-only"
-fi
 
-mkdir -p "$state/var"
-if mount -t tmpfs -o mode=0755 bcvk-var "$state/var"; then
-    if command -v cp >/dev/null 2>&1; then
-        cp -a "$root/var/." "$state/var/" || problem "copying the image's /var failed"
+    mkdir -p "$state/var"
+    if mount -t tmpfs -o mode=0755 bcvk-var "$state/var"; then
+        if command -v cp >/dev/null 2>&1; then
+            cp -a "$root/var/." "$state/var/" || problem "copying the image's /var failed"
+        else
+            problem "the initramfs has no cp: /var starts empty"
+        fi
+        mount -o bind "$state/var" "$root/var" || problem "/var is read-only: its bind mount failed"
     else
-        problem "the initramfs has no cp: /var starts empty"
+        problem "/var is read-only: no tmpfs for it"
     fi
-    mount -o bind "$state/var" "$root/var" || problem "/var is read-only: its bind mount failed"
-else
-    problem "/var is read-only: no tmpfs for it"
-fi
+}
+
+[ -e /bcvk/disk ] || layout
 
 # Units, udev rules and scripts for the booted system: its systemd and udev
 # read /run/systemd/system and /run/udev/rules.d, so the image is untouched.
