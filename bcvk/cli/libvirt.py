@@ -92,6 +92,12 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Raw virtiofs share; mount it yourself: mount -t virtiofs TAG DIR.",
         ),
         click.option(
+            "--bind-storage-ro",
+            is_flag=True,
+            help="Share this user's podman storage read-only at /run/host-container-storage, "
+            "an additional image store for the guest's podman.",
+        ),
+        click.option(
             "--virtiofsd",
             metavar="PATH",
             help="virtiofsd for the shares.  [default: $BCVK_VIRTIOFSD, $VIRTIOFSD_BIN, PATH, "

@@ -106,7 +106,9 @@ def host_storage_setup() -> str:
         'graphroot = "/var/lib/containers/storage"\n[storage.options]\n' + store + "\n"
     )
     return (
-        f"echo {HOST_STORAGE_ENV} >> /etc/environment && export {HOST_STORAGE_ENV} && "
+        # idempotent: a persistent (libvirt) guest keeps its /etc
+        f"{{ grep -qxF {HOST_STORAGE_ENV} /etc/environment 2>/dev/null || "
+        f"echo {HOST_STORAGE_ENV} >> /etc/environment; }} && export {HOST_STORAGE_ENV} && "
         f"if [ ! -e {conf} ]; then mkdir -p /etc/containers && printf '{default}' > {conf}; "
         f"elif ! grep -q additionalimagestores {conf}; then "
         f"if grep -q '^\\[storage.options\\]' {conf}; then "

@@ -31,7 +31,7 @@ from bcvk import to_disk
 from bcvk.errors import BcvkError, NotFoundError, UsageError
 from bcvk.guest import mounts
 from bcvk.guest.logdir import parse_log_dir
-from bcvk.host import secureboot, ssh, virtiofsd
+from bcvk.host import podman, secureboot, ssh, virtiofsd
 from bcvk.libvirt import basedisks, lifecycle
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import DomainNotFound
@@ -90,6 +90,7 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
     specs = share_specs(
         values.pop("binds", ()), values.pop("binds_ro", ()), values.pop("volumes", ())
     )
+    storage = _host_storage(values.pop("bind_storage_ro", False), local)
     return RunOptions(
         memory=parse_size(memory, default_unit="m", what="--memory")
         if isinstance(memory, str)
@@ -115,12 +116,31 @@ def make_run_options(uri: str | None = None, **values: Any) -> RunOptions:
             p if isinstance(p, PortForward) else PortForward.parse(p)
             for p in values.pop("ports", ())
         ),  # fmt: skip
-        shares=mounts.at_guest_paths(specs, local=local),
+        shares=(*mounts.at_guest_paths(specs, local=local), *storage),
         kargs=tuple(parse_karg(k) for k in values.pop("kargs", ())),
         labels=tuple(validate_label(label) for label in values.pop("labels", ())),
         timeout=parse_timeout(values.pop("timeout", SSH_TIMEOUT), "--timeout"),
         **values,
     )
+
+
+def _host_storage(wanted: bool, local: bool) -> tuple[mounts.Share, ...]:
+    """--bind-storage-ro: this user's podman store, read-only, at upstream's path."""
+    if not wanted:
+        return ()
+    if not local:
+        raise UsageError(
+            "--bind-storage-ro shares this machine's container storage, and the VM runs "
+            "on a remote host",
+            hint="run bcvk on the VM's host, or copy the image there",
+        )
+    store = podman.graph_root()
+    if not store.is_dir():
+        raise NotFoundError(
+            f"--bind-storage-ro: the container storage {store} does not exist",
+            hint="pull or build an image with podman first",
+        )
+    return (mounts.host_storage(store),)
 
 
 def _network(value: str | Network) -> Network:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +83,24 @@ def wait_for_ssh(dom: DomainRef, vm: Vm, timeout: float = SSH_TIMEOUT) -> None:
 
 
 def apply_guest_mounts(vm: Vm) -> None:
-    """Mount binds over SSH and record them in the guest's /etc/fstab."""
+    """Mount binds over SSH and record them in the guest's /etc/fstab (with
+    --bind-storage-ro, also make the host's store one of podman's)."""
     script = mounts.fstab_script(vm.metadata.mounts)
+    if has_host_storage(vm.metadata.mounts):
+        script += mounts.host_storage_setup() + "\n"
+    _guest_setup(vm, script)
+
+
+def has_host_storage(shares: Sequence[mounts.Share]) -> bool:
+    return any(share.target == mounts.HOST_STORAGE for share in shares)
+
+
+def apply_host_storage(vm: Vm) -> None:
+    """--bind-storage-ro where systemd mounted the store at boot: podman's storage.conf."""
+    _guest_setup(vm, mounts.host_storage_setup())
+
+
+def _guest_setup(vm: Vm, script: str) -> None:
     result = ssh.execute(vm.ssh_target(), ["sh", "-c", script], timeout=120)
     if result.returncode != 0:
         raise BcvkError(

@@ -582,11 +582,15 @@ def create_vm(conn: Connection, image: str, opts: RunOptions, within: Undo | Non
         assert vm is not None
         booted = opts.start or opts.transient
         ssh_mounts = bool(opts.shares) and not shared.by_credentials and booted
-        if opts.ssh_wait or ssh_mounts:
-            if ssh_mounts and not opts.ssh_wait:
+        # mounted at boot, but podman's storage.conf is still edited over SSH
+        ssh_storage = shared.by_credentials and booted and lifecycle.has_host_storage(opts.shares)
+        if opts.ssh_wait or ssh_mounts or ssh_storage:
+            if (ssh_mounts or ssh_storage) and not opts.ssh_wait:
                 logger.info("Waiting for SSH to mount the shared directories in the guest…")
             lifecycle.wait_for_ssh(dom, vm, opts.timeout)
             if ssh_mounts:
                 lifecycle.apply_guest_mounts(vm)
+            elif ssh_storage:
+                lifecycle.apply_host_storage(vm)
     logger.info("VM %s is %s (ssh: bcvk libvirt ssh %s)", req.name, vm.state, req.name)
     return vm

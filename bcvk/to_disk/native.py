@@ -286,6 +286,11 @@ def make_esp(
     kernel = tree.kernel
     uki = kernel.kind == "uki"
     entry = None
+    if guest_services and (uki or not located.initrd):
+        logger.info(
+            "This disk has no boot entry initrd to add bcvk's guest services to "
+            "(a UKI, or no initrd): VMs of it get no --log-dir journal stream"
+        )
     # After the image's own initrd only: alone, it would have no /init.
     extra = (
         ((initrd.DISK_ARCHIVE, initrd.archive(disk=True)),)

@@ -82,7 +82,7 @@ def vm(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]
     lv_ok(
         "run", "--name", name, "--label", env.LABEL, "--memory", "1536M",
         "--bind", f"{rw}:/mnt/rw", "--bind-ro", f"{ro}:/mnt/ro",
-        "--log-dir", f"journal={logs}", "--firmware-log",
+        "--log-dir", f"journal={logs}", "--firmware-log", "--bind-storage-ro",
         "-p", f"{forward}:22", "--ssh-wait", "--timeout", BOOT_TIMEOUT, DEMO_IMAGE,
     )  # fmt: skip
     info = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
@@ -232,6 +232,23 @@ def test_bind_mounts_are_visible_writable_and_read_only(vm: Vm) -> None:
     assert not (vm.ro / "nope2").exists()
 
 
+def test_bind_storage_ro_shares_the_hosts_store_read_only(vm: Vm) -> None:
+    """Upstream's run_bind_storage_ro, libvirt side: the `hoststorage` virtiofs
+    share, readable and not writable in the guest, and podman's storage.conf
+    names it (upstream needs libvirt 11's <readonly/>; bcvk enforces it in the
+    host's virtiofsd on this libvirt 9)."""
+    xml = ET.fromstring(env.virsh("dumpxml", vm.name).stdout)
+    tags = {t.get("dir") for t in xml.iterfind("devices/filesystem/target")}
+    assert "hoststorage" in tags
+    listing = guest(vm.name, "ls /run/host-container-storage/overlay")
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.strip()
+    assert guest(vm.name, "touch /run/host-container-storage/bcvk-probe").returncode != 0
+    conf = guest(vm.name, "cat /etc/containers/storage.conf /etc/environment").stdout
+    assert 'additionalimagestores = ["/run/host-container-storage"]' in conf
+    assert "STORAGE_OPTS=additionalimagestore=/run/host-container-storage" in conf
+
+
 def test_port_forward_carries_real_traffic_on_loopback_only(vm: Vm) -> None:
     key = str(vm.info["ssh_private_key_path"])
     ssh = subprocess.run(
@@ -316,6 +333,7 @@ def test_stop_then_start_keeps_disk_and_mounts(vm: Vm) -> None:
     lv_ok("start", vm.name, "--ssh-wait", "--timeout", BOOT_TIMEOUT)
     assert env.domstate(vm.name) == "running"
     assert guest(vm.name, "cat /mnt/rw/hello").stdout == "hello from the host\n"
+    assert guest(vm.name, "ls /run/host-container-storage/overlay").returncode == 0
     # the journal file is appended to: both boots are in it
     boots = {e.get("_BOOT_ID") for e in journal(vm.logs / "journal.json")}
     assert len(boots - {None}) == 2

@@ -278,6 +278,7 @@ def test_host_storage_setup_edits_storage_conf(
         conf.write_text(before)
     script = mounts.host_storage_setup().replace("/etc/", f"{etc}/")
     subprocess.run(["dash", "-c", script], check=True)
+    subprocess.run(["dash", "-c", script], check=True)  # a second run changes nothing
     assert after in conf.read_text()
     assert conf.read_text().count("additionalimagestores") == 1
     assert (etc / "environment").read_text() == mounts.HOST_STORAGE_ENV + "\n"

@@ -778,3 +778,24 @@ def test_a_failed_run_takes_back_its_log_dir(tmp_path: Path) -> None:
     (logs / "firmware.txt").write_text("new\n")
     undo.rollback()
     assert sorted(p.name for p in logs.iterdir()) == ["journal.json"]
+
+
+def test_bind_storage_ro_is_a_read_only_share_at_upstreams_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(podman, "graph_root", lambda: tmp_path)
+    opts = options(bind_storage_ro=True)
+    (share,) = opts.shares
+    assert (share.kind, share.source, share.target, share.tag) == (
+        ShareKind.bind_ro,
+        str(tmp_path),
+        "/run/host-container-storage",
+        "hoststorage",
+    )
+    assert lifecycle.has_host_storage(opts.shares)
+    assert not lifecycle.has_host_storage(options().shares)
+    with pytest.raises(UsageError, match="remote host"):
+        domains.make_run_options("qemu+ssh://host/system", bind_storage_ro=True)
+    monkeypatch.setattr(podman, "graph_root", lambda: tmp_path / "none")
+    with pytest.raises(NotFoundError, match="does not exist"):
+        options(bind_storage_ro=True)
