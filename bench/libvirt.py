@@ -11,6 +11,9 @@ Sections (each also runnable alone):
          same memory and vCPUs, alternated A/B in one run so host load hits
          both alike.  The libvirt figure is split into "create" (base-disk
          check, clone, define, start) and "boot to SSH".
+  logdir the cost of `--log-dir journal=DIR` (the guest's journal streamed over
+         virtio-serial by a `journalctl --follow` in the guest): `libvirt
+         run --ssh-wait` with and without it, alternated, on a warm base disk.
   list   `bcvk libvirt list --all` (and `--format json`) with 20 bcvk domains
          defined but not started in qemu:///system; budget 0.5 s.
 
@@ -92,6 +95,40 @@ def bench_ssh(image: str, runs: int, memory: str, vcpus: int) -> dict[str, objec
     return data
 
 
+def bench_logdir(image: str, runs: int, memory: str, vcpus: int) -> dict[str, object]:
+    tag = uuid.uuid4().hex[:6]
+    log("warming the base disk (untimed)…")
+    warm = f"bench-lv-{tag}-warm"
+    run(lv("create", "--name", warm, "--label", LABEL, image))
+    run(lv("rm", "-f", warm))
+    times: dict[str, list[float]] = {"plain": [], "log_dir": []}
+    journal_bytes: list[int] = []
+    for i in range(runs):
+        for kind in ("plain", "log_dir"):
+            name = f"bench-lv-{tag}-{kind.replace('_', '')}-{i}"
+            logs = Path(f"/tmp/{name}-logs")
+            extra = ["--log-dir", f"journal={logs}"] if kind == "log_dir" else []
+            log(f"run {i + 1}/{runs} {kind}: load {load():.1f}")
+            elapsed, _ = run(
+                lv("run", "--name", name, "--label", LABEL, "--memory", memory,
+                   "--cpus", str(vcpus), *extra, "--ssh-wait", "--timeout", "900", image)
+            )  # fmt: skip
+            times[kind].append(elapsed)
+            log(f"  {kind}: {elapsed:.1f} s")
+            run(lv("rm", "-f", name))
+            if kind == "log_dir":
+                journal_bytes.append(sum(p.stat().st_size for p in logs.iterdir()))
+                for path in logs.iterdir():
+                    path.unlink()
+                logs.rmdir()
+    print(f"libvirt run --ssh-wait:                    {spread(times['plain'])}")
+    print(f"libvirt run --ssh-wait --log-dir journal=: {spread(times['log_dir'])}")
+    print(f"ratio with / without:                      "
+          f"{median(times['log_dir']) / median(times['plain']):.2f}")  # fmt: skip
+    print(f"journal files at SSH-ready, bytes:         {journal_bytes}")
+    return {**times, "journal_bytes": journal_bytes}
+
+
 def bench_list(image: str, count: int, repeats: int) -> dict[str, object]:
     tag = uuid.uuid4().hex[:6]
     names = [f"bench-list-{tag}-{i:02d}" for i in range(count)]
@@ -120,7 +157,7 @@ def bench_list(image: str, count: int, repeats: int) -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("section", choices=["ssh", "list", "all"])
+    parser.add_argument("section", choices=["ssh", "logdir", "list", "all"])
     parser.add_argument("--image", default="localhost/bcvk/debian-bootc:12")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--memory", default="2G")
@@ -136,6 +173,8 @@ def main() -> int:
         results.update(bench_list(args.image, args.domains, args.repeats))
     if args.section in ("ssh", "all"):
         results.update(bench_ssh(args.image, args.runs, args.memory, args.vcpus))
+    if args.section in ("logdir", "all"):
+        results.update(bench_logdir(args.image, args.runs, args.memory, args.vcpus))
     results["load_end"] = load()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -300,12 +300,13 @@ def stop(
     validate_vm_name(name)  # before connecting: bad input is not libvirt's problem
     with connected(uri) as conn:
         dom, vm = get_vm(conn, name)
+        plan = plan_removal(conn, vm)
         lifecycle.stop_domain(dom, force=force, timeout=timeout)
         if not vm.persistent:
-            # A transient domain is gone once stopped: so is its generated key.
-            key = plan_removal(conn, vm).key_dir
-            if key:
-                shutil.rmtree(key, ignore_errors=True)
+            # A transient domain is gone once stopped: so are its key and NVRAM.
+            if plan.key_dir:
+                shutil.rmtree(plan.key_dir, ignore_errors=True)
+            lifecycle.remove_transient_nvram(plan)
 
 
 def rm(name: str, *, uri: str | None = None, force: bool = False) -> Removal:

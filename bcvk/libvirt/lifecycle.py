@@ -167,6 +167,7 @@ class Removal:
     key_dir: str | None
     console_log: str | None
     firmware_log: str | None = None
+    nvram: str | None = None  # a transient VM's variable store, which libvirt leaves
 
 
 def own_key_dir(vm: Vm) -> Path | None:
@@ -193,11 +194,37 @@ def plan_removal(conn: Connection, vm: Vm) -> Removal:
             volume = source
     key = own_key_dir(vm)
     # Only the logs at bcvk's own default paths: a --console-log FILE is the user's.
-    logs = [
+    console, firmware = (
         path if path is not None and path == default_log(conn.info, vm.name, kind) else None
         for kind, path in (("console", vm.console_log), ("firmware", vm.firmware_log))
-    ]
-    return Removal(vm.name, volume, os.fspath(key) if key else None, *logs)
+    )
+    return Removal(
+        vm.name,
+        volume,
+        os.fspath(key) if key else None,
+        console,
+        firmware,
+        transient_nvram(conn, vm),
+    )
+
+
+def transient_nvram(conn: Connection, vm: Vm) -> str | None:
+    """The UEFI variable store libvirt made for a transient bcvk VM, which it does
+    not delete when the domain goes: only at libvirt's own path for this name."""
+    info = conn.info
+    if vm.persistent or not vm.metadata.transient or info.remote or info.driver != "qemu":
+        return None
+    if info.session:
+        base = Path.home() / ".config" / "libvirt" / "qemu" / "nvram"
+    else:
+        base = Path("/var/lib/libvirt/qemu/nvram")
+    return os.fspath(base / f"{vm.name}_VARS.fd")
+
+
+def remove_transient_nvram(plan: Removal) -> None:
+    if plan.nvram:
+        with contextlib.suppress(OSError):
+            Path(plan.nvram).unlink()
 
 
 def remove(conn: Connection, name: str, *, force: bool = False) -> Removal:
@@ -224,6 +251,7 @@ def remove(conn: Connection, name: str, *, force: bool = False) -> Removal:
                 volume.delete()
         if plan.key_dir:  # keys live on this machine even for remote URIs
             shutil.rmtree(plan.key_dir, ignore_errors=True)
+        remove_transient_nvram(plan)
         for log in (plan.console_log, plan.firmware_log):
             if log and not conn.info.remote:
                 with contextlib.suppress(OSError):

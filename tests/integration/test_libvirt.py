@@ -390,7 +390,11 @@ def test_transient_vm_vanishes_when_stopped(libvirtd: None, tmp_path: Path) -> N
     assert not Path(first["ssh_private_key_path"]).parent.exists()  # the first one's key
     assert env.volumes() == before
     key = Path(details["ssh_private_key_path"])
+    # libvirt made a variable store for it, and does not delete it: bcvk does
+    nvram = Path("/var/lib/libvirt/qemu/nvram") / f"{name}_VARS.fd"
+    assert nvram.exists()
     lv_ok("stop", name, "--force")
+    assert not nvram.exists()
     assert name not in env.domain_names()
     assert not key.parent.exists()
     assert lv("list", "--all", "--format", "json").stdout.count(name) == 0
