@@ -47,12 +47,18 @@ def have_ephemeral() -> bool:
     return probe.returncode == 0
 
 
-def bench_ssh(image: str, runs: int, memory: str, vcpus: int) -> dict[str, object]:
+def warm_base_disk(image: str) -> str:
+    """Build IMAGE's base disk (untimed); a tag for this run's VM names."""
     tag = uuid.uuid4().hex[:6]
     log("warming the base disk (untimed)…")
     warm = f"bench-lv-{tag}-warm"
     run(lv("create", "--name", warm, "--label", LABEL, image))
     run(lv("rm", "-f", warm))
+    return tag
+
+
+def bench_ssh(image: str, runs: int, memory: str, vcpus: int) -> dict[str, object]:
+    tag = warm_base_disk(image)
     libvirt_total: list[float] = []
     libvirt_create: list[float] = []
     ephemeral: list[float] = []
@@ -96,11 +102,7 @@ def bench_ssh(image: str, runs: int, memory: str, vcpus: int) -> dict[str, objec
 
 
 def bench_logdir(image: str, runs: int, memory: str, vcpus: int) -> dict[str, object]:
-    tag = uuid.uuid4().hex[:6]
-    log("warming the base disk (untimed)…")
-    warm = f"bench-lv-{tag}-warm"
-    run(lv("create", "--name", warm, "--label", LABEL, image))
-    run(lv("rm", "-f", warm))
+    tag = warm_base_disk(image)
     times: dict[str, list[float]] = {"plain": [], "log_dir": []}
     journal_bytes: list[int] = []
     for i in range(runs):

@@ -21,7 +21,7 @@ from bcvk.guest import mounts
 from bcvk.host import ssh
 from bcvk.libvirt import basedisks
 from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef, LibvirtError
-from bcvk.libvirt.vms import Vm, default_log, get_vm, key_dir
+from bcvk.libvirt.vms import Vm, default_log, get_vm, key_dir, qemu_dir
 from bcvk.log import logger, step
 from bcvk.wait import Deadline, wait_until
 
@@ -211,13 +211,9 @@ def plan_removal(conn: Connection, vm: Vm) -> Removal:
 def transient_nvram(conn: Connection, vm: Vm) -> str | None:
     """The UEFI variable store libvirt made for a transient bcvk VM, which it does
     not delete when the domain goes: only at libvirt's own path for this name."""
-    info = conn.info
-    if vm.persistent or not vm.metadata.transient or info.remote or info.driver != "qemu":
+    base = qemu_dir(conn.info, ".config/libvirt/qemu/nvram", "/var/lib/libvirt/qemu/nvram")
+    if vm.persistent or not vm.metadata.transient or base is None:
         return None
-    if info.session:
-        base = Path.home() / ".config" / "libvirt" / "qemu" / "nvram"
-    else:
-        base = Path("/var/lib/libvirt/qemu/nvram")
     return os.fspath(base / f"{vm.name}_VARS.fd")
 
 

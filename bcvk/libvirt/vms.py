@@ -299,16 +299,19 @@ def get_vm(conn: Connection, name: str, *, copies: bool = False) -> tuple[Domain
     return dom, vm
 
 
+def qemu_dir(info: UriInfo, session: str, system: str) -> Path | None:
+    """A directory of the local QEMU driver: SESSION under the home directory
+    for qemu:///session, SYSTEM for qemu:///system (None: remote, other drivers)."""
+    if info.remote or info.driver != "qemu":
+        return None
+    return Path.home() / session if info.session else Path(system)
+
+
 def default_log(info: UriInfo, name: str, kind: str) -> str | None:
     """Where bcvk asks libvirt to log NAME's KIND ("console", "firmware")
     port unless told (None: no file it can name)."""
-    if info.remote or info.driver != "qemu":
-        return None
-    if info.session:
-        base = Path.home() / ".cache" / "libvirt" / "qemu" / "log"
-    else:
-        base = Path("/var/log/libvirt/qemu")
-    return os.fspath(base / f"{name}-{kind}.log")
+    base = qemu_dir(info, ".cache/libvirt/qemu/log", "/var/log/libvirt/qemu")
+    return os.fspath(base / f"{name}-{kind}.log") if base else None
 
 
 def default_console_log(info: UriInfo, name: str) -> str | None:
