@@ -413,6 +413,24 @@ def test_installer_vm_size_from_the_flags(tmp_path: Path) -> None:
     assert (vm.memory_mib, vm.vcpus) == (6144, default_vcpus())
 
 
+def test_installer_vm_boots_a_minimal_target_with_swap_and_var_tmp(
+    tmp_path: Path, golden: Callable[[str, str], None]
+) -> None:
+    from bcvk.to_disk import bootc
+
+    req = options.Request(REF, "a" * 64, DIGEST, 1, tmp_path / "o.raw", Options(),
+                          DiskFormat.raw, 4 * GIB, "h")  # fmt: skip
+    vm = bootc.installer_options(req, tmp_path / "t.raw", tmp_path)
+    assert vm.kargs == ("systemd.unit=bcvk-to-disk.target",)
+    assert vm.add_swap == 4 * GIB
+    units = {m.path: m.data.decode() for m in vm.systemd_units}
+    assert sorted(units) == ["bcvk/units", "bcvk/units/bcvk-to-disk.target",
+                             "bcvk/units/var-tmp.mount"]  # fmt: skip
+    golden("to-disk/bcvk-to-disk.target", units["bcvk/units/bcvk-to-disk.target"])
+    golden("to-disk/var-tmp.mount", units["bcvk/units/var-tmp.mount"])
+    assert "size=4294967296\n" in units["bcvk/units/var-tmp.mount"]
+
+
 def test_bootc_installer_takes_paths_with_colons_as_they_are(tmp_path: Path) -> None:
     """The installer VM gets typed disks and shares: no path is parsed as FILE:NAME:FMT."""
     from bcvk.host import qemu
