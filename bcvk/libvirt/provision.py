@@ -116,8 +116,9 @@ def validate(opts: RunOptions) -> None:
             f"--network none leaves the VM without a NIC, so {what} cannot work",
             hint="use --network user (the default) for SSH and port forwards",
         )
-    # The base disk is to-disk's (installer auto): it decides what it can boot,
-    # and with the user's keys its boot chain is signed for a Secure Boot VM.
+    # The base disk is to-disk's (installer auto): it decides what it can boot
+    # (check_firmware, once the image is known), and with the user's keys its
+    # boot chain is signed for a Secure Boot VM.
     if opts.secure_boot_keys is not None:
         if opts.firmware is not Firmware.uefi_secure:
             raise UsageError(
@@ -275,6 +276,22 @@ class Shared:
     filesystems: tuple[lx.Filesystem, ...] = ()
     enforcement: lx.Enforcement | None = None
     by_credentials: bool = False  # systemd ≥ 256 mounts them at boot
+
+
+def check_firmware(req: Resolved, opts: RunOptions) -> None:
+    """Whether the base disk to-disk makes of the image boots OPTS' firmware:
+    only the bootc installer's disks boot BIOS, and which installer ``auto``
+    is depends on the image (read only when the firmware needs it: a mount)."""
+    if opts.firmware in (Firmware.uefi, Firmware.uefi_secure):
+        return
+    has_bootc = _has_bootc(req.info.id)
+    to_disk.check_picked_firmware(opts.firmware, to_disk.Installer.auto, has_bootc, req.image)
+
+
+def _has_bootc(image_id: str) -> bool:
+    from bcvk.image.inspect import probe_tree
+
+    return probe_tree(image_id).has_bootc
 
 
 def _guest_systemd(image: str) -> int | None:
@@ -516,6 +533,7 @@ def create_vm(conn: Connection, image: str, opts: RunOptions, within: Undo | Non
     """Stages 1-8; all or nothing, as part of the transaction WITHIN if given."""
     validate(opts)
     req = resolve(conn, image, opts)
+    check_firmware(req, opts)
     base = base_disk(conn, image, opts)
     shared = shares(conn, image, opts.shares, opts.virtiofsd)
     with contextlib.nullcontext(within) if within is not None else transaction(conn) as undo:

@@ -154,8 +154,36 @@ def test_compress_only_for_qcow2() -> None:
 
 @pytest.mark.parametrize("firmware", [Firmware.bios, Firmware.both])
 def test_bios_is_refused_by_the_native_installer(firmware: Firmware) -> None:
+    native = Options(firmware=firmware, installer=to_disk.Installer.native)
     with pytest.raises(UsageError, match="not supported by the native installer") as exc:
-        options.validate(Options(firmware=firmware), DiskFormat.raw)
+        options.validate(native, DiskFormat.raw)
+    assert exc.value.hint is not None
+    assert "GRUB" in exc.value.hint
+    # auto: which installer it is depends on the image, asked once it is read
+    options.validate(Options(firmware=firmware), DiskFormat.raw)
+
+
+@pytest.mark.parametrize(
+    ("installer", "has_bootc", "refused"),
+    [
+        (to_disk.Installer.auto, False, "which --installer auto picks for IMG"),
+        (to_disk.Installer.auto, True, None),
+        (to_disk.Installer.bootc, True, None),
+        (to_disk.Installer.native, True, "not supported by the native installer"),
+    ],
+)
+def test_bios_follows_the_installer_auto_picks(
+    installer: to_disk.Installer, has_bootc: bool, refused: str | None
+) -> None:
+    def check() -> None:
+        options.check_picked_firmware(Firmware.bios, installer, has_bootc, "IMG")
+
+    options.check_picked_firmware(Firmware.uefi, installer, has_bootc, "IMG")
+    if refused is None:
+        check()
+        return
+    with pytest.raises(UsageError, match=refused) as exc:
+        check()
     assert exc.value.hint is not None
     assert "GRUB" in exc.value.hint
 
