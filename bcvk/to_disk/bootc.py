@@ -62,13 +62,15 @@ VAR_TMP = "/var/tmp"
 # distribution: networkd, NetworkManager or ifupdown; Debian's ssh.service or
 # Fedora's sshd.service (socket-activated ones come with basic.target's
 # sockets.target); cloud-init for images older than systemd 252, whose SSH key
-# arrives in a NoCloud seed.
+# arrives in a NoCloud seed; logind, which turns the ACPI power button (how
+# bcvk stops the VM) into a poweroff: without it the stop waits out its timeout.
 _TARGET_WANTS = (
     "network-online.target",
     "systemd-networkd.service", "systemd-resolved.service", "NetworkManager.service",
     "networking.service",
     "ssh.service", "sshd.service",
     "cloud-init.target",
+    "systemd-logind.service",
 )  # fmt: skip
 
 
