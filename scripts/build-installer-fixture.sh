@@ -6,9 +6,14 @@
 # The stand-in is NOT bootc.  It accepts `bootc install to-disk ... DEVICE`,
 # checks the flags bcvk must pass, prints progress lines like bootc does,
 # and formats DEVICE as one ext4 filesystem labelled "bootc-standin" holding
-# install-args.txt (its exact arguments) and os-release.  The disk it makes
-# does not boot.  With the kernel argument `bcvk.standin.fail` among its
-# --karg values it fails with an error message, to test error propagation.
+# install-args.txt (its exact arguments), os-release and guest-evidence.txt
+# (what the installer VM looked like while it ran: swap, /var/tmp, whether
+# multi-user.target and the image's own bcvk-fixture-user.service ran).
+# The disk boots no OS: its sector 0 is an MBR boot sector (ext4 leaves bytes
+# 0-1023 unused) that prints BCVK-STANDIN-BIOS-BOOT on COM1 and halts, so a
+# BIOS VM can show it booted the disk.  With the kernel argument
+# `bcvk.standin.fail` among its --karg values it fails with an error
+# message, to test error propagation.
 #
 # Built without `podman run`/`podman build` (they do not work on these
 # hosts): podman image mount + tar + podman import.  Idempotent: rebuilt only
@@ -39,7 +44,37 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir -p "$work/add/usr/bin"
+mkdir -p "$work/add/usr/bin" "$work/add/usr/lib/bcvk-standin" \
+    "$work/add/etc/systemd/system/multi-user.target.wants"
+# 16-bit real mode at 0x7c00: ds=0, si=the message, out dx,al per byte to
+# COM1 (0x3f8; QEMU's UART needs no setup), then hlt forever.  The message
+# starts at offset 0x17, right after the 23 bytes of code.
+{
+    printf '\xfa\xfc\x31\xc0\x8e\xd8\xbe\x17\x7c\xba\xf8\x03'  # cli cld; ds=0; si; dx
+    printf '\xac\x84\xc0\x74\x03\xee\xeb\xf8'                  # lodsb; jz done; out; jmp
+    printf '\xf4\xeb\xfd'                                      # done: hlt; jmp done
+    printf 'BCVK-STANDIN-BIOS-BOOT\r\n\0'
+} >"$work/add/usr/lib/bcvk-standin/mbr.bin"
+truncate -s 510 "$work/add/usr/lib/bcvk-standin/mbr.bin"
+printf '\x55\xaa' >>"$work/add/usr/lib/bcvk-standin/mbr.bin"
+[[ $(stat -c %s "$work/add/usr/lib/bcvk-standin/mbr.bin") == 512 ]] || { log "error: MBR is not 512 bytes"; exit 1; }
+
+# A service of the image's own, as a quadlet would be: the installer VM's
+# boot target must not start it.
+cat > "$work/add/etc/systemd/system/bcvk-fixture-user.service" <<'UNIT'
+[Unit]
+Description=bcvk fixture: the image's own service (the installer VM must not start it)
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/touch /run/bcvk-fixture-user-ran
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -s ../bcvk-fixture-user.service \
+    "$work/add/etc/systemd/system/multi-user.target.wants/bcvk-fixture-user.service"
 cat > "$work/add/usr/bin/bootc" <<'STANDIN'
 #!/bin/bash
 # bcvk test STAND-IN for bootc (scripts/build-installer-fixture.sh). Not bootc.
@@ -64,7 +99,16 @@ echo "Installing image: stand-in to $device"
 root=$(mktemp -d)
 printf '%s\n' "install to-disk ${args[*]}" > "$root/install-args.txt"
 cp /etc/os-release "$root/os-release"
+{
+    echo "swaps:"
+    tail -n +2 /proc/swaps
+    echo "var-tmp: $(findmnt -rnbo SIZE,FSTYPE /var/tmp || echo none)"
+    echo "multi-user.target: $(systemctl is-active multi-user.target || true)"
+    if [[ -e /run/bcvk-fixture-user-ran ]]; then echo "fixture-user: ran"; else echo "fixture-user: not run"; fi
+} > "$root/guest-evidence.txt"
+sed 's/^/bootc stand-in: evidence: /' "$root/guest-evidence.txt"
 mkfs.ext4 -q -F -L bootc-standin -d "$root" "$device"
+dd if=/usr/lib/bcvk-standin/mbr.bin of="$device" bs=512 count=1 conv=fsync status=none
 sync
 echo "Installation complete!"
 STANDIN
@@ -73,7 +117,9 @@ chmod 0755 "$work/add/usr/bin/bootc"
 tree=$(podman image mount "$DEMO")
 log "archiving $DEMO"
 tar -C "$tree" --numeric-owner --xattrs --xattrs-include='*' --acls -cf "$work/image.tar" .
-tar -C "$work/add" --numeric-owner --owner=0 --group=0 -rf "$work/image.tar" ./usr/bin/bootc
+tar -C "$work/add" --numeric-owner --owner=0 --group=0 -rf "$work/image.tar" ./usr/bin/bootc \
+    ./usr/lib/bcvk-standin ./etc/systemd/system/bcvk-fixture-user.service \
+    ./etc/systemd/system/multi-user.target.wants/bcvk-fixture-user.service
 podman image unmount "$DEMO" >/dev/null
 
 log "importing $FIXTURE"

@@ -11,6 +11,9 @@ Every libvirt and pb command that connects first undoes, for its own URI,
 the journals whose process is gone, and only what still matches them: the
 key directory of the journalled UUID, a journalled volume no other domain
 uses, the domain with the journalled UUID (a UUID bcvk generated for it).
+
+``transaction`` is the live side: the ``Undo`` steps a failing run takes
+itself, in reverse, with each resource journalled before it is made.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import dataclasses
 import json
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,3 +141,46 @@ def _remove_volume(conn: Connection, pool_name: str, name: str, ours: set[str]) 
                 return []
     volume.delete()
     return [f"volume {pool_name}/{name}"]
+
+
+class Undo:
+    """Undo steps for a half-done run, executed in reverse unless committed.
+
+    Each resource is also noted in a journal (``pending``) before it is made,
+    so that a run killed with SIGKILL is undone by the next command.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self.steps: list[tuple[str, Callable[[], None]]] = []
+        self.journal = journal
+
+    def note(self, *step: str) -> None:
+        """About to make the resource STEP names (see ``Journal``)."""
+        self.journal.note(*step)
+
+    def push(self, what: str, fn: Callable[[], None]) -> None:
+        self.steps.append((what, fn))
+
+    def rollback(self) -> None:
+        for what, fn in reversed(self.steps):
+            try:
+                fn()
+            except Exception as exc:  # keep undoing the rest
+                logger.warning("while cleaning up, %s failed: %s", what, exc)
+        self.steps.clear()
+
+
+@contextlib.contextmanager
+def transaction(conn: Connection) -> Iterator[Undo]:
+    """A VM's creation: all of it, or (on an error, a signal, or SIGKILL) none of it."""
+    sweep(conn)
+    undo = Undo(Journal(conn.uri))
+    try:
+        yield undo
+    except BaseException:
+        if undo.steps:
+            logger.info("Removing what this run created…")
+        undo.rollback()
+        undo.journal.close()
+        raise
+    undo.journal.close()

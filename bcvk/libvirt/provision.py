@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,10 +25,11 @@ from bcvk.guest import credentials, mounts
 from bcvk.guest.logdir import LogDir
 from bcvk.guest.mounts import Share, ShareKind
 from bcvk.host import podman, secureboot, ssh, virtiofsd
-from bcvk.libvirt import basedisks, lifecycle, pending
+from bcvk.libvirt import basedisks, lifecycle
 from bcvk.libvirt import xml as lx
 from bcvk.libvirt.connection import Connection, DomainRef
 from bcvk.libvirt.lifecycle import SSH_TIMEOUT
+from bcvk.libvirt.pending import Undo, transaction
 from bcvk.libvirt.vms import (
     Vm,
     all_vms,
@@ -123,8 +124,9 @@ def validate(opts: RunOptions) -> None:
             f"--network none leaves the VM without a NIC, so {what} cannot work",
             hint="use --network user (the default) for SSH and port forwards",
         )
-    # The base disk is to-disk's (installer auto): it decides what it can boot,
-    # and with the user's keys its boot chain is signed for a Secure Boot VM.
+    # The base disk is to-disk's (installer auto): it decides what it can boot
+    # (check_firmware, once the image is known), and with the user's keys its
+    # boot chain is signed for a Secure Boot VM.
     if opts.secure_boot_keys is not None:
         if opts.firmware is not Firmware.uefi_secure:
             raise UsageError(
@@ -289,6 +291,22 @@ class Shared:
     by_credentials: bool = False  # systemd ≥ 256 mounts them at boot
 
 
+def check_firmware(req: Resolved, opts: RunOptions) -> None:
+    """Whether the base disk to-disk makes of the image boots OPTS' firmware:
+    only the bootc installer's disks boot BIOS, and which installer ``auto``
+    is depends on the image (read only when the firmware needs it: a mount)."""
+    if opts.firmware in (Firmware.uefi, Firmware.uefi_secure):
+        return
+    has_bootc = _has_bootc(req.info.id)
+    to_disk.check_picked_firmware(opts.firmware, to_disk.Installer.auto, has_bootc, req.image)
+
+
+def _has_bootc(image_id: str) -> bool:
+    from bcvk.image.inspect import probe_tree
+
+    return probe_tree(image_id).has_bootc
+
+
 def _guest_systemd(image: str) -> int | None:
     from bcvk.image.inspect import probe_tree
 
@@ -334,49 +352,6 @@ def shares(
     systemd = _guest_systemd(image)
     by_credentials = (systemd or 0) >= MOUNT_CREDENTIALS_MIN_SYSTEMD
     return Shared(tuple(devices), enforcement, by_credentials)
-
-
-class Undo:
-    """Undo steps for a half-done run, executed in reverse unless committed.
-
-    Each resource is also noted in a journal (``pending``) before it is made,
-    so that a run killed with SIGKILL is undone by the next command.
-    """
-
-    def __init__(self, journal: pending.Journal) -> None:
-        self.steps: list[tuple[str, Callable[[], None]]] = []
-        self.journal = journal
-
-    def note(self, *step: str) -> None:
-        """About to make the resource STEP names (see ``pending.Journal``)."""
-        self.journal.note(*step)
-
-    def push(self, what: str, fn: Callable[[], None]) -> None:
-        self.steps.append((what, fn))
-
-    def rollback(self) -> None:
-        for what, fn in reversed(self.steps):
-            try:
-                fn()
-            except Exception as exc:  # keep undoing the rest
-                logger.warning("while cleaning up, %s failed: %s", what, exc)
-        self.steps.clear()
-
-
-@contextlib.contextmanager
-def transaction(conn: Connection) -> Iterator[Undo]:
-    """A VM's creation: all of it, or (on an error, a signal, or SIGKILL) none of it."""
-    pending.sweep(conn)
-    undo = Undo(pending.Journal(conn.uri))
-    try:
-        yield undo
-    except BaseException:
-        if undo.steps:
-            logger.info("Removing what this run created…")
-        undo.rollback()
-        undo.journal.close()
-        raise
-    undo.journal.close()
 
 
 def ssh_key(opts: RunOptions, name: str, vm_uuid: str, undo: Undo) -> tuple[Path, bool]:
@@ -568,6 +543,7 @@ def create_vm(conn: Connection, image: str, opts: RunOptions, within: Undo | Non
     """Stages 1-8; all or nothing, as part of the transaction WITHIN if given."""
     validate(opts)
     req = resolve(conn, image, opts)
+    check_firmware(req, opts)
     base = base_disk(conn, image, opts)
     shared = shares(conn, image, opts.shares, opts.virtiofsd)
     with contextlib.nullcontext(within) if within is not None else transaction(conn) as undo:

@@ -229,7 +229,7 @@ def check_reuse(vm: PbVm, ident: Identity, opts: RunOptions, disk_size: int | No
         )
 
 
-def create(conn: Connection, ident: Identity, opts: RunOptions, undo: provision.Undo) -> None:
+def create(conn: Connection, ident: Identity, opts: RunOptions, undo: pending.Undo) -> None:
     """Define the pb VM (not started): disk, key, metadata, optional seed ISO.
 
     Part of UNDO's transaction: ``launch`` commits it once the VM has booted.
@@ -350,7 +350,7 @@ def launch(ref: str, opts: RunOptions, uri: str | None = None) -> Iterator[Launc
                     raise
             else:
                 # A VM that never came up (an error, a signal, SIGKILL) is undone.
-                with provision.transaction(conn) as undo:
+                with pending.transaction(conn) as undo:
                     create(conn, ident, opts, undo)
                     created = True
                     vm = domains.get(conn, ident.vm_id)

@@ -41,6 +41,7 @@ from bcvk.to_disk.options import (
     check_disk_size,
     check_firmware,
     check_native_options,
+    check_picked_firmware,
     format_from_path,
     make_options,
     validate,
@@ -68,6 +69,7 @@ __all__ = [
     "build",
     "check_disk_size",
     "check_firmware",
+    "check_picked_firmware",
     "make_options",
     "normalize_reference",
     "read_cache_hash",
@@ -191,6 +193,7 @@ def _install(req: Request) -> Result:
         use_bootc = opts.installer is Installer.bootc or (
             opts.installer is Installer.auto and tree.facts.has_bootc
         )
+        check_picked_firmware(opts.firmware, opts.installer, tree.facts.has_bootc, req.image)
         if not use_bootc:
             check_native_options(opts)
             disk, size = native.build(req, mount, work, tree)

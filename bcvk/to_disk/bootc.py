@@ -15,12 +15,19 @@ a podman container inside it: the guest *is* the image, and
 ``--source-imgref`` with the shared store (an additional image store) lets
 bootc find the image it installs.  The result is then converted like a
 native disk.
+
+As upstream, the VM gets swap and a ``/var/tmp`` tmpfs the size of the target
+disk (containers/image writes whole layers to files there, and ``/var`` is
+in RAM), and it boots ``bcvk-to-disk.target`` (upstream PR #370) rather than
+the image's default target, so the image's own services (quadlets touching
+``/var/lib/containers``, say) do not run during the install.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import stat
 import subprocess
 import time
 from collections.abc import Sequence
@@ -29,6 +36,7 @@ from pathlib import Path
 from bcvk import ephemeral, run
 from bcvk.errors import BcvkError
 from bcvk.guest import mounts
+from bcvk.guest.initrd import UNITS_DIR, Member
 from bcvk.host import podman, ssh
 from bcvk.log import logger, step
 from bcvk.to_disk import assemble
@@ -47,6 +55,23 @@ DEVICE = "/dev/disk/by-id/virtio-output"
 STORE_NAME = "hoststorage"
 INSTALLER_MEMORY_MIB = 4096
 INSTALLER_SSH_TIMEOUT = 900.0
+TARGET = "bcvk-to-disk.target"
+VAR_TMP = "/var/tmp"
+
+# Wants= on a unit the image lacks is ignored, so one list serves every
+# distribution: networkd, NetworkManager or ifupdown; Debian's ssh.service or
+# Fedora's sshd.service (socket-activated ones come with basic.target's
+# sockets.target); cloud-init for images older than systemd 252, whose SSH key
+# arrives in a NoCloud seed; logind, which turns the ACPI power button (how
+# bcvk stops the VM) into a poweroff: without it the stop waits out its timeout.
+_TARGET_WANTS = (
+    "network-online.target",
+    "systemd-networkd.service", "systemd-resolved.service", "NetworkManager.service",
+    "networking.service",
+    "ssh.service", "sshd.service",
+    "cloud-init.target",
+    "systemd-logind.service",
+)  # fmt: skip
 
 
 def install_argv(image: str, opts: Options, keys_path: str | None) -> list[str]:
@@ -112,6 +137,53 @@ def run_in_guest(target: ssh.Target, script: str) -> tuple[int, list[str]]:
     return proc.wait(), tail
 
 
+def target_unit() -> str:
+    """``bcvk-to-disk.target``: what the installer VM boots instead of default.target (pure).
+
+    bcvk's own guest services need nothing from it: udev starts them when
+    their virtio-serial ports appear.
+    """
+    var_tmp = mounts.mount_unit_name(VAR_TMP)
+    return (
+        "[Unit]\n"
+        "Description=bcvk: to-disk installer (basic system, network, SSH; not the image's "
+        "services)\n"
+        "Requires=basic.target\n"
+        f"Wants={var_tmp}\n"
+        f"Wants={' '.join(_TARGET_WANTS)}\n"
+        f"After=basic.target network-online.target {var_tmp}\n"
+        "AllowIsolate=yes\n"
+    )
+
+
+def var_tmp_unit(size: int) -> str:
+    """A tmpfs on /var/tmp of SIZE bytes, ready before any service starts (pure)."""
+    return (
+        "[Unit]\n"
+        "Description=bcvk: /var/tmp for the image layers bootc unpacks, sized to the disk\n"
+        "DefaultDependencies=no\n"
+        "After=systemd-remount-fs.service\n"
+        "Before=local-fs.target umount.target\n"
+        "Conflicts=umount.target\n"
+        "\n"
+        "[Mount]\n"
+        "What=tmpfs\n"
+        f"Where={VAR_TMP}\n"
+        "Type=tmpfs\n"
+        f"Options=mode=1777,nosuid,nodev,size={size}\n"
+    )
+
+
+def installer_units(disk_size: int) -> tuple[Member, ...]:
+    """The units the installer VM boots with (its ``--systemd-units``)."""
+    files = {TARGET: target_unit(), mounts.mount_unit_name(VAR_TMP): var_tmp_unit(disk_size)}
+    return (
+        Member(UNITS_DIR, stat.S_IFDIR | 0o755),
+        *(Member(f"{UNITS_DIR}/{name}", stat.S_IFREG | 0o644, text.encode())
+          for name, text in sorted(files.items())),
+    )  # fmt: skip
+
+
 def installer_options(req: Request, target: Path, store: Path) -> ephemeral.Options:
     """The installer VM: the image itself, the target disk, the host's storage."""
     size = req.opts.installer_vm
@@ -119,8 +191,12 @@ def installer_options(req: Request, target: Path, store: Path) -> ephemeral.Opti
         image=req.image,
         memory_mib=size.memory_mib or INSTALLER_MEMORY_MIB,
         vcpus=size.vcpus or default_vcpus(),
+        kargs=(f"systemd.unit={TARGET}",),
+        systemd_units=installer_units(req.disk_size),
         disks=(ephemeral.DiskFile(target, "output", "raw"),),
         binds=(store_share(store),),
+        # containers/image writes whole layers to /var/tmp: RAM without these
+        add_swap=req.disk_size,
         # an installer VM under TCG on a busy host can take minutes
         ssh_timeout=INSTALLER_SSH_TIMEOUT,
         # its disk and share cannot be restored, and each install is a one-off

@@ -250,7 +250,11 @@ def check_install_log(value: str | None) -> None:
 
 
 def check_firmware(firmware: Firmware, installer: Installer) -> None:
-    """Which installer can build a disk for FIRMWARE (libvirt asks the same question)."""
+    """Which installer can build a disk for FIRMWARE (libvirt asks the same question).
+
+    ``auto`` passes here: which installer it is depends on the image, so
+    ``check_picked_firmware`` asks again once the image has been read.
+    """
     if firmware is Firmware.uefi_secure:
         raise UsageError(
             "--firmware uefi-secure needs a signed boot chain, and the disks bcvk builds "
@@ -258,13 +262,37 @@ def check_firmware(firmware: Firmware, installer: Installer) -> None:
             hint="pass --secure-boot-keys DIR (PK.crt, KEK.crt, db.crt, db.key), or use "
             "--firmware uefi (OVMF with secure boot off, the default)",
         )
-    if firmware is not Firmware.uefi and installer is not Installer.bootc:
-        raise UsageError(
-            f"--firmware {firmware.value} is not supported by the native installer",
-            hint="BIOS boot needs GRUB written into a BIOS boot partition and the MBR gap, "
-            "which bcvk cannot do without root and a GRUB in the image; use --firmware uefi "
-            "(OVMF for VMs)",
-        )
+    if firmware is not Firmware.uefi and installer is Installer.native:
+        raise _native_firmware(firmware, "")
+
+
+def picked_installer(installer: Installer, has_bootc: bool) -> Installer:
+    """What ``--installer auto`` means for an image (with or without /usr/bin/bootc)."""
+    if installer is Installer.auto:
+        return Installer.bootc if has_bootc else Installer.native
+    return installer
+
+
+def check_picked_firmware(
+    firmware: Firmware, installer: Installer, has_bootc: bool, image: str
+) -> None:
+    """``check_firmware`` for the installer INSTALLER turns out to be for IMAGE."""
+    picked = picked_installer(installer, has_bootc)
+    if firmware in (Firmware.bios, Firmware.both) and picked is Installer.native:
+        why = ""
+        if installer is Installer.auto:
+            why = f", which --installer auto picks for {image} (it has no /usr/bin/bootc)"
+        raise _native_firmware(firmware, why)
+    check_firmware(firmware, picked)
+
+
+def _native_firmware(firmware: Firmware, why: str) -> UsageError:
+    return UsageError(
+        f"--firmware {firmware.value} is not supported by the native installer{why}",
+        hint="BIOS boot needs GRUB written into a BIOS boot partition and the MBR gap, "
+        "which bcvk cannot do without root and a GRUB in the image; use --firmware uefi "
+        "(OVMF for VMs), or an image that contains bootc (its installer writes BIOS boot code)",
+    )
 
 
 def check_disk_size(size: int | None, filesystem: Filesystem | None) -> None:

@@ -4,26 +4,33 @@ No real bootc binary can be installed on these hosts.  The fixture image
 localhost/bcvk/fixture-bootc-installer (scripts/build-installer-fixture.sh)
 is the demo image plus a stand-in /usr/bin/bootc: it checks the flags bcvk
 passes, prints progress, formats the target disk as one ext4 filesystem
-holding its arguments, and fails on request.  What is tested is bcvk's side:
-the installer VM boots from the image, sees the target as
-/dev/disk/by-id/virtio-output, gets the right command line, its output is
-streamed, its failure reported with its message, and the result is cached.
+holding its arguments and what it saw in the VM, writes a BIOS boot sector
+that prints a line on COM1, and fails on request.  What is tested is bcvk's
+side: the installer VM boots from the image into bcvk-to-disk.target with swap
+and a /var/tmp tmpfs, sees the target as /dev/disk/by-id/virtio-output, gets
+the right command line, its output is streamed, its failure reported with its
+message, and the result is cached; and a BIOS libvirt VM boots such a disk.
 Each test boots one installer VM (TCG: a minute or two).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from bcvk.to_disk import output
 from tests.conftest import DEMO_IMAGE, ROOT, bcvk, image_exists
+from tests.integration import libvirt_env as env
 
 FIXTURE = "localhost/bcvk/fixture-bootc-installer:latest"
 VM_TIMEOUT = 1200
+BIOS_LINE = "BCVK-STANDIN-BIOS-BOOT"  # what the stand-in's boot sector prints on COM1
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +84,17 @@ def test_auto_runs_the_images_own_installer_in_a_vm(installer_image: str, tmp_pa
         "--root-ssh-authorized-keys /run/bcvk-authorized-keys /dev/disk/by-id/virtio-output"
     )
     assert "Debian GNU/Linux 12" in debugfs_cat(out, "/os-release")
+    # What the stand-in saw in the running installer VM, as upstream sets it up:
+    # swap and a /var/tmp tmpfs the size of the disk, and bcvk-to-disk.target
+    # instead of the image's multi-user.target and its services.
+    evidence = debugfs_cat(out, "/guest-evidence.txt").splitlines()
+    swaps = [line.split() for line in evidence if line.startswith("/dev/")]  # /proc/swaps
+    assert len(swaps) == 1, evidence
+    swap_kib = int(swaps[0][2])
+    assert 4 * 1024**2 - 64 <= swap_kib <= 4 * 1024**2, evidence  # minus mkswap's header
+    assert f"var-tmp: {4 * 1024**3} tmpfs" in evidence
+    assert "multi-user.target: inactive" in evidence
+    assert "fixture-user: not run" in evidence
     assert out.stat().st_size == 4 * 1024**3
     assert os.getxattr(out, output.XATTR_HASH).startswith(b"sha256:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk:v1.raw", "keys.pub"]
@@ -103,3 +121,52 @@ def test_installer_failure_reports_its_message(installer_image: str, tmp_path: P
     ) in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_libvirt_bios_vm_boots_the_bootc_installers_disk(
+    installer_image: str, tmp_path: Path
+) -> None:
+    """--firmware bios is allowed because auto picks the image's bootc installer.
+
+    The stand-in's disk holds no OS, so SSH cannot answer: the guest here is
+    the boot sector the stand-in wrote, and COM1 (the domain's serial console,
+    logged to --console-log) is the only thing it can report on.
+    """
+    env.ensure_daemons()
+    name = f"bcvk-it-{uuid.uuid4().hex[:6]}-bios"
+    console = tmp_path / "console.log"
+    base: str | None = None
+    try:
+        run = bcvk("libvirt", "-c", env.URI, "run", "--name", name, "--firmware", "bios",
+                   "--memory", "1G", "--console-log", str(console), installer_image,
+                   timeout=VM_TIMEOUT)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        info = json.loads(
+            bcvk("libvirt", "-c", env.URI, "inspect", name, "--format", "json").stdout
+        )
+        base = str(info["metadata"]["base_disk"])
+        deadline = time.monotonic() + 300
+        while BIOS_LINE not in (console.read_text(errors="replace") if console.exists() else ""):
+            assert time.monotonic() < deadline, f"no {BIOS_LINE} on the console in 300s"
+            assert env.domstate(name) == "running"
+            time.sleep(1)
+        xml = env.virsh("dumpxml", name).stdout
+        assert "<loader" not in xml
+        assert "OVMF" not in xml
+        assert "firmware='efi'" not in xml.replace('"', "'")
+        key = Path(str(info["ssh_private_key_path"]))
+        disk = Path(str(info["disk_path"]))
+        assert key.is_file()
+        removed = bcvk("libvirt", "-c", env.URI, "rm", "-f", name)
+        assert removed.returncode == 0, removed.stderr
+        assert name not in env.domain_names()
+        assert disk.name not in env.volumes()
+        assert not disk.exists()
+        assert not key.parent.exists()
+    finally:
+        env.cleanup(name)
+        if base is not None:
+            # Built from the fixture image for this test alone: no other VM uses it.
+            env.virsh("vol-delete", "--pool", "default", base, check=False)
+    assert base is not None
+    assert base not in env.volumes()

@@ -333,7 +333,7 @@ def _kill_during_start(monkeypatch: pytest.MonkeyPatch) -> None:
         raise Killed()
 
     monkeypatch.setattr(DomainRef, "start", killed)
-    monkeypatch.setattr(provision.Undo, "rollback", lambda self: None)
+    monkeypatch.setattr(pending.Undo, "rollback", lambda self: None)
     monkeypatch.setattr(pending.Journal, "close", lambda self: None)
 
 
@@ -431,9 +431,54 @@ def test_missing_bind_source_is_refused(conn: Connection, fake_image: podman.Ima
 def test_firmware_choices() -> None:
     with pytest.raises(UsageError, match="signed boot chain"):
         provision.validate(options(firmware="uefi-secure"))
-    with pytest.raises(UsageError, match="not supported"):
-        provision.validate(options(firmware="bios"))
+    # bios depends on the image (create_vm asks it), so it passes here
+    provision.validate(options(firmware="bios"))
     provision.validate(options(firmware="uefi-insecure"))
+
+
+def test_bios_is_refused_when_auto_would_build_natively(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    def has_bootc(image_id: str) -> bool:
+        asked.append(image_id)
+        return False
+
+    monkeypatch.setattr(provision, "_has_bootc", has_bootc)
+    built: list[str] = []
+    monkeypatch.setattr(basedisks, "ensure", lambda *args: built.append("base disk"))
+    with pytest.raises(UsageError) as caught:
+        provision.create_vm(conn, IMAGE, options(name="b", firmware="bios"))
+    assert caught.value.message == (
+        "--firmware bios is not supported by the native installer, which --installer auto "
+        f"picks for {IMAGE} (it has no /usr/bin/bootc)"
+    )
+    assert caught.value.hint
+    assert "GRUB" in caught.value.hint
+    assert asked == [fake_image.id]
+    assert built == []
+    assert conn.lookup("b") is None
+
+
+def test_bios_is_allowed_when_auto_is_the_bootc_installer(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provision, "_has_bootc", lambda image_id: True)
+    provision.create_vm(conn, IMAGE, options(name="b", firmware="bios"))
+    dom = lx.Domain.from_xml(conn.get("b").xml())
+    assert dom.os.firmware is Firmware.bios
+    assert dom.os.loader is None
+
+
+def test_uefi_does_not_read_the_image(
+    conn: Connection, fake_image: podman.ImageInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unexpected(image_id: str) -> bool:
+        raise AssertionError("the image was mounted for a UEFI VM")
+
+    monkeypatch.setattr(provision, "_has_bootc", unexpected)
+    provision.create_vm(conn, IMAGE, options(name="u"))
 
 
 def test_list_filter_inspect_and_remove(conn: Connection, fake_image: podman.ImageInfo) -> None:
@@ -765,7 +810,7 @@ def test_a_failed_run_takes_back_its_log_dir(tmp_path: Path) -> None:
     what was there before stays."""
     logs = tmp_path / "logs"
     opts = options(log_dir=str(logs), firmware_log=True)
-    undo = provision.Undo(pending.Journal("test:///default"))
+    undo = pending.Undo(pending.Journal("test:///default"))
     provision.log_files(opts, undo)
     assert logs.is_dir()
     (logs / "journal.json").write_text("{}\n")
@@ -773,7 +818,7 @@ def test_a_failed_run_takes_back_its_log_dir(tmp_path: Path) -> None:
     assert not logs.exists()
     logs.mkdir()
     (logs / "journal.json").write_text("old\n")
-    undo = provision.Undo(pending.Journal("test:///default"))
+    undo = pending.Undo(pending.Journal("test:///default"))
     provision.log_files(opts, undo)
     (logs / "firmware.txt").write_text("new\n")
     undo.rollback()

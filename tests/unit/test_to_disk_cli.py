@@ -160,7 +160,8 @@ def test_bad_sizes_are_usage_errors(
 def test_bios_refused_before_any_work(
     fake_podman: FakeBin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = bcvk(capsys, REF, str(tmp_path / "x.raw"), "--firmware", "bios")
+    out = str(tmp_path / "x.raw")
+    code, _, err = bcvk(capsys, REF, out, "--firmware", "bios", "--installer", "native")
     assert code == 2
     assert "--firmware bios is not supported by the native installer" in err
     assert fake_podman.calls() == []

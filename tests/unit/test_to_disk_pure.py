@@ -155,8 +155,36 @@ def test_compress_only_for_qcow2() -> None:
 
 @pytest.mark.parametrize("firmware", [Firmware.bios, Firmware.both])
 def test_bios_is_refused_by_the_native_installer(firmware: Firmware) -> None:
+    native = Options(firmware=firmware, installer=to_disk.Installer.native)
     with pytest.raises(UsageError, match="not supported by the native installer") as exc:
-        options.validate(Options(firmware=firmware), DiskFormat.raw)
+        options.validate(native, DiskFormat.raw)
+    assert exc.value.hint is not None
+    assert "GRUB" in exc.value.hint
+    # auto: which installer it is depends on the image, asked once it is read
+    options.validate(Options(firmware=firmware), DiskFormat.raw)
+
+
+@pytest.mark.parametrize(
+    ("installer", "has_bootc", "refused"),
+    [
+        (to_disk.Installer.auto, False, "which --installer auto picks for IMG"),
+        (to_disk.Installer.auto, True, None),
+        (to_disk.Installer.bootc, True, None),
+        (to_disk.Installer.native, True, "not supported by the native installer"),
+    ],
+)
+def test_bios_follows_the_installer_auto_picks(
+    installer: to_disk.Installer, has_bootc: bool, refused: str | None
+) -> None:
+    def check() -> None:
+        options.check_picked_firmware(Firmware.bios, installer, has_bootc, "IMG")
+
+    options.check_picked_firmware(Firmware.uefi, installer, has_bootc, "IMG")
+    if refused is None:
+        check()
+        return
+    with pytest.raises(UsageError, match=refused) as exc:
+        check()
     assert exc.value.hint is not None
     assert "GRUB" in exc.value.hint
 
@@ -421,6 +449,24 @@ def test_installer_vm_size_from_the_flags(tmp_path: Path) -> None:
     req = dataclasses.replace(req, opts=to_disk.make_options(installer_memory="6G"))
     vm = bootc.installer_options(req, tmp_path / "t.raw", tmp_path)
     assert (vm.memory_mib, vm.vcpus) == (6144, default_vcpus())
+
+
+def test_installer_vm_boots_a_minimal_target_with_swap_and_var_tmp(
+    tmp_path: Path, golden: Callable[[str, str], None]
+) -> None:
+    from bcvk.to_disk import bootc
+
+    req = options.Request(REF, "a" * 64, DIGEST, 1, tmp_path / "o.raw", Options(),
+                          DiskFormat.raw, 4 * GIB, "h")  # fmt: skip
+    vm = bootc.installer_options(req, tmp_path / "t.raw", tmp_path)
+    assert vm.kargs == ("systemd.unit=bcvk-to-disk.target",)
+    assert vm.add_swap == 4 * GIB
+    units = {m.path: m.data.decode() for m in vm.systemd_units}
+    assert sorted(units) == ["bcvk/units", "bcvk/units/bcvk-to-disk.target",
+                             "bcvk/units/var-tmp.mount"]  # fmt: skip
+    golden("to-disk/bcvk-to-disk.target", units["bcvk/units/bcvk-to-disk.target"])
+    golden("to-disk/var-tmp.mount", units["bcvk/units/var-tmp.mount"])
+    assert "size=4294967296\n" in units["bcvk/units/var-tmp.mount"]
 
 
 def test_bootc_installer_takes_paths_with_colons_as_they_are(tmp_path: Path) -> None:
