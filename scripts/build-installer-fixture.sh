@@ -123,9 +123,14 @@ tar -C "$work/add" --numeric-owner --owner=0 --group=0 -rf "$work/image.tar" ./u
 podman image unmount "$DEMO" >/dev/null
 
 log "importing $FIXTURE"
+previous=$(podman image inspect --format '{{.Id}}' "$FIXTURE" 2>/dev/null || true)
 podman import --quiet \
     --change "LABEL=containers.bootc=1" \
     --change "LABEL=io.bcvk.fixture-hash=$hash" \
     --change 'CMD ["/sbin/init"]' \
     "$work/image.tar" "$FIXTURE" >/dev/null
+# The tag moved to the new image: the old one is this script's, now nameless.
+if [[ -n $previous ]] && [[ -z $(podman image inspect --format '{{.RepoTags}}' "$previous" 2>/dev/null | tr -d '[]') ]]; then
+    podman rmi "$previous" >/dev/null 2>&1 || log "note: could not remove the previous fixture $previous"
+fi
 log "built $FIXTURE"
