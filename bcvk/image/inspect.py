@@ -57,8 +57,13 @@ def list_bootc() -> list[ImageSummary]:
 
 
 def list_bootc_entries() -> list[dict[str, Any]]:
-    """The bootc images as podman describes them (``Names``, ``Id``, ``Size``, …), by name."""
-    return sorted(podman.list_images(), key=lambda e: (e.get("Names") or [""])[0])
+    """The bootc images as podman describes them (``Names``, ``Id``, ``Size``, …), by name.
+
+    podman leaves ``Names`` out for an image no tag points to; bcvk gives it an
+    empty list, so every entry has the key a consumer looks up first.
+    """
+    entries = [{**e, "Names": e.get("Names") or []} for e in podman.list_images()]
+    return sorted(entries, key=lambda e: (e["Names"] or [""])[0])
 
 
 @dataclass(frozen=True)

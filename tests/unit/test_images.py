@@ -214,3 +214,14 @@ def test_cli_inspect_rejects_bad_reference(capsys: pytest.CaptureFixture[str]) -
 
     assert main(["images", "inspect", "x;rm -rf /"]) == 2
     assert "invalid image reference" in capsys.readouterr().err
+
+
+def test_an_untagged_image_is_listed_with_empty_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """podman leaves Names out for a dangling image; bcvk's JSON always has it."""
+    from bcvk.host import podman as podman_mod
+    from bcvk.image import inspect as image_inspect
+
+    entries = [{"Id": "b" * 64, "Names": ["localhost/x:1"]}, {"Id": "a" * 64}]
+    monkeypatch.setattr(podman_mod, "list_images", lambda: entries)
+    listed = image_inspect.list_bootc_entries()
+    assert [e["Names"] for e in listed] == [[], ["localhost/x:1"]]
