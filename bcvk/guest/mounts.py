@@ -212,18 +212,25 @@ def mount_unit_name(path: str) -> str:
 def mount_unit(share: Share) -> str:
     """A systemd mount unit for SHARE (read-only in the guest for bind-ro)."""
     options = "ro" if share.readonly else "rw"
+    return early_mount_unit(
+        f"bcvk host directory {share.source}", share.tag, share.target, "virtiofs", options
+    )
+
+
+def early_mount_unit(description: str, what: str, where: str, fstype: str, options: str) -> str:
+    """A mount unit in place before local-fs.target, so before any service (pure)."""
     return (
         "[Unit]\n"
-        f"Description=bcvk host directory {share.source}\n"
+        f"Description={description}\n"
         "DefaultDependencies=no\n"
         "After=systemd-remount-fs.service\n"
         "Before=local-fs.target umount.target\n"
         "Conflicts=umount.target\n"
         "\n"
         "[Mount]\n"
-        f"What={share.tag}\n"
-        f"Where={share.target}\n"
-        "Type=virtiofs\n"
+        f"What={what}\n"
+        f"Where={where}\n"
+        f"Type={fstype}\n"
         f"Options={options}\n"
     )
 

@@ -158,20 +158,10 @@ def target_unit() -> str:
 
 def var_tmp_unit(size: int) -> str:
     """A tmpfs on /var/tmp of SIZE bytes, ready before any service starts (pure)."""
-    return (
-        "[Unit]\n"
-        "Description=bcvk: /var/tmp for the image layers bootc unpacks, sized to the disk\n"
-        "DefaultDependencies=no\n"
-        "After=systemd-remount-fs.service\n"
-        "Before=local-fs.target umount.target\n"
-        "Conflicts=umount.target\n"
-        "\n"
-        "[Mount]\n"
-        "What=tmpfs\n"
-        f"Where={VAR_TMP}\n"
-        "Type=tmpfs\n"
-        f"Options=mode=1777,nosuid,nodev,size={size}\n"
-    )
+    return mounts.early_mount_unit(
+        "bcvk: /var/tmp for the image layers bootc unpacks, sized to the disk",
+        "tmpfs", VAR_TMP, "tmpfs", f"mode=1777,nosuid,nodev,size={size}",
+    )  # fmt: skip
 
 
 def installer_units(disk_size: int) -> tuple[Member, ...]:
