@@ -19,6 +19,9 @@ from bcvk.log import DEBUG, logger
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    from bcvk import run
+
+    run.note_interrupt()  # so that one dropped while forking is not lost
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -52,6 +55,10 @@ def main(
     log.setup()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
+    # Python's own SIGINT handler, with the count; an ignored SIGINT (a
+    # shell's background job) stays ignored, as Python leaves it.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupt)
     if argv is None and command is None and sys.argv[1:] == [] and "LISTEN_FDS" in os.environ:
         # `varlinkctl call exec:bcvk …` and socket units start bcvk with no arguments.
         argv = ["varlink", "serve"]

@@ -103,6 +103,36 @@ def preexec_pdeathsig() -> Callable[[], None]:
     return hook
 
 
+class _Interrupts:
+    """How many interrupting signals bcvk's handler has taken (see ``note_interrupt``)."""
+
+    count = 0
+
+
+def note_interrupt() -> None:
+    """Called by the handler of SIGINT/SIGTERM/SIGHUP before it raises."""
+    _Interrupts.count += 1
+
+
+def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen``, without losing a Ctrl-C that arrives as it forks.
+
+    CPython runs the parent's ``os.register_at_fork`` callbacks (logging's
+    lock release) where an exception cannot propagate: a KeyboardInterrupt
+    raised there is printed as "Exception ignored" and dropped, and the build
+    went on to finish (CI saw it once).  A signal taken while Popen ran that
+    did not end Popen was dropped so: the child goes, and the interrupt is
+    raised here.
+    """
+    seen = _Interrupts.count
+    child = subprocess.Popen(args, **kwargs)
+    if _Interrupts.count != seen:
+        child.kill()
+        child.wait()
+        raise KeyboardInterrupt("interrupted while starting a child process")
+    return child
+
+
 def run(
     argv: Argv,
     *,
@@ -131,7 +161,7 @@ def run(
     if stdin is None and input is None:
         stdin = subprocess.DEVNULL
     try:
-        child = subprocess.Popen(
+        child = _popen(
             args,
             stdin=subprocess.PIPE if input is not None else stdin,
             stdout=subprocess.PIPE if capture else (stdout if stdout is not None else 2),
@@ -190,7 +220,7 @@ def spawn(
     logger.debug("+ %s &", shlex.join(args))
     full_env = {**os.environ, **env} if env is not None else None
     try:
-        return subprocess.Popen(
+        return _popen(
             args,
             stdin=stdin,
             stdout=stdout,

@@ -259,3 +259,33 @@ def test_staged_extras_never_live_beside_output(tmp_path: Path) -> None:
         assert '"' not in str(stage)
         assert "\n" not in str(stage)
         assert not stage.is_relative_to(tmp_path)
+
+
+def test_an_interrupt_dropped_while_forking_is_raised_after_popen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CPython drops a KeyboardInterrupt raised in its at-fork callbacks (CI saw
+    a Ctrl-C lost so, and the build finished): run.py raises it once Popen
+    returns, and the child it had just started is killed and reaped."""
+    import subprocess
+
+    from bcvk import run
+
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def popen_during_which_a_signal_is_dropped(*args: object, **kwargs: object) -> object:
+        child = real(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(child)
+        run.note_interrupt()  # the handler ran; its exception went nowhere
+        return child
+
+    monkeypatch.setattr(subprocess, "Popen", popen_during_which_a_signal_is_dropped)
+    with pytest.raises(KeyboardInterrupt):
+        run.run(["sleep", "30"])
+    assert started[0].returncode == -9
+    with pytest.raises(KeyboardInterrupt):
+        run.spawn(["sleep", "30"])
+    assert started[1].returncode == -9
+    monkeypatch.setattr(subprocess, "Popen", real)
+    assert run.run(["true"]).returncode == 0  # a signal taken before is not raised again
