@@ -178,6 +178,8 @@ def ephemeral() -> None:
       QEMU_BIN                  QEMU binary (default qemu-system-<arch>)
       BCVK_SSH_KEY_ROUTES       force key injection: smbios,cmdline,cloud-init
       BCVK_WARM=auto|off|refresh     warm start (like --warm)
+      BCVK_BOOT_STALL_TIMEOUT=SECONDS   boot again once if the kernel is silent
+                                this long before init (default 120; 0: never)
     """
 
 

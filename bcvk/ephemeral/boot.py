@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bcvk.ephemeral import cache, launch, registry, warm
+from bcvk.ephemeral import cache, launch, registry, stall, warm
 from bcvk.ephemeral.launch import Launch, Machine
 from bcvk.ephemeral.options import (
     Options,
@@ -197,6 +197,15 @@ def start(opts: Options) -> Vm:
         launch.choose_rootfs(opts, None)
     info = ensure_image(opts)
     try:
+        return _start_once(opts, info)
+    except stall.KernelStalled as exc:
+        # Nothing of an ephemeral VM outlives it, so booting again loses nothing.
+        logger.warning("%s; booting it again", exc)
+        return _start_once(opts, info)
+
+
+def _start_once(opts: Options, info: podman.ImageInfo) -> Vm:
+    try:
         return _start(opts, info)
     except warm.Unusable:
         return _start(dataclasses.replace(opts, warm=WarmMode.refresh), info)
@@ -279,6 +288,7 @@ def _start(opts: Options, info: podman.ImageInfo) -> Vm:
                     opts.ssh_timeout,
                     progress=_progress(opts) and not opts.console,
                     allow_poweroff=not opts.execute,
+                    kernel=_kernel_watch(vm, state),
                 )
             )
         if plan.mode == "save":
@@ -349,7 +359,13 @@ def hand_over(vm: Vm, machine: Machine, state: Launch) -> Vm:
     if opts.binds or opts.add_swap:
         # These are set up over SSH, so this detached start waits for it.
         asyncio.run(
-            wait_for_ssh(vm, opts.ssh_timeout, progress=_progress(opts), allow_poweroff=False)
+            wait_for_ssh(
+                vm,
+                opts.ssh_timeout,
+                progress=_progress(opts),
+                allow_poweroff=False,
+                kernel=_kernel_watch(vm, state),
+            )
         )
         after_ready(vm, machine, state)
     launch.keep_created_disks(state)
@@ -357,6 +373,10 @@ def hand_over(vm: Vm, machine: Machine, state: Launch) -> Vm:
     vm.dir.write(vm.record)
     vm.owner = False
     return vm
+
+
+def _kernel_watch(vm: Vm, state: Launch) -> stall.Watch | None:
+    return stall.watch(vm.console_log, state.cmdline, state.opts.boot_stall)
 
 
 def _progress(opts: Options) -> bool:

@@ -50,6 +50,7 @@ class Launch:
     children: list[run.Process] = field(default_factory=list)
     logs: list[IO[bytes]] = field(default_factory=list)
     initrd: Path | None = None  # this VM's own initramfs (--systemd-units), else the cache's
+    cmdline: str | None = None  # the kernel's, once QEMU is started (see bcvk.ephemeral.stall)
 
     def mount(self) -> Path:
         """Mount the image (recorded first, so a killed bcvk's mount is reaped)."""
@@ -452,6 +453,7 @@ async def launch(
         devices = WarmDevices(control.fileno(), incoming)
     spec = qemu_spec(machine, launch, smbios, kargs, virtiofs, drives, qmp_sock.fileno(), devices)
     qemu_argv = qemu.argv(spec)
+    launch.cmdline = spec.cmdline
     qemu_fds = [qmp_sock.fileno(), *(s.fileno() for s in connected.values())]
     if devices is not None:
         qemu_fds.append(devices.control_fd)

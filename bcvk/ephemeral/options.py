@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcvk import paths
+from bcvk.ephemeral import stall
 from bcvk.errors import BcvkError, UsageError, os_hint
 from bcvk.guest import cloudinit, mounts
 from bcvk.guest.initrd import Member, units_members
@@ -108,6 +109,8 @@ class Options:
     rootfs: RootfsMode = RootfsMode.auto
     progress: bool | None = None  # None: when stderr is a terminal
     warm: WarmMode = WarmMode.auto
+    # $BCVK_BOOT_STALL_TIMEOUT: a kernel silent this long before init is booted again (0: never)
+    boot_stall: float = field(default_factory=stall.limit)
     # `bcvk up`: the bcvk.toml this VM was started from, as JSON (file, vm,
     # settings); kept in its record so `down` stops only the file's own VMs.
     project: str = ""

@@ -21,6 +21,7 @@ from types import TracebackType
 from bcvk import run
 from bcvk.ephemeral import registry
 from bcvk.ephemeral.options import DEFAULT_SSH_TIMEOUT
+from bcvk.ephemeral.stall import Watch
 from bcvk.errors import BcvkError, WaitTimeout
 from bcvk.guest import report
 from bcvk.host import qmp, ssh
@@ -259,8 +260,19 @@ def boot_problem(vm: Vm) -> str | None:
     return got.ssh_problem() if got is not None else None
 
 
-async def wait_for_ssh(vm: Vm, timeout: float, *, progress: bool, allow_poweroff: bool) -> None:
-    """Poll ``ssh … true`` until it succeeds, QEMU exits, or TIMEOUT passes."""
+async def wait_for_ssh(
+    vm: Vm,
+    timeout: float,
+    *,
+    progress: bool,
+    allow_poweroff: bool,
+    kernel: Watch | None = None,
+) -> None:
+    """Poll ``ssh … true`` until it succeeds, QEMU exits, or TIMEOUT passes.
+
+    KERNEL, a watch on the console, raises ``KernelStalled`` for a boot that
+    stopped in the kernel, long before TIMEOUT would.
+    """
     target = vm.target(connect_timeout=5)
     bar = StatusLine(progress, f"Booting {vm.name}…", vm.console_log)
     deadline = time.monotonic() + timeout
@@ -290,6 +302,8 @@ async def wait_for_ssh(vm: Vm, timeout: float, *, progress: bool, allow_poweroff
                     hint="`bcvk ephemeral run --execute CMD` runs commands without SSH; "
                     + kept_log_hint(vm),
                 )
+            if kernel is not None:
+                kernel.check()
             if time.monotonic() > deadline:
                 tail = console_tail(vm.console_log, 12)
                 lines = "\n".join("  console: " + line for line in tail) or "  (console is empty)"

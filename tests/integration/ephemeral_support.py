@@ -125,8 +125,8 @@ class Session:
     ) -> subprocess.CompletedProcess[str]:
         return bcvk(*args, env=self.env, user=self.user, timeout=timeout, check=check, input=input)
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return bcvk_popen(*args, env=self.env, user=self.user)
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return bcvk_popen(*args, env={**self.env, **(env or {})}, user=self.user)
 
     def wait_for_phase(self, name: str, phase: str, timeout: float = 180) -> dict[str, Any]:
         """The VM's record once it reaches PHASE (starting → running → stopping)."""

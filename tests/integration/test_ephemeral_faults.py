@@ -232,3 +232,51 @@ def test_guest_without_sshd_times_out_naming_it(image_without_sshd: str, session
     assert "console:" in result.stderr  # the console tail is quoted
     assert "no sshd" in result.stderr  # the hint names the cause
     assert session.leftovers() == []
+
+
+def qmp_execute(sock_path: Path, command: str) -> None:
+    """One QMP command, by hand (QEMU's monitor protocol: a greeting, then JSON lines)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(sock_path))
+        reader = sock.makefile("r")
+        reader.readline()  # the greeting
+        for request in ("qmp_capabilities", command):
+            sock.sendall(json.dumps({"execute": request}).encode() + b"\n")
+            while "return" not in (reply := json.loads(reader.readline())):
+                assert "error" not in reply, reply
+
+
+def test_a_kernel_that_stops_is_booted_again(images: dict[str, str], session: Session) -> None:
+    """A guest halted in its kernel's boot, as QEMU's TCG hang leaves one, is booted
+    again once its console has been silent for $BCVK_BOOT_STALL_TIMEOUT."""
+    name = unique("stalled")
+    proc = session.popen(
+        "ephemeral", "run-ssh", "--warm", "off", "--name", name, images["demo"], "--",
+        "echo guest-answered; cat /proc/sys/kernel/random/boot_id",
+        env={"BCVK_BOOT_STALL_TIMEOUT": "20"},
+    )  # fmt: skip
+    try:
+        record = session.wait_for_phase(name, "running")
+        console = Path(record["console_log"])
+        deadline = time.monotonic() + 120
+        while b"] Linux version" not in console.read_bytes():
+            assert time.monotonic() < deadline, "the kernel never started"
+            time.sleep(0.05)
+        # The vCPUs stop; QEMU itself keeps serving its monitor, as in the real hang.
+        qmp_execute(session.ephemeral_dir / name / "qmp.sock", "stop")
+        halted = console.read_text(errors="replace")
+        assert "as init process" not in halted, "halted too late: the kernel had run init"
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.splitlines()[0] == "guest-answered", out
+    retried = [line for line in err.splitlines() if "booting it again" in line]
+    assert len(retried) == 1, err
+    assert retried[0].startswith("warning: the guest's kernel printed nothing for 20s"), err
+    assert "its last line: [" in retried[0]
+    assert "Traceback" not in err
+    assert session.leftovers() == []

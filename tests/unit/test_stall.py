@@ -1,0 +1,133 @@
+"""bcvk.ephemeral.stall: a console that stopped in the kernel's boot, and only that."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bcvk.ephemeral import options, stall
+from bcvk.errors import UsageError
+
+KERNEL = (
+    "[    0.000000] Linux version 6.1.0-40-amd64 (debian-kernel@lists.debian.org)\n"
+    "[    0.942724] NET: Registered PF_INET protocol family\n"
+    "[    0.942797] IP idents hash table entries: 32768 (order: 6, 262144 bytes, linear)\n"
+)
+INIT = "[    2.104001] Run /init as init process\n"
+
+
+def console(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "console.txt"
+    path.write_bytes(text.encode())
+    return path
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("ab") as f:
+        f.write(text.encode())
+
+
+def test_a_silent_kernel_is_reported_with_its_last_line(tmp_path: Path) -> None:
+    watch = stall.Watch(console(tmp_path, KERNEL), 60, clock=0)
+    watch.check(now=1)  # reads the console: it grew
+    watch.check(now=60)
+    with pytest.raises(stall.KernelStalled) as raised:
+        watch.check(now=61)
+    assert "printed nothing for 60s and never ran init" in raised.value.message
+    assert raised.value.message.endswith(
+        "IP idents hash table entries: 32768 (order: 6, 262144 bytes, linear)"
+    )
+    assert raised.value.hint is not None
+    assert stall.LIMIT_ENV in raised.value.hint
+
+
+def test_growth_restarts_the_clock(tmp_path: Path) -> None:
+    path = console(tmp_path, KERNEL)
+    watch = stall.Watch(path, 60, clock=0)
+    watch.check(now=1)
+    append(path, "[    1.2] TCP established hash table entries: 16384\n")
+    watch.check(now=59)
+    watch.check(now=118)  # 59 s after the last growth
+    with pytest.raises(stall.KernelStalled):
+        watch.check(now=119)
+
+
+def test_after_init_silence_means_nothing(tmp_path: Path) -> None:
+    path = console(tmp_path, KERNEL + INIT)
+    watch = stall.Watch(path, 60, clock=0)
+    watch.check(now=1)
+    # A kernel message after init (a late driver) is no reason either.
+    append(path, "[   40.1] virtio_net virtio0 enp0s2: renamed from eth0\n")
+    watch.check(now=2)
+    watch.check(now=10_000)
+    assert watch.init_ran
+
+
+def test_init_under_another_name_and_the_freeing_line_count(tmp_path: Path) -> None:
+    for line in ("[ 3.1] Run /sbin/init as init process", "[ 2.0] Freeing unused kernel image"):
+        watch = stall.Watch(console(tmp_path, KERNEL + line + "\n"), 60, clock=0)
+        watch.check(now=1)
+        watch.check(now=1000)
+        assert watch.init_ran
+
+
+def test_a_last_line_that_is_not_the_kernels_is_not_judged(tmp_path: Path) -> None:
+    # systemd's status lines (with `quiet` the kernel says nothing), firmware text.
+    for text in ("[  OK  ] Reached target basic.target\n", "SeaBIOS (version 1.16.2)\n", ""):
+        watch = stall.Watch(console(tmp_path, text), 60, clock=0)
+        watch.check(now=1)
+        watch.check(now=1000)
+
+
+def test_partial_lines_escape_codes_and_carriage_returns(tmp_path: Path) -> None:
+    path = console(tmp_path, "[    0.5] Trying to unpack rootfs image as init")
+    watch = stall.Watch(path, 60, clock=0)
+    watch.check(now=1)
+    assert watch.last_line == ""  # not a line yet
+    append(path, "ramfs...\r\n\x1b[0m[    1.0] Run /init as init process\r\n")
+    watch.check(now=2)
+    assert watch.last_line == "[    1.0] Run /init as init process"
+    assert watch.init_ran
+
+
+def test_a_missing_console_is_silence_without_a_kernel_line(tmp_path: Path) -> None:
+    watch = stall.Watch(tmp_path / "absent.txt", 60, clock=0)
+    watch.check(now=1000)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "armed"),
+    [
+        ("console=ttyS0 root=virtiofs:rootfs ro panic=-1", True),
+        ("console=ttyS0 ro quiet", False),
+        ("console=ttyS0 loglevel=3", False),
+        ("console=ttyS0 quietly=1", True),
+    ],
+)
+def test_the_watch_needs_the_kernels_messages(cmdline: str, armed: bool) -> None:
+    assert stall.armed(cmdline) is armed
+    assert (stall.watch(Path("c"), cmdline, 60) is not None) is armed
+
+
+def test_no_watch_without_a_command_line_or_with_a_zero_limit() -> None:
+    assert stall.watch(Path("c"), None, 60) is None
+    assert stall.watch(Path("c"), "console=ttyS0", 0) is None
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("", 120.0), ("300", 300.0), (" 0 ", 0.0)])
+def test_the_limit_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str, seconds: float
+) -> None:
+    monkeypatch.setenv(stall.LIMIT_ENV, raw)
+    assert stall.limit() == seconds
+    assert options.make_options("localhost/x:1").boot_stall == seconds
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "inf", "nan", "5s"])
+def test_a_bad_limit_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv(stall.LIMIT_ENV, raw)
+    with pytest.raises(UsageError) as raised:
+        options.make_options("localhost/x:1")
+    assert stall.LIMIT_ENV in raised.value.message
+    assert raised.value.hint
