@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bcvk.ephemeral import cache, launch, registry, stall, warm
+from bcvk.ephemeral import cache, launch, registry, warm
 from bcvk.ephemeral.launch import Launch, Machine
 from bcvk.ephemeral.options import (
     Options,
@@ -40,7 +40,7 @@ from bcvk.ephemeral.vm import (
     wait_for_ssh,
 )
 from bcvk.errors import BcvkError, NotFoundError, ToolMissingError, UsageError
-from bcvk.guest import cloudinit, credentials, initrd, mounts
+from bcvk.guest import cloudinit, credentials, initrd, mounts, stall
 from bcvk.host import podman, qemu, ssh
 from bcvk.log import logger
 from bcvk.run import signals_deferred

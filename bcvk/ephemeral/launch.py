@@ -50,7 +50,7 @@ class Launch:
     children: list[run.Process] = field(default_factory=list)
     logs: list[IO[bytes]] = field(default_factory=list)
     initrd: Path | None = None  # this VM's own initramfs (--systemd-units), else the cache's
-    cmdline: str | None = None  # the kernel's, once QEMU is started (see bcvk.ephemeral.stall)
+    cmdline: str | None = None  # the kernel's, once QEMU is started (see bcvk.guest.stall)
 
     def mount(self) -> Path:
         """Mount the image (recorded first, so a killed bcvk's mount is reaped)."""

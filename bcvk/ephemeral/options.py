@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcvk import paths
-from bcvk.ephemeral import stall
 from bcvk.errors import BcvkError, UsageError, os_hint
-from bcvk.guest import cloudinit, mounts
+from bcvk.guest import cloudinit, mounts, stall
 from bcvk.guest.initrd import Member, units_members
 from bcvk.guest.logdir import LogDir, parse_log_dir
 from bcvk.guest.mounts import Share

@@ -21,9 +21,9 @@ from types import TracebackType
 from bcvk import run
 from bcvk.ephemeral import registry
 from bcvk.ephemeral.options import DEFAULT_SSH_TIMEOUT
-from bcvk.ephemeral.stall import Watch
 from bcvk.errors import BcvkError, WaitTimeout
 from bcvk.guest import report
+from bcvk.guest.stall import Watch
 from bcvk.host import qmp, ssh
 from bcvk.image.facts import TreeFacts
 from bcvk.log import console_tail, file_tail, logger

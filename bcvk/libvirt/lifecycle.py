@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bcvk import paths
 from bcvk.errors import BcvkError, NotFoundError, WaitTimeout
-from bcvk.guest import mounts
+from bcvk.guest import mounts, stall
 from bcvk.host import ssh
 from bcvk.libvirt import basedisks
 from bcvk.libvirt.connection import Connection, DomainNotFound, DomainRef, LibvirtError
@@ -54,12 +54,28 @@ def console_tail(vm: Vm, lines: int = 15) -> str:
     return "\n".join(tail)
 
 
-def wait_for_ssh(dom: DomainRef, vm: Vm, timeout: float = SSH_TIMEOUT) -> None:
-    """Wait until a real SSH handshake + command succeeds, or the domain dies."""
+def wait_for_ssh(
+    dom: DomainRef,
+    vm: Vm,
+    timeout: float = SSH_TIMEOUT,
+    *,
+    boot_stall: float = 0,
+    restart: bool = False,
+) -> None:
+    """Wait until a real SSH handshake + command succeeds, or the domain dies.
+
+    BOOT_STALL: seconds of console silence in the kernel's boot that end the
+    wait (``bcvk.guest.stall``; 0: not watched).  RESTART: such a boot is
+    restarted once instead, for a domain that has just started for the first time.
+    """
     target = vm.ssh_target()
     deadline = Deadline(timeout)
+    log = Path(vm.console_log) if vm.console_log else None
+    kernel = stall.watch(log, None, boot_stall) if log is not None else None
+    restarted = False
 
     def ready() -> bool:
+        nonlocal kernel, restarted
         if not dom.is_active():
             tail = console_tail(vm)
             raise BcvkError(
@@ -67,6 +83,18 @@ def wait_for_ssh(dom: DomainRef, vm: Vm, timeout: float = SSH_TIMEOUT) -> None:
                 + (f"; console:\n{tail}" if tail else ""),
                 hint=f"see {vm.console_log or 'the libvirt log'} for the boot log",
             )
+        if kernel is not None:
+            try:
+                kernel.check()
+            except stall.KernelStalled as exc:
+                if not restart or restarted or log is None:
+                    raise
+                logger.warning("%s; booting it again", exc)
+                kernel = stall.follow(log, boot_stall)
+                dom.destroy()
+                dom.start()
+                restarted = True
+                return False
         return ssh.probe(target)
 
     with step(f"Waiting for SSH on port {target.port}"):

@@ -15,13 +15,13 @@ import os
 import shutil
 import uuid as uuidlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bcvk import __version__, paths, to_disk
 from bcvk.errors import BcvkError, NotFoundError, UsageError
-from bcvk.guest import credentials, mounts
+from bcvk.guest import credentials, mounts, stall
 from bcvk.guest.logdir import LogDir
 from bcvk.guest.mounts import Share, ShareKind
 from bcvk.host import podman, secureboot, ssh, virtiofsd
@@ -96,6 +96,8 @@ class RunOptions:
     start: bool = True
     ssh_wait: bool = False
     timeout: float = SSH_TIMEOUT
+    # $BCVK_BOOT_STALL_TIMEOUT: a first boot silent this long in the kernel is restarted
+    boot_stall: float = field(default_factory=stall.limit)
     pool: str = "default"
     accel: Accel | None = None
     project: lx.Project | None = None  # made by `bcvk up` from this file
@@ -563,7 +565,15 @@ def create_vm(conn: Connection, image: str, opts: RunOptions, within: Undo | Non
         if opts.ssh_wait or ssh_mounts or ssh_storage:
             if (ssh_mounts or ssh_storage) and not opts.ssh_wait:
                 logger.info("Waiting for SSH to mount the shared directories in the guest…")
-            lifecycle.wait_for_ssh(dom, vm, opts.timeout)
+            lifecycle.wait_for_ssh(
+                dom,
+                vm,
+                opts.timeout,
+                # the log is this host's file only on a local connection
+                boot_stall=0 if conn.info.remote else opts.boot_stall,
+                # nothing has run in it yet; a transient domain would be gone
+                restart=not opts.transient,
+            )
             if ssh_mounts:
                 lifecycle.apply_guest_mounts(vm)
             elif ssh_storage:

@@ -1,9 +1,10 @@
 """`bcvk libvirt` end to end: real libvirtd, real QEMU (TCG here), real SSH.
 
 One VM carries most checks (upstream's `comprehensive_workflow` idea) so the
-suite boots few guests: run (boot 1) → ssh, binds, forwards, list → a second
-VM defined as a backing-file clone (no boot) → stop → start (boot 2) → rm;
-then a transient VM (boot 3) and the failure paths, none of which boots.
+suite boots few guests: run (boot 1, halted in its kernel and restarted) →
+ssh, binds, forwards, list → a second VM defined as a backing-file clone (no
+boot) → stop → start (boot 2) → rm; then a transient VM (boot 3) and the
+failure paths, none of which boots.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Vm:
     forward: int
     info: dict[str, object]
     logs: Path  # its --log-dir
+    run_stderr: str  # what `libvirt run` said
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +81,47 @@ def vm(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]
     forward = env.free_port()
     logs = shared / "logs"  # made by bcvk
     name = f"{PREFIX}-main"
-    lv_ok(
+    proc = bcvk_popen(
+        "libvirt", "-c", env.URI,
         "run", "--name", name, "--label", env.LABEL, "--memory", "1536M",
         "--bind", f"{rw}:/mnt/rw", "--bind-ro", f"{ro}:/mnt/ro",
         "--log-dir", f"journal={logs}", "--firmware-log", "--bind-storage-ro",
         "-p", f"{forward}:22", "--ssh-wait", "--timeout", BOOT_TIMEOUT, DEMO_IMAGE,
+        env={"BCVK_BOOT_STALL_TIMEOUT": "20"},
     )  # fmt: skip
+    try:
+        # Its first boot is halted in the kernel (vCPUs paused, as QEMU's TCG
+        # hang leaves them): bcvk restarts the domain once (test_stalled_first_boot…).
+        console = Path(f"/var/log/libvirt/qemu/{name}-console.log")
+        deadline = time.monotonic() + 600
+        while not console.exists() or "] Linux version" not in console.read_text("latin-1"):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the kernel never started"
+            time.sleep(0.05)
+        env.virsh("suspend", name)
+        halted = console.read_text(errors="replace")
+        assert "as init process" not in halted, "halted too late: the kernel had run init"
+        _, err = proc.communicate(timeout=1500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
     info = json.loads(lv_ok("inspect", name, "--format", "json").stdout)
-    yield Vm(name, rw, ro, forward, info, logs)
+    yield Vm(name, rw, ro, forward, info, logs, err)
     lv("rm", "-f", name)
+
+
+def test_stalled_first_boot_is_restarted_once(vm: Vm) -> None:
+    """The fixture's VM was paused in its kernel's boot: after the console's
+    20 s of silence bcvk said so and started the domain again, which booted."""
+    restarted = [line for line in vm.run_stderr.splitlines() if "booting it again" in line]
+    assert len(restarted) == 1, vm.run_stderr
+    assert restarted[0].startswith("warning: the guest's kernel printed nothing for 20s")
+    assert env.domstate(vm.name) == "running"
+    console = Path(str(vm.info["console_log"])).read_text(errors="replace")
+    assert console.count("] Linux version") == 2  # the halted boot and the one that ran
+    assert guest(vm.name, "true").returncode == 0
 
 
 def test_run_gives_a_running_domain_with_a_clone_disk_and_ssh(vm: Vm) -> None:

@@ -1,4 +1,4 @@
-"""bcvk.ephemeral.stall: a console that stopped in the kernel's boot, and only that."""
+"""bcvk.guest.stall: a console that stopped in the kernel's boot, and only that."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from bcvk.ephemeral import options, stall
+from bcvk.ephemeral import options
 from bcvk.errors import UsageError
+from bcvk.guest import stall
 
+START = "[    0.000000] Linux version 6.1.0-40-amd64 (debian-kernel@lists.debian.org)\n"
 KERNEL = (
-    "[    0.000000] Linux version 6.1.0-40-amd64 (debian-kernel@lists.debian.org)\n"
     "[    0.942724] NET: Registered PF_INET protocol family\n"
     "[    0.942797] IP idents hash table entries: 32768 (order: 6, 262144 bytes, linear)\n"
 )
@@ -29,7 +30,7 @@ def append(path: Path, text: str) -> None:
 
 
 def test_a_silent_kernel_is_reported_with_its_last_line(tmp_path: Path) -> None:
-    watch = stall.Watch(console(tmp_path, KERNEL), 60, clock=0)
+    watch = stall.Watch(console(tmp_path, KERNEL), 60, armed=True, clock=0)
     watch.check(now=1)  # reads the console: it grew
     watch.check(now=60)
     with pytest.raises(stall.KernelStalled) as raised:
@@ -44,7 +45,7 @@ def test_a_silent_kernel_is_reported_with_its_last_line(tmp_path: Path) -> None:
 
 def test_growth_restarts_the_clock(tmp_path: Path) -> None:
     path = console(tmp_path, KERNEL)
-    watch = stall.Watch(path, 60, clock=0)
+    watch = stall.Watch(path, 60, armed=True, clock=0)
     watch.check(now=1)
     append(path, "[    1.2] TCP established hash table entries: 16384\n")
     watch.check(now=59)
@@ -55,7 +56,7 @@ def test_growth_restarts_the_clock(tmp_path: Path) -> None:
 
 def test_after_init_silence_means_nothing(tmp_path: Path) -> None:
     path = console(tmp_path, KERNEL + INIT)
-    watch = stall.Watch(path, 60, clock=0)
+    watch = stall.Watch(path, 60, armed=True, clock=0)
     watch.check(now=1)
     # A kernel message after init (a late driver) is no reason either.
     append(path, "[   40.1] virtio_net virtio0 enp0s2: renamed from eth0\n")
@@ -66,7 +67,7 @@ def test_after_init_silence_means_nothing(tmp_path: Path) -> None:
 
 def test_init_under_another_name_and_the_freeing_line_count(tmp_path: Path) -> None:
     for line in ("[ 3.1] Run /sbin/init as init process", "[ 2.0] Freeing unused kernel image"):
-        watch = stall.Watch(console(tmp_path, KERNEL + line + "\n"), 60, clock=0)
+        watch = stall.Watch(console(tmp_path, KERNEL + line + "\n"), 60, armed=True, clock=0)
         watch.check(now=1)
         watch.check(now=1000)
         assert watch.init_ran
@@ -75,14 +76,14 @@ def test_init_under_another_name_and_the_freeing_line_count(tmp_path: Path) -> N
 def test_a_last_line_that_is_not_the_kernels_is_not_judged(tmp_path: Path) -> None:
     # systemd's status lines (with `quiet` the kernel says nothing), firmware text.
     for text in ("[  OK  ] Reached target basic.target\n", "SeaBIOS (version 1.16.2)\n", ""):
-        watch = stall.Watch(console(tmp_path, text), 60, clock=0)
+        watch = stall.Watch(console(tmp_path, text), 60, armed=True, clock=0)
         watch.check(now=1)
         watch.check(now=1000)
 
 
 def test_partial_lines_escape_codes_and_carriage_returns(tmp_path: Path) -> None:
     path = console(tmp_path, "[    0.5] Trying to unpack rootfs image as init")
-    watch = stall.Watch(path, 60, clock=0)
+    watch = stall.Watch(path, 60, armed=True, clock=0)
     watch.check(now=1)
     assert watch.last_line == ""  # not a line yet
     append(path, "ramfs...\r\n\x1b[0m[    1.0] Run /init as init process\r\n")
@@ -92,7 +93,7 @@ def test_partial_lines_escape_codes_and_carriage_returns(tmp_path: Path) -> None
 
 
 def test_a_missing_console_is_silence_without_a_kernel_line(tmp_path: Path) -> None:
-    watch = stall.Watch(tmp_path / "absent.txt", 60, clock=0)
+    watch = stall.Watch(tmp_path / "absent.txt", 60, armed=True, clock=0)
     watch.check(now=1000)
 
 
@@ -110,9 +111,46 @@ def test_the_watch_needs_the_kernels_messages(cmdline: str, armed: bool) -> None
     assert (stall.watch(Path("c"), cmdline, 60) is not None) is armed
 
 
-def test_no_watch_without_a_command_line_or_with_a_zero_limit() -> None:
-    assert stall.watch(Path("c"), None, 60) is None
+def test_no_watch_with_a_zero_limit() -> None:
     assert stall.watch(Path("c"), "console=ttyS0", 0) is None
+    assert stall.follow(Path("c"), 0) is None
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "armed"),
+    [("BOOT_IMAGE=/vmlinuz console=ttyS0 ro", True), ("console=ttyS0 quiet splash", False)],
+)
+def test_without_a_known_command_line_the_kernels_own_line_decides(
+    tmp_path: Path, cmdline: str, armed: bool
+) -> None:
+    watch = stall.watch(console(tmp_path, ""), None, 60)
+    assert watch is not None
+    watch.clock = 0
+    watch.check(now=1000)  # nothing yet: undecided
+    assert watch.armed is None
+    append(watch.path, START + f"[    0.0] Kernel command line: {cmdline}\n" + KERNEL)
+    watch.check(now=1001)
+    assert watch.armed is armed
+    if armed:
+        with pytest.raises(stall.KernelStalled):
+            watch.check(now=1061)
+    else:
+        watch.check(now=1061)
+
+
+def test_follow_reads_only_this_boots_part_of_an_appended_log(tmp_path: Path) -> None:
+    # The earlier boot ran init; this one stops in the kernel.
+    path = console(
+        tmp_path, START + "[ 0.0] Kernel command line: ro\n" + KERNEL + INIT + "login:\n"
+    )
+    watch = stall.follow(path, 60)
+    assert watch is not None
+    watch.clock = 0
+    append(path, START + "[ 0.0] Kernel command line: console=ttyS0\n" + KERNEL)
+    watch.check(now=1)
+    assert not watch.init_ran
+    with pytest.raises(stall.KernelStalled):
+        watch.check(now=61)
 
 
 @pytest.mark.parametrize(("raw", "seconds"), [("", 120.0), ("300", 300.0), (" 0 ", 0.0)])
@@ -131,3 +169,18 @@ def test_a_bad_limit_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, raw: str)
         options.make_options("localhost/x:1")
     assert stall.LIMIT_ENV in raised.value.message
     assert raised.value.hint
+
+
+def test_an_appended_log_is_judged_by_its_last_boot(tmp_path: Path) -> None:
+    # A log libvirt appends to: the earlier boot ran init, the newest one stops.
+    older = START + "[ 0.1] Kernel command line: ro\n" + KERNEL + INIT + "login:\n"
+    watch = stall.watch(console(tmp_path, older), None, 60)
+    assert watch is not None
+    watch.clock = 0
+    watch.check(now=1)
+    assert watch.init_ran
+    append(watch.path, START + "[ 0.1] Kernel command line: ro\n" + KERNEL)
+    watch.check(now=2)
+    assert not watch.init_ran
+    with pytest.raises(stall.KernelStalled):
+        watch.check(now=62)
