@@ -23,6 +23,7 @@ inode numbers), so the archive's digest names the cached initramfs.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shlex
@@ -130,8 +131,21 @@ def modules_archive(modules: dict[str, bytes]) -> bytes:
     return cpio([*dirs, *sorted(files, key=lambda m: m.path)])
 
 
+def disk_archive() -> bytes:
+    """The disk variant as a boot entry's second ``initrd`` (``DISK_ARCHIVE``), gzipped.
+
+    systemd-boot hands the kernel its initrds end to end, unpadded, and the
+    kernel takes an uncompressed archive only at a 4-byte offset: after an
+    initrd whose size is not a multiple of 4 a plain cpio is "invalid magic
+    at start of compressed archive" and is skipped (found with a Debian
+    initrd of 27281099 bytes).  A compressed archive may start anywhere.
+    """
+    return gzip.compress(archive(disk=True), mtime=0)
+
+
 def digest(disk: bool = False) -> str:
-    return hashlib.sha256(archive(disk)).hexdigest()[:16]
+    data = disk_archive() if disk else archive()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def execute_script(commands: tuple[str, ...], setup: tuple[str, ...] = ()) -> str:

@@ -293,9 +293,7 @@ def make_esp(
         )
     # After the image's own initrd only: alone, it would have no /init.
     extra = (
-        ((initrd.DISK_ARCHIVE, initrd.archive(disk=True)),)
-        if guest_services and located.initrd
-        else ()
+        ((initrd.DISK_ARCHIVE, initrd.disk_archive()),) if guest_services and located.initrd else ()
     )
     if not uki:
         entry = bootloader.make_entry(

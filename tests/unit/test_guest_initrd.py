@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import re
 import shutil
 import stat
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +331,40 @@ def test_the_disk_variant_carries_the_marker_and_the_same_services() -> None:
     assert initrd.digest(disk=True) != initrd.digest()
     layout = disk["bcvk/layout.sh"].data.decode()
     assert "[ -e /bcvk/disk ] || layout" in layout
+
+
+def kernel_takes(initramfs: bytes) -> list[bytes]:
+    """The archives Linux's unpack_to_rootfs takes from INITRAMFS, as its loop
+    does: zero bytes skipped, a plain cpio only at a 4-byte offset, anything
+    else must be a compressed stream (gzip here); "invalid magic" ends it."""
+    taken, offset = [], 0
+    while offset < len(initramfs):
+        if initramfs[offset] == 0:
+            offset += 1
+        elif initramfs[offset : offset + 6] == b"070701" and offset % 4 == 0:
+            end = initramfs.index(b"TRAILER!!!", offset) + len(b"TRAILER!!!") + 1
+            end += -end % 4
+            taken.append(initramfs[offset:end])
+            offset = end
+        elif initramfs[offset : offset + 2] == b"\x1f\x8b":
+            stream = zlib.decompressobj(wbits=31)
+            taken.append(stream.decompress(initramfs[offset:]))
+            offset = len(initramfs) - len(stream.unused_data)
+        else:
+            break  # "invalid magic at start of compressed archive"
+    return taken
+
+
+@pytest.mark.parametrize("size", [27281099, 27281100, 27281101, 27281102])
+def test_the_disk_archive_is_unpacked_after_an_initrd_of_any_size(size: int) -> None:
+    """systemd-boot puts a boot entry's initrds end to end without padding: the
+    second one must be taken whatever the first one's size."""
+    first = gzip.compress(initrd.cpio([initrd.Member("init", stat.S_IFREG | 0o755, b"#!")]))
+    # a gzip member's trailing garbage is what makes up the size: pad with zeros
+    image_initrd = first + b"\0" * (size % 4 + 4 - len(first) % 4)
+    assert len(image_initrd) % 4 == size % 4
+    taken = kernel_takes(image_initrd + initrd.disk_archive())
+    assert taken[-1] == initrd.archive(disk=True)
+    # the plain archive is lost after an unaligned initrd (the bug this prevents)
+    if size % 4:
+        assert initrd.archive(disk=True) not in kernel_takes(image_initrd + initrd.archive(True))
