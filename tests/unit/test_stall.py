@@ -127,7 +127,8 @@ def test_without_a_known_command_line_the_kernels_own_line_decides(
     assert watch is not None
     watch.clock = 0
     watch.check(now=1000)  # nothing yet: undecided
-    assert watch.armed is None
+    undecided = watch.armed
+    assert undecided is None
     append(watch.path, START + f"[    0.0] Kernel command line: {cmdline}\n" + KERNEL)
     watch.check(now=1001)
     assert watch.armed is armed
@@ -178,7 +179,8 @@ def test_an_appended_log_is_judged_by_its_last_boot(tmp_path: Path) -> None:
     assert watch is not None
     watch.clock = 0
     watch.check(now=1)
-    assert watch.init_ran
+    earlier_ran = watch.init_ran
+    assert earlier_ran
     append(watch.path, START + "[ 0.1] Kernel command line: ro\n" + KERNEL)
     watch.check(now=2)
     assert not watch.init_ran
