@@ -1,8 +1,11 @@
-"""Reading what a guest streamed to the host: the journal files of --log-dir."""
+"""Reading what a guest wrote to the host: the journal files of --log-dir, its console."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -21,3 +24,18 @@ def seqnum(entry: dict[str, str]) -> int:
         return int(entry["__SEQNUM"])
     fields = dict(part.split("=", 1) for part in entry["__CURSOR"].split(";"))
     return int(fields["i"], 16)
+
+
+def halt_in_the_kernel(
+    console: Path, halt: Callable[[], object], proc: subprocess.Popen[str], timeout: float
+) -> None:
+    """Call HALT (pause the vCPUs) as soon as CONSOLE shows the kernel starting:
+    a guest stopped where QEMU's TCG hang leaves one, before init ran."""
+    deadline = time.monotonic() + timeout
+    while not console.is_file() or b"] Linux version" not in console.read_bytes():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the kernel never started"
+        time.sleep(0.05)
+    halt()
+    halted = console.read_text(errors="replace")
+    assert "as init process" not in halted, "halted too late: the kernel had run init"

@@ -27,7 +27,7 @@ from bcvk.libvirt.metadata import BOOTC_NS
 from tests import schemas
 from tests.conftest import DEMO_IMAGE, FIXTURES, bcvk, bcvk_popen, image_exists
 from tests.integration import libvirt_env as env
-from tests.integration.guest_logs import journal, seqnum
+from tests.integration.guest_logs import halt_in_the_kernel, journal, seqnum
 
 PREFIX = f"bcvk-it-{uuid.uuid4().hex[:6]}"
 BOOT_TIMEOUT = "900"  # seconds; TCG on a shared 2-core host
@@ -93,14 +93,7 @@ def vm(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]
         # Its first boot is halted in the kernel (vCPUs paused, as QEMU's TCG
         # hang leaves them): bcvk restarts the domain once (test_stalled_first_boot…).
         console = Path(f"/var/log/libvirt/qemu/{name}-console.log")
-        deadline = time.monotonic() + 600
-        while not console.exists() or "] Linux version" not in console.read_text("latin-1"):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the kernel never started"
-            time.sleep(0.05)
-        env.virsh("suspend", name)
-        halted = console.read_text(errors="replace")
-        assert "as init process" not in halted, "halted too late: the kernel had run init"
+        halt_in_the_kernel(console, lambda: env.virsh("suspend", name), proc, timeout=600)
         _, err = proc.communicate(timeout=1500)
     finally:
         if proc.poll() is None:
