@@ -208,7 +208,10 @@ def build(req: Request) -> Result:
             vm = ephemeral.start(installer_options(req, target, store))
         with vm:
             logger.info("Running bootc install to-disk in the VM…")
-            status, tail = run_in_guest(vm.target(), guest_script(req.image, opts, keys))
+            # sshd of a guest still starting can take more than 5 s to greet (TCG)
+            status, tail = run_in_guest(
+                vm.target(connect_timeout=60), guest_script(req.image, opts, keys)
+            )
             vm.stop(graceful=True, timeout=60)
         if status != 0:
             raise failure(status, tail)

@@ -10,12 +10,20 @@ from pathlib import Path
 
 
 def journal(path: Path) -> list[dict[str, str]]:
-    """The entries of a journal stream; a VM that powered off mid-line leaves its
-    last line cut, which is the only line allowed to be incomplete."""
-    lines = path.read_text(errors="replace").splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    return [json.loads(line) for line in lines]
+    """The entries of a journal stream.  Each boot's stream starts with a newline,
+    so a boot that powered off mid-entry leaves one cut line, the last of its
+    boot: only such a line (before a blank line, or at the end) may be incomplete."""
+    lines = path.read_text(errors="replace").split("\n")
+    entries = []
+    for index, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            if index + 1 < len(lines) and lines[index + 1]:
+                raise
+    return entries
 
 
 def seqnum(entry: dict[str, str]) -> int:
