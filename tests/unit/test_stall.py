@@ -9,6 +9,7 @@ import pytest
 from bcvk.ephemeral import options
 from bcvk.errors import UsageError
 from bcvk.guest import stall
+from tests.conftest import Cli
 
 START = "[    0.000000] Linux version 6.1.0-40-amd64 (debian-kernel@lists.debian.org)\n"
 KERNEL = (
@@ -186,3 +187,21 @@ def test_an_appended_log_is_judged_by_its_last_boot(tmp_path: Path) -> None:
     assert not watch.init_ran
     with pytest.raises(stall.KernelStalled):
         watch.check(now=62)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("ephemeral", "run-ssh", "localhost/bcvk/none:1", "--", "true"),
+        ("libvirt", "-c", "test:///default", "run", "localhost/bcvk/none:1"),
+    ],
+)
+def test_a_bad_limit_is_one_error_line_before_anything_starts(
+    cli: Cli, argv: tuple[str, ...]
+) -> None:
+    result = cli(*argv, env={stall.LIMIT_ENV: "soon"})
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: ${stall.LIMIT_ENV} must be a number of seconds, not 'soon'"]
+    assert "hint:" in result.stderr
+    assert "Traceback" not in result.stderr
